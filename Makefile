@@ -1,0 +1,57 @@
+# Two commands do everything on a fresh machine:
+#   make demo   materializes the whole asset graph on the embedded defaults
+#   make test   runs the test suite
+# Both create (or reuse) the virtual environment via scripts/bootstrap.sh; it is cached outside the clone
+# (~/.cache/recsys_assets/venv-<variant>-<hash of the dependency spec>). RECSYS_VARIANT=cuda selects the
+# CUDA fbgemm kernels for GPU machines.
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+
+ROOT := $(CURDIR)
+STATE ?= $(ROOT)/.recsys_state
+export RECSYS_STATE_DIR ?= $(STATE)
+export DAGSTER_HOME ?= $(STATE)/dagster_home
+export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow/mlflow.db
+# Spark workers must run the venv's interpreter (set per command below).
+DEMO_CONFIG ?= $(ROOT)/recsys_assets/configs/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: env demo test ui benchmarks clean-state
+
+env:
+	@bash scripts/bootstrap.sh >/dev/null
+
+define venv
+$$(bash scripts/bootstrap.sh)
+endef
+
+$(DAGSTER_HOME)/dagster.yaml:
+	@mkdir -p $(DAGSTER_HOME) $(STATE)/mlflow
+	@touch $@
+
+demo: $(DAGSTER_HOME)/dagster.yaml
+	VENV=$(venv)
+	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	$$VENV/bin/dagster asset materialize -m recsys_assets.definitions --select '*' -c $(DEMO_CONFIG)
+	$$VENV/bin/python -m recsys_assets.summary
+
+test:
+	VENV=$(venv)
+	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	$$VENV/bin/python -m pytest $(PYTEST_ARGS)
+
+ui: $(DAGSTER_HOME)/dagster.yaml
+	VENV=$(venv)
+	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	$$VENV/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000 &
+	trap 'kill %1' EXIT
+	$$VENV/bin/dagster dev -w workspace.yaml --host 127.0.0.1 --port 3000
+
+benchmarks:
+	VENV=$(venv)
+	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	for b in benchmarks/*.py; do echo "== $$b"; $$VENV/bin/python $$b; done
+
+clean-state:
+	rm -rf $(STATE)

@@ -1,0 +1,1 @@
+"""recsys_assets: a two-stage recommender as a Dagster asset graph."""

@@ -1,0 +1,1 @@
+"""Spark transforms and MDS writing (no torch model code)."""

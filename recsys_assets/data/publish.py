@@ -1,0 +1,76 @@
+"""Atomic publication of asset outputs.
+
+An asset writes into a hidden temporary folder next to its destination and publishes it with one
+``os.rename`` (atomic on a POSIX filesystem), so a reader never sees a half-written MDS split, index or
+table: either the previous version or the complete new one. Each materialization gets its own version folder
+(downstream assets take that exact folder as their input); ``latest`` is a symlink swapped with
+``os.replace`` for humans and tools outside Dagster.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def publish_folder(destination: str | Path, *, keep_versions: int = 3) -> Iterator[Path]:
+    """Yields a temporary folder; on success renames it to `destination` and points ``latest`` at it.
+
+    On any exception the temporary folder is removed and `destination` (if it existed) is untouched."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if destination.exists():
+            # Re-materializing the same version: move the old one aside first, then swap.
+            old = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(destination, old)
+            os.rename(tmp, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _point_latest(destination)
+    _prune(destination.parent, keep_versions)
+
+
+def _point_latest(destination: Path) -> None:
+    link = destination.parent / "latest"
+    tmp_link = destination.parent / f".latest.{uuid.uuid4().hex[:8]}"
+    os.symlink(destination.name, tmp_link)
+    os.replace(tmp_link, link)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Keeps the newest `keep` published versions (never the one ``latest`` points at)."""
+    if keep <= 0:
+        return
+    latest = (folder / "latest").resolve()
+    versions = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in versions[keep:]:
+        if old.resolve() != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def hardlink_tree(src: str | Path, dst: str | Path) -> None:
+    """Copies a published (immutable) folder by hard links: instant and no extra space."""
+    shutil.copytree(src, dst, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)

@@ -1,0 +1,94 @@
+"""The data contract between the Spark side (producer) and training/evaluation (consumers).
+
+Everything downstream of `interactions` speaks in contiguous 0-based integer ids. Id 0 is a real user /
+item / category id; -1 is the only padding value.
+
+On disk (under a dataset folder, see `DatasetPaths`):
+- ``interactions/``   Parquet: INTERACTION_COLUMNS (cleaned, indexed)
+- ``item_features/``  Parquet: item (int32), categories (array<int32>, may be empty), popularity (int64)
+- ``user_features/``  Parquet: user (int32), one int32 column per user attribute (``attr_<name>``)
+- ``splits/``         Parquet: SPLIT_COLUMNS (+ ``split`` in {train, validation, test})
+- ``mds/<split>/``    MDS: MDS_COLUMNS, one folder per split, with a merged index.json
+- ``meta.json``       DatasetMeta as JSON (cardinalities the models need to size their tables)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+USER = "user"
+ITEM = "item"
+TIMESTAMP = "timestamp"
+RATING = "rating"
+HISTORY = "history"          # fixed length, most recent first, padded with PAD_ID
+HISTORY_LEN = "history_len"  # number of real ids in HISTORY
+SPLIT = "split"
+CATEGORIES = "categories"
+PAD_ID = -1
+
+SPLITS = ("train", "validation", "test")
+
+# Spark type names of the cleaned interactions table.
+INTERACTION_COLUMNS = {USER: "int", ITEM: "int", TIMESTAMP: "bigint", RATING: "float"}
+
+# MDS column encodings. Spark int -> int32, bigint -> int64, float -> float32 (see STACK-NOTES).
+MDS_COLUMNS = {
+    USER: "int32",
+    ITEM: "int32",
+    TIMESTAMP: "int64",
+    RATING: "float32",
+    HISTORY: "ndarray:int32",
+    HISTORY_LEN: "int32",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+    num_users: int
+    num_items: int
+    num_categories: int
+    user_attribute_cardinalities: dict[str, int]
+    history_length: int
+    rows: dict[str, int]  # rows per split
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DatasetMeta":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DatasetMeta":
+        return cls.from_json(Path(path).read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetPaths:
+    root: Path
+
+    @property
+    def interactions(self) -> Path:
+        return self.root / "interactions"
+
+    @property
+    def item_features(self) -> Path:
+        return self.root / "item_features"
+
+    @property
+    def user_features(self) -> Path:
+        return self.root / "user_features"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    def mds(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self.root / "mds" / split
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
