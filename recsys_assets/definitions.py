@@ -1,23 +1,25 @@
 """The code location: every asset, check, resource, job and schedule of recsys_assets."""
-from __future__ import annotations
-
 import dagster as dg
 
 from recsys_assets.defs.data_assets import data_assets
 from recsys_assets.defs.data_checks import data_checks
-from recsys_assets.defs.resources import SparkResource, StateResource
+from recsys_assets.defs.model_assets import model_assets
+from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
 
 def default_resources() -> dict:
-    """Embedded defaults: local Spark, state folder from $RECSYS_STATE_DIR (else ./.recsys_state)."""
+    """Embedded defaults: local Spark, CPU/gloo TorchDistributor with 2 processes, MLflow on a SQLite file and
+    files under $RECSYS_STATE_DIR (else ./.recsys_state). Scale out by configuring these, not by code."""
     return {
         "spark": SparkResource(),
         "state": StateResource(),
+        "torch_distributor": TorchDistributorResource(),
+        "mlflow": MLflowResource(),
     }
 
 
 defs = dg.Definitions(
-    assets=[*data_assets],
+    assets=[*data_assets, *model_assets],
     asset_checks=[*data_checks],
     resources=default_resources(),
 )

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -301,23 +300,7 @@ def test_ease_reproduces_the_reference_row(ml_test_task: EvalTask) -> None:
 
 
 # ----------------------------------------------------------------------------------------- Spark ALS
-@pytest.fixture(scope="module")
-def spark():
-    pytest.importorskip("pyspark")
-    if shutil.which("java") is None:
-        pytest.skip("no java on PATH: Spark cannot start")
-    from pyspark.sql import SparkSession
-
-    session = (
-        SparkSession.builder.master("local[1]")
-        .appName("test-evaluation")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", "2")
-        .getOrCreate()
-    )
-    yield session
-    session.stop()
+# The `spark` fixture is the session-wide one from conftest.py.
 
 
 def test_spark_als_tiny(spark) -> None:

@@ -18,7 +18,7 @@ from recsys_assets.data import schema as S
 from recsys_assets.data import sources, transforms
 from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.publish import hardlink_tree, publish_folder
-from recsys_assets.data.synthetic import SIZES, SyntheticSpec
+from recsys_assets.data.synthetic import SyntheticSpec
 from recsys_assets.defs.resources import SparkResource, StateResource
 
 DATA_GROUP = "data"
@@ -26,7 +26,9 @@ DATA_GROUP = "data"
 
 # ------------------------------------------------------------------------------------------------ config
 class SyntheticSourceConfig(dg.Config):
-    size: str = Field("small", description=f"One of {sorted(SIZES)}; num_users/num_items override it.")
+    size: Literal["tiny", "small", "100k", "1m", "4m"] = Field(
+        "small", description="Preset size; num_users/num_items/mean_interactions_per_user override it."
+    )
     seed: int = 0
     num_users: Optional[int] = None
     num_items: Optional[int] = None
@@ -147,7 +149,8 @@ def raw_interactions(
     return dg.Output(
         PublishedFolder(str(dest)),
         metadata={
-            "path": dg.MetadataValue.path(str(dest)),
+            # Not "path": the IO manager adds its own "path" (the pickled output) and it would replace this one.
+            "published_path": dg.MetadataValue.path(str(dest)),
             "source": raw.description,
             "dagster/row_count": int(stats["rows"]),
             "distinct_users": int(stats["users"]),
@@ -213,7 +216,7 @@ def interactions(
     return dg.Output(
         PublishedFolder(str(dest)),
         metadata={
-            "path": dg.MetadataValue.path(str(dest)),
+            "published_path": dg.MetadataValue.path(str(dest)),
             "dagster/row_count": report.rows_out,
             "rows_in": report.rows_in,
             "dropped_null_key_rows": report.null_key_rows,
@@ -256,7 +259,7 @@ def interaction_splits(
     return dg.Output(
         PublishedFolder(str(dest)),
         metadata={
-            "path": dg.MetadataValue.path(str(dest)),
+            "published_path": dg.MetadataValue.path(str(dest)),
             "history_length": config.history_length,
             **{f"rows_{s}": counts.get(s, 0) for s in S.SPLITS},
             "dagster/row_count": sum(counts.values()),
@@ -314,7 +317,7 @@ def mds_splits(
             rows={s: summaries[s]["rows"] for s in S.SPLITS},
         )
         paths.meta.write_text(meta.to_json())
-    metadata: dict = {"path": dg.MetadataValue.path(str(dest)), "meta": dg.MetadataValue.json(json.loads(meta.to_json()))}
+    metadata: dict = {"published_path": dg.MetadataValue.path(str(dest)), "meta": dg.MetadataValue.json(json.loads(meta.to_json()))}
     for split, summary in summaries.items():
         metadata[f"{split}_rows"] = summary["rows"]
         metadata[f"{split}_shards"] = summary["shards"]

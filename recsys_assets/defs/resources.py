@@ -73,8 +73,7 @@ def default_state_root() -> Path:
 class MLflowResource(ConfigurableResource):
     """MLflow tracking for model assets (own code: dagster-mlflow is the old op-style API).
 
-    Default store: SQLite in the local state folder; set ``tracking_uri`` (e.g. ``EnvVar("MLFLOW_TRACKING_URI")``)
-    for a server. ``ui_url`` is where `make ui` serves the MLflow UI, for the links in asset metadata."""
+    Store: ``tracking_uri``, else $MLFLOW_TRACKING_URI (read when used), else SQLite in the local state folder. ``ui_url`` is where `make ui` serves the MLflow UI, for the links in asset metadata."""
 
     tracking_uri: Optional[str] = None
     experiment_name: str = "recsys_assets"
@@ -82,8 +81,9 @@ class MLflowResource(ConfigurableResource):
     ui_url: str = "http://127.0.0.1:5000"
 
     def resolved_tracking_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
         db = default_state_root() / "mlflow" / "mlflow.db"
         db.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{db}"
@@ -172,7 +172,6 @@ class TorchDistributorResource(ConfigurableResource):
         import threading
         import time
 
-        import psutil
         from pyspark.ml.torch.distributor import TorchDistributor
 
         from recsys_assets.training.launch import run_with_consistent_local_ranks
@@ -215,13 +214,7 @@ class TorchDistributorResource(ConfigurableResource):
             thread.join(timeout=1.0)
             forward_progress()
             if time.monotonic() - start > self.timeout_seconds and thread.is_alive():
-                for child in psutil.Process().children(recursive=True):
-                    if "java" in child.name():
-                        continue  # the Spark JVM stays; only training processes go
-                    try:
-                        child.kill()
-                    except psutil.NoSuchProcess:
-                        pass
+                kill_training_processes()
                 session.sparkContext.cancelAllJobs()
                 thread.join(timeout=30)
                 raise TimeoutError(
@@ -231,6 +224,43 @@ class TorchDistributorResource(ConfigurableResource):
         if "error" in outcome:
             raise RuntimeError(f"distributed training failed: {_summarize_failure(outcome['error'])}") from outcome["error"]
         return outcome["result"]
+
+
+def _process_table() -> list[tuple[int, int, str]]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,comm="], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2:
+            rows.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else ""))
+    return rows
+
+
+def kill_training_processes(root_pid: Optional[int] = None) -> list[int]:
+    """SIGKILLs every descendant of this process except the Spark JVM (torchrun and its workers, which sit in
+    their own process groups, so killing one group is not enough). Returns the pids signalled."""
+    import signal
+
+    root_pid = root_pid or os.getpid()
+    table = _process_table()
+    children: dict[int, list[tuple[int, str]]] = {}
+    for pid, ppid, comm in table:
+        children.setdefault(ppid, []).append((pid, comm))
+    victims, stack = [], [root_pid]
+    while stack:
+        for pid, comm in children.get(stack.pop(), []):
+            if "java" in comm:
+                continue  # the Spark JVM stays
+            victims.append(pid)
+            stack.append(pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return victims
 
 
 def _summarize_failure(exc: BaseException) -> str:

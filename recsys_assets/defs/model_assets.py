@@ -1,0 +1,272 @@
+"""Retrieval half of the graph: two_tower_model (distributed TorchRec training) → item_embeddings.
+
+The asset bodies only wire things: the training loop lives in recsys_assets.training, the model in
+recsys_assets.models; TorchDistributor launches it, MLflow records it."""
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from recsys_assets.data import schema as S
+from recsys_assets.data.publish import publish_folder
+from recsys_assets.defs.data_assets import PublishedFolder, mds_splits
+from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+
+RETRIEVAL_GROUP = "retrieval"
+TRAINING_POOL = "training"  # at most one training run at a time (see dagster.yaml / definitions)
+
+
+class TwoTowerConfig(dg.Config):
+    """Hyper-parameters; chosen on validation, then the model is refit on train + validation."""
+
+    embedding_dim: int = Field(32, ge=2)
+    layer_sizes: list[int] = Field([64, 32], description="Tower MLP sizes; the last is the vector size.")
+    temperature: float = Field(0.05, gt=0)
+    max_history: Optional[int] = Field(None, description="Recent items used by the query tower (≤ history_length).")
+    logq_correction: bool = True
+    num_uniform_negatives: int = Field(0, ge=0)
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)
+    batch_size: int = Field(256, ge=2, description="Per process.")
+    sparse_lr: float = Field(0.05, gt=0, description="RowWiseAdagrad, fused into backward.")
+    dense_lr: float = Field(1e-3, gt=0, description="Adam on the MLPs.")
+    seed: int = 0
+    refit_on_validation: bool = Field(
+        True, description="Refit on train+validation for the best epoch count (the protocol's test report)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """What a model asset hands downstream: its published folder and the MLflow run that recorded it."""
+
+    path: str
+    mlflow_run_id: str
+
+
+def metrics_markdown(rows: dict[str, dict[str, float]]) -> str:
+    keys = sorted({k for m in rows.values() for k in m})
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def progress_logger(context: dg.AssetExecutionContext, model_name: str):
+    """Turns the JSON lines rank 0 writes per epoch into one readable line in the Dagster log."""
+
+    def log(record: dict) -> None:
+        if record.get("event") == "epoch":
+            shown = {k: v for k, v in record.get("metrics", {}).items() if "@" in k and "100" not in k}
+            metrics = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
+            context.log.info(
+                f"{model_name} [{record.get('phase')}] epoch {record.get('epoch')}: loss {record.get('loss', float('nan')):.4f} {metrics}"
+            )
+        elif record.get("event") == "end":
+            context.log.info(f"{model_name} [{record.get('phase', '')}] finished: best epoch {record.get('best_epoch')}, "
+                             f"{record.get('final_metrics')}")
+
+    return log
+
+
+def _train_config(config: TwoTowerConfig, data_root: str, **overrides):
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig
+
+    settings = dict(
+        data_root=data_root,
+        embedding_dim=config.embedding_dim,
+        layer_sizes=tuple(config.layer_sizes),
+        temperature=config.temperature,
+        max_history=config.max_history,
+        logq_correction=config.logq_correction,
+        num_uniform_negatives=config.num_uniform_negatives,
+        epochs=config.epochs,
+        patience=config.patience,
+        batch_size=config.batch_size,
+        sparse_lr=config.sparse_lr,
+        dense_lr=config.dense_lr,
+        seed=config.seed,
+    )
+    return TwoTowerTrainConfig(**{**settings, **overrides})
+
+
+@dg.asset(
+    group_name=RETRIEVAL_GROUP,
+    kinds={"pytorch", "torchrec", "mlflow", "spark"},
+    pool=TRAINING_POOL,
+    description="Two Tower retrieval model (TorchRec, sharded embeddings) trained by TorchDistributor; "
+    "early-stopped on validation NDCG@10, refit on train+validation; recorded in MLflow.",
+)
+def two_tower_model(
+    context: dg.AssetExecutionContext,
+    config: TwoTowerConfig,
+    mds_splits: PublishedFolder,
+    torch_distributor: TorchDistributorResource,
+    mlflow: MLflowResource,
+    spark: SparkResource,
+    state: StateResource,
+) -> dg.Output[TrainedModel]:
+    import torch
+
+    from recsys_assets.training.two_tower import train_two_tower
+
+    torch_distributor.validate()
+    mlflow.check_reachable()
+    meta = S.DatasetMeta.load(S.DatasetPaths(Path(mds_splits.path)).meta)
+    if config.max_history is not None and config.max_history > meta.history_length:
+        raise ValueError(
+            f"two_tower_model: max_history={config.max_history} exceeds the dataset's history_length="
+            f"{meta.history_length} (re-materialize interaction_splits with a longer history)"
+        )
+    run_id = mlflow.start_run(
+        run_name=f"two_tower_model-{context.run_id[:8]}",
+        tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
+              "model": "two_tower"},
+    )
+    client = mlflow.client()
+    dest = state.asset_dir("two_tower_model", context.run_id)
+    try:
+        params = {**config.model_dump(), "num_processes": torch_distributor.num_processes,
+                  "use_gpu": torch_distributor.use_gpu, "data": mds_splits.path, **{f"data_{k}": v for k, v in meta.rows.items()}}
+        for k, v in params.items():
+            client.log_param(run_id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+        with publish_folder(dest) as tmp:
+            common = dict(
+                use_gpu=torch_distributor.use_gpu,
+                mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+                mlflow_run_id=run_id,
+                progress_file=str(tmp / "progress.jsonl"),
+            )
+            t0 = time.time()
+            selection = torch_distributor.run(
+                context, spark, train_two_tower,
+                _train_config(config, mds_splits.path, eval_phase="validation", **common),
+                progress_file=tmp / "progress.jsonl", on_progress=progress_logger(context, "two_tower"),
+            )
+            context.log.info(f"validation phase: best epoch {selection.best_epoch}, {selection.final_metrics}")
+            final = selection
+            if config.refit_on_validation:
+                # Same settings, the epoch count chosen on validation; no selection on test (restore_best off).
+                final = torch_distributor.run(
+                    context, spark, train_two_tower,
+                    _train_config(config, mds_splits.path, eval_phase="test", mlflow_prefix="refit_",
+                                  epochs=selection.best_epoch + 1, **common),
+                    progress_file=tmp / "progress.jsonl", on_progress=progress_logger(context, "two_tower"),
+                )
+            train_seconds = time.time() - t0
+            torch.save(
+                {"state_dict": final.state_dict, "model_config": final.model_config, "feature_spec": final.feature_spec},
+                tmp / "model.pt",
+            )
+            (tmp / "plan.txt").write_text(final.plan_text)
+            (tmp / "result.json").write_text(json.dumps({
+                "validation": selection.final_metrics, "test": final.final_metrics if final is not selection else None,
+                "best_epoch": selection.best_epoch, "history_validation": selection.history,
+                "history_refit": final.history if final is not selection else None,
+            }, indent=2, default=float))
+            model = final.load_model()
+            _log_model(mlflow, run_id, model)
+            summary = {"validation (fit train)": selection.final_metrics}
+            if final is not selection:
+                summary["test (refit train+validation)"] = final.final_metrics
+            for phase, metrics in summary.items():
+                prefix = "final_validation/" if phase.startswith("validation") else "final_test/"
+                for k, v in metrics.items():
+                    client.log_metric(run_id, (prefix + k).replace("@", "_at_"), float(v))
+    except BaseException as exc:
+        mlflow.end_run(run_id, failed=exc)
+        raise
+    mlflow.end_run(run_id)
+    metadata = {
+        "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
+        "mlflow_run_id": run_id,
+        "metrics": dg.MetadataValue.md(metrics_markdown(summary)),
+        "published_path": dg.MetadataValue.path(str(dest)),
+        "best_epoch": selection.best_epoch,
+        "stopped_early": selection.stopped_early,
+        "samples_per_second": float(selection.samples_per_second),
+        "train_seconds": float(train_seconds),
+        "world_size": selection.world_size,
+        "sharding_plan": dg.MetadataValue.md(f"```\n{final.plan_text}\n```"),
+    }
+    for phase, metrics in summary.items():
+        tag = "validation" if phase.startswith("validation") else "test"
+        for k, v in metrics.items():
+            metadata[f"{tag}_{k}"] = float(v)
+    return dg.Output(TrainedModel(path=str(dest), mlflow_run_id=run_id), metadata=metadata)
+
+
+def _log_model(tracking: MLflowResource, run_id: str, model) -> None:
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        # pickle format: the default pt2 export needs an input example this KJT-based signature cannot give;
+        # explicit pip requirements skip a slow environment inference.
+        mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchrec==1.9.2"],
+        )
+
+
+def load_trained_two_tower(model: TrainedModel):
+    """The unsharded TwoTower from a published model folder (weights_only: no arbitrary unpickling)."""
+    import torch
+
+    from recsys_assets.models.features import FeatureSpec
+    from recsys_assets.models.two_tower import TwoTowerModelConfig, load_two_tower
+
+    blob = torch.load(Path(model.path) / "model.pt", weights_only=True)
+    spec_dict = dict(blob["feature_spec"])
+    spec_dict["user_attributes"] = tuple(tuple(x) for x in spec_dict["user_attributes"])
+    spec = FeatureSpec(**spec_dict)
+    return load_two_tower(blob["state_dict"], spec, TwoTowerModelConfig.from_dict(blob["model_config"])), spec
+
+
+@dg.asset(
+    group_name=RETRIEVAL_GROUP,
+    kinds={"pytorch", "numpy"},
+    description="Every item through the candidate tower: item_vectors.npy (row i = item id i) + item_ids.npy.",
+)
+def item_embeddings(
+    context: dg.AssetExecutionContext,
+    two_tower_model: TrainedModel,
+    mds_splits: PublishedFolder,
+    state: StateResource,
+) -> dg.Output[PublishedFolder]:
+    import numpy as np
+    import torch
+
+    from recsys_assets.models.features import FeatureStore
+    from recsys_assets.models.two_tower import ItemEncoder
+
+    model, spec = load_trained_two_tower(two_tower_model)
+    store = FeatureStore.load(mds_splits.path, spec)
+    with torch.no_grad():
+        vectors = ItemEncoder(model, store).encode_all().numpy().astype(np.float32)
+    dest = state.asset_dir("item_embeddings", context.run_id)
+    with publish_folder(dest) as tmp:
+        np.save(tmp / "item_vectors.npy", vectors)
+        np.save(tmp / "item_ids.npy", np.arange(len(vectors), dtype=np.int64))
+        (tmp / "model.json").write_text(json.dumps({"mlflow_run_id": two_tower_model.mlflow_run_id,
+                                                    "model_path": two_tower_model.path}))
+    norms = np.linalg.norm(vectors, axis=1)
+    return dg.Output(
+        PublishedFolder(str(dest)),
+        metadata={
+            "published_path": dg.MetadataValue.path(str(dest)),
+            "num_items": int(vectors.shape[0]),
+            "dim": int(vectors.shape[1]),
+            "mean_norm": float(norms.mean()) if len(norms) else 0.0,
+            "mlflow_run_id": two_tower_model.mlflow_run_id,
+        },
+    )
+
+
+model_assets = [two_tower_model, item_embeddings]

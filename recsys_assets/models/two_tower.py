@@ -1,0 +1,335 @@
+"""The Two Tower retrieval model (pure torch / TorchRec), in the shape of TorchRec's examples/retrieval:
+
+- `TwoTower`: one EmbeddingBagCollection shared by both towers + a query MLP and a candidate MLP.
+  Query tower: user id + the user's recent history (bag of item ids, MEAN pooled) + user attributes.
+  Candidate tower: item id + the item's categories (multi-valued bag, MEAN pooled).
+  The item-id table is ONE table read by two features (``history`` and ``item_id``), so the history and the
+  candidates live in the same embedding space.
+- `TwoTowerTrainTask`: in-batch sampled softmax with log-Q correction and optional extra uniform negatives.
+- `QueryEncoder` / `ItemEncoder`: inference on an unsharded model loaded from a plain state dict.
+
+Scores are ``scale * <q, c>`` with ``scale = 1 / temperature`` (fixed, or learned when
+``learn_temperature``); tower outputs are L2-normalized when ``normalize``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_assets.models.features import (
+    HISTORY_ITEMS,
+    ITEM_CATEGORIES,
+    ITEM_ID,
+    USER_ID,
+    FeatureSpec,
+    FeatureStore,
+    build_kjt,
+)
+
+USER_TABLE = "t_user"
+ITEM_TABLE = "t_item"
+CATEGORY_TABLE = "t_category"
+ATTR_TABLE_PREFIX = "t_"
+
+# Key prefix of the TwoTower inside the train task (and so in a gathered DMP state dict).
+TRAIN_TASK_PREFIX = "two_tower."
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoTowerModelConfig:
+    """Everything needed (with a FeatureSpec) to rebuild the model for a state dict."""
+
+    embedding_dim: int = 32
+    layer_sizes: tuple[int, ...] = (64, 32)  # hidden sizes..., output size of each tower's MLP
+    normalize: bool = True
+    temperature: float = 0.05
+    learn_temperature: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_sizes", tuple(int(s) for s in self.layer_sizes))
+        if not self.layer_sizes:
+            raise ValueError("layer_sizes must name at least the output size")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_sizes"] = list(self.layer_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TwoTowerModelConfig":
+        return cls(**dict(d))
+
+
+def embedding_bag_configs(spec: FeatureSpec, embedding_dim: int) -> list[EmbeddingBagConfig]:
+    """The tables, sized on the dataset meta. Cardinalities of 0 get one (unused) row."""
+    tables = [
+        EmbeddingBagConfig(
+            name=USER_TABLE,
+            embedding_dim=embedding_dim,
+            num_embeddings=max(1, spec.num_users),
+            feature_names=[USER_ID],
+            pooling=PoolingType.SUM,
+        ),
+        EmbeddingBagConfig(
+            name=ITEM_TABLE,
+            embedding_dim=embedding_dim,
+            num_embeddings=max(1, spec.num_items),
+            feature_names=[HISTORY_ITEMS, ITEM_ID],
+            pooling=PoolingType.MEAN,
+        ),
+        EmbeddingBagConfig(
+            name=CATEGORY_TABLE,
+            embedding_dim=embedding_dim,
+            num_embeddings=max(1, spec.num_categories),
+            feature_names=[ITEM_CATEGORIES],
+            pooling=PoolingType.MEAN,
+        ),
+    ]
+    for col, card in spec.user_attributes:
+        tables.append(
+            EmbeddingBagConfig(
+                name=ATTR_TABLE_PREFIX + col,
+                embedding_dim=embedding_dim,
+                num_embeddings=max(1, card),
+                feature_names=[col],
+                pooling=PoolingType.SUM,
+            )
+        )
+    return tables
+
+
+def feature_to_table(spec: FeatureSpec) -> dict[str, str]:
+    """One single-valued feature per table (for looking rows up through the EBC)."""
+    out = {USER_TABLE: USER_ID, ITEM_TABLE: ITEM_ID, CATEGORY_TABLE: ITEM_CATEGORIES}
+    for col, _ in spec.user_attributes:
+        out[ATTR_TABLE_PREFIX + col] = col
+    return out
+
+
+def mlp(in_size: int, layer_sizes: Sequence[int], device: torch.device | None = None) -> nn.Sequential:
+    """Linear + ReLU for the hidden layers, a plain Linear output (a ReLU output would confine the vectors to
+    the positive orthant, which a dot-product score cannot afford)."""
+    layers: list[nn.Module] = []
+    size = in_size
+    for i, out in enumerate(layer_sizes):
+        layers.append(nn.Linear(size, out, device=device))
+        if i < len(layer_sizes) - 1:
+            layers.append(nn.ReLU())
+        size = out
+    return nn.Sequential(*layers)
+
+
+class TwoTower(nn.Module):
+    """Query and candidate towers over one EmbeddingBagCollection.
+
+    Args:
+        embedding_bag_collection: built from `embedding_bag_configs(spec, ...)` (any device, incl. meta).
+        spec: feature names / cardinalities.
+        config: model hyper-parameters.
+        device: device of the dense (MLP) parameters.
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        spec: FeatureSpec,
+        config: TwoTowerModelConfig,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.ebc = embedding_bag_collection
+        self.spec = spec
+        self.config = config
+        dims = {}
+        for t in embedding_bag_collection.embedding_bag_configs():
+            for f in t.feature_names:
+                dims[f] = t.embedding_dim
+        self._query_features = list(spec.query_keys)
+        self._candidate_features = list(spec.candidate_keys)
+        self.query_proj = mlp(sum(dims[f] for f in self._query_features), config.layer_sizes, device)
+        self.candidate_proj = mlp(sum(dims[f] for f in self._candidate_features), config.layer_sizes, device)
+        scale = torch.tensor(math.log(1.0 / config.temperature), device=device)
+        if config.learn_temperature:
+            self.log_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("log_scale", scale)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.layer_sizes[-1]
+
+    def scale(self) -> torch.Tensor:
+        # 1/temperature, capped at 100 as in CLIP.
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
+
+    def _project(self, pooled: dict[str, torch.Tensor], features: list[str], proj: nn.Module) -> torch.Tensor:
+        out = proj(torch.cat([pooled[f] for f in features], dim=1))
+        return F.normalize(out, dim=1) if self.config.normalize else out
+
+    def pooled(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """{feature: [stride, dim]} pooled embeddings (a sharded EBC returns an awaitable: waited here)."""
+        out = self.ebc(kjt)
+        if hasattr(out, "wait"):
+            out = out.wait()
+        return out.to_dict()
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers for every row of `kjt` (rows with empty bags give meaningless vectors; callers slice)."""
+        pooled = self.pooled(kjt)
+        return (
+            self._project(pooled, self._query_features, self.query_proj),
+            self._project(pooled, self._candidate_features, self.candidate_proj),
+        )
+
+    def query(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self._project(self.pooled(kjt), self._query_features, self.query_proj)
+
+    def candidate(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self._project(self.pooled(kjt), self._candidate_features, self.candidate_proj)
+
+
+def build_two_tower(
+    spec: FeatureSpec,
+    config: TwoTowerModelConfig,
+    device: torch.device | str = "cpu",
+    table_device: torch.device | str | None = None,
+) -> TwoTower:
+    """A TwoTower; tables on `table_device` (default `device`; use "meta" before sharding)."""
+    device = torch.device(device)
+    ebc = EmbeddingBagCollection(
+        tables=embedding_bag_configs(spec, config.embedding_dim),
+        device=torch.device(table_device) if table_device is not None else device,
+    )
+    return TwoTower(ebc, spec, config, device=device)
+
+
+def sampled_softmax_loss(
+    query: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_items: torch.Tensor,
+    scale: torch.Tensor | float,
+    candidate_log_q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch sampled softmax.
+
+    Args:
+        query: [B, d]; row i's positive is candidate i.
+        candidates: [S, d], S >= B: the B positives, then any extra sampled negatives.
+        candidate_items: int64 [S] item id of each candidate.
+        scale: logit multiplier (1 / temperature).
+        candidate_log_q: [S] log of each candidate's expected count in the sampled pool (log-Q correction);
+            subtracted from every logit of that column (also the positive's, as in Yi et al. 2019).
+
+    Candidates equal to a row's positive item (other than the positive itself) are masked: they are not
+    negatives. Returns (mean loss, logits [B, S]).
+    """
+    b = query.shape[0]
+    logits = (query @ candidates.T) * scale
+    if candidate_log_q is not None:
+        logits = logits - candidate_log_q[None, :]
+    items = candidate_items.long()
+    same = items[None, :] == items[:b, None]
+    diag = torch.arange(b, device=logits.device)
+    same[diag, diag] = False
+    logits = logits.masked_fill(same, torch.finfo(logits.dtype).min / 2)
+    return F.cross_entropy(logits, diag), logits
+
+
+class TwoTowerTrainTask(nn.Module):
+    """Training wrapper: forward(kjt, candidate_items, candidate_log_q, num_queries) -> (loss, detached logits).
+
+    `kjt` comes from `features.batch_to_kjt` (query features on the first `num_queries` rows, candidates on all
+    rows); the model is what DistributedModelParallel wraps.
+    """
+
+    def __init__(self, two_tower: TwoTower) -> None:
+        super().__init__()
+        self.two_tower = two_tower
+
+    def forward(
+        self,
+        kjt: KeyedJaggedTensor,
+        candidate_items: torch.Tensor,
+        candidate_log_q: torch.Tensor | None,
+        num_queries: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, c = self.two_tower(kjt)
+        loss, logits = sampled_softmax_loss(
+            q[:num_queries], c, candidate_items, self.two_tower.scale(), candidate_log_q
+        )
+        return loss, logits.detach()
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = TRAIN_TASK_PREFIX) -> dict[str, torch.Tensor]:
+    """TwoTower state dict from a train-task / gathered DMP state dict (keys without `prefix` are kept)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def load_two_tower(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: FeatureSpec,
+    config: TwoTowerModelConfig,
+    device: torch.device | str = "cpu",
+) -> TwoTower:
+    """An unsharded TwoTower (eval mode) from a plain state dict (train-task keys or TwoTower keys)."""
+    model = build_two_tower(spec, config, device=device)
+    model.load_state_dict(strip_prefix(state_dict), strict=True)
+    return model.eval()
+
+
+class QueryEncoder(nn.Module):
+    """users (+ their recent history) -> query vectors, on an unsharded TwoTower."""
+
+    def __init__(self, two_tower: TwoTower, store: FeatureStore) -> None:
+        super().__init__()
+        self.two_tower = two_tower
+        self.store = store
+
+    def forward(
+        self,
+        users: torch.Tensor,
+        history: torch.Tensor,
+        history_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """users int [n]; history int [n, H] padded with -1, most recent first; history_len int [n]."""
+        kjt = build_kjt(
+            self.two_tower.spec, self.store, stride=users.numel(), users=users, history=history, history_len=history_len
+        )
+        return self.two_tower.query(kjt)
+
+
+class ItemEncoder(nn.Module):
+    """item ids -> candidate vectors, on an unsharded TwoTower."""
+
+    def __init__(self, two_tower: TwoTower, store: FeatureStore) -> None:
+        super().__init__()
+        self.two_tower = two_tower
+        self.store = store
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        kjt = build_kjt(self.two_tower.spec, self.store, stride=items.numel(), items=items)
+        return self.two_tower.candidate(kjt)
+
+    @torch.no_grad()
+    def encode_all(self, batch_size: int = 4096) -> torch.Tensor:
+        """[num_items, d] vectors of every item, in id order."""
+        n = self.two_tower.spec.num_items
+        device = self.store.user_attrs.device
+        out = [self(torch.arange(s, min(s + batch_size, n), device=device)) for s in range(0, n, batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.two_tower.output_dim, device=device)
+
+
+def score(query_vectors: torch.Tensor, item_vectors: torch.Tensor, two_tower: TwoTower | None = None) -> torch.Tensor:
+    """[n, num_items] scores (the scale does not change rankings; it is applied when a model is given)."""
+    s = query_vectors @ item_vectors.T
+    return s * two_tower.scale() if two_tower is not None else s

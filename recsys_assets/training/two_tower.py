@@ -1,0 +1,606 @@
+"""Distributed training of the Two Tower model (TorchRec model parallel, CPU/gloo or GPU/nccl).
+
+Two ways in:
+- ``torchrun --nproc_per_node 2 -m recsys_assets.training.two_tower --config cfg.json [--result out.pt]``
+  (cfg.json holds `TwoTowerTrainConfig` fields; rank 0 writes the result with torch.save);
+- ``train_two_tower(config)`` in each process of a launcher that sets RANK / WORLD_SIZE / MASTER_ADDR /
+  MASTER_PORT / LOCAL_RANK / LOCAL_WORLD_SIZE (TorchDistributor, elastic_launch). Every rank returns the SAME
+  `TwoTowerTrainResult` (broadcast from rank 0), whichever rank the launcher reports.
+
+Per epoch: one pass over the fit splits (Mosaic Streaming, disjoint per rank, reshuffled each epoch with the
+seed), then full-ranking evaluation of `eval_phase` with the project's evaluator (`ranks_from_scores`; the
+user's fit items are excluded), computed on the sharded model with item and user vectors split across ranks.
+With eval_phase "validation": early stopping on `early_stopping_metric` with `patience`; the best epoch's
+weights are restored and returned as an unsharded state dict (gathered to rank 0). With eval_phase "test"
+(the refit on train + validation): no selection on test metrics by default (`early_stopping` and
+`restore_best` default to off there): exactly `epochs` epochs (take the best validation epoch count + 1), the
+last epoch's weights are returned and the per-epoch test metrics are only reported.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys_assets.data.schema import (
+    HISTORY,
+    HISTORY_LEN,
+    ITEM,
+    SPLIT,
+    SPLITS,
+    TIMESTAMP,
+    USER,
+    DatasetMeta,
+    DatasetPaths,
+)
+from recsys_assets.training import common
+from recsys_assets.training.common import DistEnv
+
+log = logging.getLogger(__name__)
+
+FIT_SPLITS_OF_PHASE = {"validation": ("train",), "test": ("train", "validation")}
+
+
+@dataclasses.dataclass
+class TwoTowerTrainConfig:
+    """All settings of one training run (JSON-able: `to_json` / `from_json`)."""
+
+    data_root: str  # dataset folder (schema.DatasetPaths)
+    eval_phase: str = "validation"  # "validation": fit train, rank the validation item; "test": fit train+validation
+    fit_splits: tuple[str, ...] | None = None  # default: FIT_SPLITS_OF_PHASE[eval_phase]
+
+    # model
+    embedding_dim: int = 32
+    layer_sizes: tuple[int, ...] = (64, 32)
+    normalize: bool = True
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    max_history: int | None = None  # most recent history items used (default: all H of the data)
+
+    # loss
+    logq_correction: bool = True
+    num_uniform_negatives: int = 0  # extra uniformly sampled negatives per batch (shared by its rows)
+
+    # optimization
+    epochs: int = 10
+    batch_size: int = 256  # per rank
+    early_stopping: bool | None = None  # default: on for eval_phase "validation", OFF for "test" (see below)
+    restore_best: bool | None = None  # return the best epoch's weights (default: = early_stopping), else the last
+    patience: int = 3
+    min_delta: float = 0.0
+    early_stopping_metric: str = "ndcg@10"
+    sparse_optimizer: str = "row_wise_adagrad"  # fused into backward: row_wise_adagrad | adagrad | sgd
+    sparse_lr: float = 0.05
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    epoch_size: int | None = None  # samples per epoch over all ranks (Streaming epoch_size); None = all
+    seed: int = 0
+
+    # distributed / runtime
+    use_gpu: bool = False
+    sharding_types: tuple[str, ...] | None = None  # default: table_wise/column_wise on CPU
+    column_wise_min_partition: int | None = None  # planner's lower bound on column-shard width
+    single_node: bool = False  # set LOCAL_RANK=RANK, LOCAL_WORLD_SIZE=WORLD_SIZE (see common.init_distributed)
+    num_workers: int = 0  # Streaming dataloader workers
+    num_threads: int | None = None  # torch.set_num_threads per process
+
+    # evaluation
+    eval_batch_size: int = 512
+    ks: tuple[int, ...] = (10, 100)
+    lookup_check_ids: tuple[int, ...] = (0,)  # extra ids for the sharded-lookup sample in the result
+
+    # reporting (rank 0)
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    mlflow_prefix: str = ""
+    progress_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_phase not in FIT_SPLITS_OF_PHASE:
+            raise ValueError(f"eval_phase must be one of {sorted(FIT_SPLITS_OF_PHASE)}, got {self.eval_phase!r}")
+        self.fit_splits = tuple(self.fit_splits) if self.fit_splits is not None else FIT_SPLITS_OF_PHASE[self.eval_phase]
+        for s in self.fit_splits:
+            if s not in SPLITS:
+                raise ValueError(f"unknown split {s!r} in fit_splits")
+        if self.eval_phase in self.fit_splits:
+            raise ValueError(f"fit_splits {self.fit_splits} contain the evaluated split {self.eval_phase!r}")
+        self.layer_sizes = tuple(int(x) for x in self.layer_sizes)
+        self.ks = tuple(int(k) for k in self.ks)
+        self.lookup_check_ids = tuple(int(i) for i in self.lookup_check_ids)
+        if self.sharding_types is not None:
+            self.sharding_types = tuple(self.sharding_types)
+        if self.early_stopping is None:
+            # Selecting epochs on the test metrics would leak the test set: the test phase trains for a
+            # fixed `epochs` (chosen on validation) and returns the last epoch; test metrics are only reported.
+            self.early_stopping = self.eval_phase == "validation"
+        if self.restore_best is None:
+            self.restore_best = bool(self.early_stopping)
+        if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
+            raise ValueError("batch_size, epochs and patience must be positive")
+        if self.num_uniform_negatives < 0:
+            raise ValueError("num_uniform_negatives must be >= 0")
+        metric_names = {f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")}
+        if self.early_stopping_metric not in metric_names:
+            raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} not in {sorted(metric_names)}")
+
+    def model_config(self):
+        from recsys_assets.models.two_tower import TwoTowerModelConfig
+
+        return TwoTowerModelConfig(
+            embedding_dim=self.embedding_dim,
+            layer_sizes=self.layer_sizes,
+            normalize=self.normalize,
+            temperature=self.temperature,
+            learn_temperature=self.learn_temperature,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TwoTowerTrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TwoTowerTrainConfig fields: {sorted(unknown)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TwoTowerTrainConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclasses.dataclass
+class TwoTowerTrainResult:
+    """What a training run returns (identical on every rank; plain types and CPU tensors, picklable).
+
+    Attributes:
+        state_dict: unsharded state dict of the best epoch, TwoTowerTrainTask keys (``two_tower.…``);
+            `load_model()` rebuilds an unsharded TwoTower from it.
+        model_config: TwoTowerModelConfig as a dict; feature_spec: FeatureSpec as a dict.
+        config: the TwoTowerTrainConfig as a dict.
+        eval_phase: "validation" or "test"; fit_splits: the splits trained on.
+        history: one dict per epoch: epoch, loss (mean train loss over all ranks), metrics (hr@K/ndcg@K of
+            eval_phase), train_seconds, eval_seconds, samples (global).
+        best_epoch: index (0-based) of the epoch whose weights are returned: the best one by
+            `early_stopping_metric` with `restore_best`, else the last (the test-phase default);
+            `best_epoch + 1` is the epoch count to refit with.
+        final_metrics: eval_phase metrics of the returned weights (recomputed after restoring them).
+        stopped_early: True when patience ran out before `epochs`.
+        plan_text: the ShardingPlan rendered as text.
+        samples_per_second: global training throughput (eval excluded).
+        world_size; peak_rss_mb: peak RSS (MiB) per rank, rank order.
+        lookup_check: {table: {"ids": int64 [n], "rows": float [n, dim]}} rows looked up through the SHARDED
+            model after restoring the best weights (compare with `state_dict` to check the gather).
+        total_seconds: wall time of the whole call on rank 0.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    model_config: dict[str, Any]
+    feature_spec: dict[str, Any]
+    config: dict[str, Any]
+    eval_phase: str
+    fit_splits: tuple[str, ...]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    final_metrics: dict[str, float]
+    stopped_early: bool
+    plan_text: str
+    samples_per_second: float
+    world_size: int
+    peak_rss_mb: list[float]
+    lookup_check: dict[str, dict[str, torch.Tensor]]
+    total_seconds: float
+
+    def spec(self):
+        from recsys_assets.models.features import FeatureSpec
+
+        d = dict(self.feature_spec)
+        d["user_attributes"] = tuple(tuple(x) for x in d["user_attributes"])
+        return FeatureSpec(**d)
+
+    def load_model(self, device: str | torch.device = "cpu"):
+        """An unsharded TwoTower (eval mode) with the returned weights."""
+        from recsys_assets.models.two_tower import TwoTowerModelConfig, load_two_tower
+
+        return load_two_tower(self.state_dict, self.spec(), TwoTowerModelConfig.from_dict(self.model_config), device)
+
+
+# ----------------------------------------------------------------------------------------------- eval data
+@dataclasses.dataclass
+class EvalData:
+    """The held-out rows of one phase (query users sorted by id) with their history and exclusion CSR."""
+
+    users: torch.Tensor  # int64 [Q]
+    targets: torch.Tensor  # int64 [Q]
+    history: torch.Tensor  # int32 [Q, H]
+    history_len: torch.Tensor  # int32 [Q]
+    exclude_indptr: np.ndarray  # int64 [Q + 1]
+    exclude_indices: np.ndarray  # int64
+
+
+def load_splits_frame(root: str | Path, columns: Sequence[str]):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(DatasetPaths(Path(root)).splits, columns=list(columns)).to_pandas()
+
+
+def load_eval_data(root: str | Path, phase: str, meta: DatasetMeta, history_length: int):
+    """(EvalData of `phase`, the splits frame (user/item/timestamp/split)) via the project's EvalTask."""
+    from recsys_assets.evaluation.protocol import EvalTask
+    from recsys_assets.models.features import stack_history
+
+    frame = load_splits_frame(root, [USER, ITEM, TIMESTAMP, SPLIT])
+    task = EvalTask.from_splits(frame, phase, num_users=meta.num_users, num_items=meta.num_items)
+    held = load_splits_frame(root, [USER, ITEM, SPLIT, HISTORY, HISTORY_LEN])
+    held = held.loc[held[SPLIT] == phase].sort_values(USER, kind="stable")
+    if not np.array_equal(held[USER].to_numpy(np.int64), task.users) or not np.array_equal(
+        held[ITEM].to_numpy(np.int64), task.targets
+    ):
+        raise ValueError(f"the {phase} rows of splits/ disagree with the evaluator's task")
+    hist = stack_history(held[HISTORY].to_numpy(), history_length)
+    data = EvalData(
+        users=torch.as_tensor(task.users, dtype=torch.long),
+        targets=torch.as_tensor(task.targets, dtype=torch.long),
+        history=torch.from_numpy(hist),
+        history_len=torch.as_tensor(held[HISTORY_LEN].to_numpy(np.int32)),
+        exclude_indptr=task.exclude_indptr,
+        exclude_indices=task.exclude_indices,
+    )
+    return data, frame
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _chunks(start: int, end: int, n_calls: int, bs: int) -> list[tuple[int, int]]:
+    return [(min(start + i * bs, end), min(start + (i + 1) * bs, end)) for i in range(n_calls)]
+
+
+@torch.no_grad()
+def sharded_item_vectors(two_tower, spec, store, env: DistEnv, batch_size: int) -> torch.Tensor:
+    """Collective. [num_items, d] candidate vectors on every rank; each rank encodes a contiguous part, in
+    fixed-size calls (padded with id 0) so every rank makes the same number of equally sized EBC calls."""
+    from recsys_assets.models.features import build_kjt
+
+    n = spec.num_items
+    start, end = common.shard_bounds(n, env.rank, env.world_size)
+    n_calls = max(1, math.ceil(math.ceil(n / env.world_size) / batch_size))
+    parts = []
+    for lo, hi in _chunks(start, end, n_calls, batch_size):
+        ids = torch.zeros(batch_size, dtype=torch.long)
+        ids[: hi - lo] = torch.arange(lo, hi)
+        kjt = build_kjt(spec, store, stride=batch_size, items=ids).to(env.device)
+        parts.append(two_tower.candidate(kjt)[: hi - lo])
+    return common.all_gather_variable(torch.cat(parts), env)
+
+
+@torch.no_grad()
+def sharded_ranks(two_tower, spec, store, data: EvalData, item_vectors: torch.Tensor, env: DistEnv, batch_size: int) -> torch.Tensor:
+    """Collective. int64 [Q] rank of every query's held-out item, on every rank (rank 0's part first)."""
+    from recsys_assets.evaluation.protocol import ranks_from_scores
+    from recsys_assets.models.features import build_kjt
+
+    q = int(data.users.numel())
+    start, end = common.shard_bounds(q, env.rank, env.world_size)
+    n_calls = max(1, math.ceil(math.ceil(q / env.world_size) / batch_size))
+    out = []
+    for lo, hi in _chunks(start, end, n_calls, batch_size):
+        m = hi - lo
+        users = torch.zeros(batch_size, dtype=torch.long)
+        hist = torch.full((batch_size, data.history.shape[1]), -1, dtype=torch.int32)
+        hlen = torch.zeros(batch_size, dtype=torch.int32)
+        users[:m], hist[:m], hlen[:m] = data.users[lo:hi], data.history[lo:hi], data.history_len[lo:hi]
+        kjt = build_kjt(spec, store, stride=batch_size, users=users, history=hist, history_len=hlen).to(env.device)
+        qv = two_tower.query(kjt)[:m]
+        if m:
+            scores = qv @ item_vectors.T
+            out.append(
+                ranks_from_scores(
+                    scores, data.targets[lo:hi].to(env.device), data.exclude_indptr[lo : hi + 1], data.exclude_indices
+                ).cpu()
+            )
+    local = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return common.all_gather_variable(local.to(env.device), env).cpu()
+
+
+def evaluate_sharded(two_tower, spec, store, data: EvalData, env: DistEnv, batch_size: int, ks: Sequence[int]) -> dict[str, float]:
+    """Collective. Metrics (identical on every rank) of the held-out rows in `data`."""
+    from recsys_assets.evaluation.protocol import metrics_from_ranks
+
+    was_training = two_tower.training
+    two_tower.eval()
+    try:
+        items = sharded_item_vectors(two_tower, spec, store, env, batch_size)
+        ranks = sharded_ranks(two_tower, spec, store, data, items, env, batch_size)
+    finally:
+        two_tower.train(was_training)
+    return metrics_from_ranks(ranks, ks)
+
+
+@torch.no_grad()
+def sharded_lookup_sample(two_tower, spec, env: DistEnv, extra_ids: Sequence[int]) -> dict[str, dict[str, torch.Tensor]]:
+    """Collective. Rows of every table looked up through the (sharded) EBC for ids {0, n//2, n-1} ∪ extra_ids."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_assets.models.two_tower import embedding_bag_configs, feature_to_table
+
+    tables = {t.name: t for t in embedding_bag_configs(spec, two_tower.config.embedding_dim)}
+    feat_of = feature_to_table(spec)
+    ids_of = {}
+    for name, t in tables.items():
+        n = t.num_embeddings
+        ids_of[name] = sorted({0, n // 2, n - 1, *[i for i in extra_ids if 0 <= i < n]})
+    stride = max(len(v) for v in ids_of.values())
+    table_of_feature = {f: name for name, f in feat_of.items()}
+    values, lengths = [], []
+    for key in spec.keys:
+        name = table_of_feature.get(key)
+        ids = ids_of[name] if name is not None else []
+        values.append(torch.tensor(ids, dtype=torch.long))
+        lengths.append(torch.tensor([1] * len(ids) + [0] * (stride - len(ids)), dtype=torch.long))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=spec.keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    pooled = two_tower.pooled(kjt.to(env.device))
+    return {
+        name: {"ids": torch.tensor(ids_of[name]), "rows": pooled[feat_of[name]][: len(ids_of[name])].detach().cpu().clone()}
+        for name in tables
+    }
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _sampling_log_q(counts: np.ndarray, batch_size: int, num_negatives: int, num_items: int) -> torch.Tensor:
+    """log of each item's expected number of copies in a batch's candidate pool: B·p_pop(i) + N/num_items."""
+    p = counts.astype(np.float64) / max(1, counts.sum())
+    expected = batch_size * p + (num_negatives / num_items if num_negatives else 0.0)
+    return torch.from_numpy(np.log(np.maximum(expected, 1e-12))).float()
+
+
+def train_two_tower(config: TwoTowerTrainConfig | Mapping[str, Any]) -> TwoTowerTrainResult:
+    """Train on `config.fit_splits`, evaluate `config.eval_phase` each epoch; see the module docstring.
+
+    Call in every process of a distributed launch (or alone: a one-process group is created). Every rank
+    returns the same result. The process group is destroyed at the end if this call created it.
+    """
+    if not isinstance(config, TwoTowerTrainConfig):
+        config = TwoTowerTrainConfig.from_dict(config)
+    t_start = time.time()
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    env = common.init_distributed(config.use_gpu, single_node=config.single_node)
+    try:
+        return _train(config, env, t_start)
+    finally:
+        common.shutdown_distributed(env)
+
+
+def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowerTrainResult:
+    from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
+    from recsys_assets.models.two_tower import TwoTowerTrainTask, build_two_tower, embedding_bag_configs
+
+    common.seed_everything(config.seed)
+    paths = DatasetPaths(Path(config.data_root))
+    meta = DatasetMeta.load(paths.meta)
+    spec = FeatureSpec.from_meta(meta, config.max_history)
+    store = FeatureStore.load(paths.root, spec)
+    store_dev = store.to(env.device)
+    eval_data, frame = load_eval_data(paths.root, config.eval_phase, meta, spec.history_length)
+    fit_items = frame.loc[frame[SPLIT].isin(config.fit_splits), ITEM].to_numpy(np.int64)
+    counts = np.bincount(fit_items, minlength=spec.num_items)
+    del frame
+    log_q_table = _sampling_log_q(counts, config.batch_size, config.num_uniform_negatives, spec.num_items).to(env.device)
+
+    reporter = common.ProgressReporter(
+        env,
+        mlflow_tracking_uri=config.mlflow_tracking_uri,
+        mlflow_run_id=config.mlflow_run_id,
+        progress_file=config.progress_file,
+        mlflow_prefix=config.mlflow_prefix,
+    )
+
+    # model: tables on meta, dense on the device; sharded by the plan
+    model_config = config.model_config()
+    two_tower = build_two_tower(spec, model_config, device=env.device, table_device="meta")
+    task = TwoTowerTrainTask(two_tower)
+    tables = embedding_bag_configs(spec, model_config.embedding_dim)
+    sharded = common.shard_model(
+        task,
+        [two_tower.ebc],
+        tables,
+        env,
+        sparse_optimizer=config.sparse_optimizer,
+        sparse_lr=config.sparse_lr,
+        sharding_types=config.sharding_types,
+        min_partition=config.column_wise_min_partition,
+    )
+    dmp = sharded.dmp
+    optimizer = common.make_optimizer(dmp, config.dense_lr, config.weight_decay)
+    sharded_tower = dmp.module.two_tower  # the sharded TwoTower, without the DDP wrapper (for evaluation)
+    if env.is_main:
+        log.info("sharding plan:\n%s", sharded.plan_text)
+    reporter.event(
+        {"event": "start", "world_size": env.world_size, "plan": sharded.plan_text, "config": config.to_dict()}
+    )
+
+    common.prepare_streaming()
+    folders = [paths.mds(s) for s in config.fit_splits]
+    dataset, loader = common.streaming_loader(
+        folders,
+        config.batch_size,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        epoch_size=config.epoch_size,
+    )
+    neg_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + env.rank)
+
+    history: list[dict[str, Any]] = []
+    best_value, best_epoch, best_snapshot, bad_epochs = -math.inf, -1, None, 0
+    stopped_early = False
+    train_seconds_total, samples_total = 0.0, 0
+    n_neg = config.num_uniform_negatives
+    try:
+        for epoch in range(config.epochs):
+            dmp.train()
+            t0 = time.time()
+            loss_sum, steps, samples = 0.0, 0, 0
+            for batch in loader:
+                b = int(batch[ITEM].shape[0])
+                extra = torch.randint(spec.num_items, (n_neg,), generator=neg_gen) if n_neg else None
+                kjt = batch_to_kjt(batch, spec, store, extra).to(env.device)
+                cand = batch[ITEM].long()
+                if extra is not None:
+                    cand = torch.cat([cand, extra])
+                cand = cand.to(env.device)
+                log_q = log_q_table[cand] if config.logq_correction else None
+                optimizer.zero_grad()
+                loss, _ = dmp(kjt, cand, log_q, b)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * b
+                steps += 1
+                samples += b
+            train_s = time.time() - t0
+            loss_sum_g, samples_g, steps_g = common.all_reduce_sum([loss_sum, samples, steps], env)
+            train_seconds_total += train_s
+            samples_total += int(samples_g)
+
+            t1 = time.time()
+            metrics = evaluate_sharded(sharded_tower, spec, store_dev, eval_data, env, config.eval_batch_size, config.ks)
+            eval_s = time.time() - t1
+            record = {
+                "epoch": epoch,
+                "loss": loss_sum_g / max(1.0, samples_g),
+                "metrics": metrics,
+                "samples": int(samples_g),
+                "steps": int(steps_g),
+                "train_seconds": train_s,
+                "eval_seconds": eval_s,
+            }
+            history.append(record)
+            value = metrics[config.early_stopping_metric]
+            improved = best_epoch < 0 or value > best_value + config.min_delta
+            if improved:
+                best_value, best_epoch, bad_epochs = value, epoch, 0
+                if config.restore_best:
+                    best_snapshot = common.snapshot_local_state(dmp)
+            else:
+                bad_epochs += 1
+            reporter.log_epoch(
+                epoch,
+                {
+                    "train_loss": record["loss"],
+                    **{f"{config.eval_phase}_{k}": v for k, v in metrics.items()},
+                    "epoch_seconds": train_s + eval_s,
+                },
+                loss=record["loss"],
+                best_epoch=best_epoch,
+                phase=config.eval_phase,
+            )
+            if env.is_main:
+                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                print(
+                    f"[two_tower] epoch {epoch} loss {record['loss']:.4f} {config.eval_phase} {shown} "
+                    f"({train_s:.1f}s train, {eval_s:.1f}s eval){' *' if improved else ''}",
+                    flush=True,
+                )
+            if config.early_stopping and bad_epochs >= config.patience:
+                stopped_early = epoch < config.epochs - 1
+                break
+    finally:
+        del loader, dataset
+
+    # the best epoch's weights back into the sharded model; evaluate them again (what we return)
+    if not config.restore_best:
+        best_epoch = history[-1]["epoch"]  # the returned weights are the last epoch's
+    if best_epoch != history[-1]["epoch"]:
+        common.restore_local_state(dmp, best_snapshot)
+        final_metrics = evaluate_sharded(sharded_tower, spec, store_dev, eval_data, env, config.eval_batch_size, config.ks)
+    else:
+        final_metrics = dict(history[-1]["metrics"])
+    best_snapshot = None
+    lookup = sharded_lookup_sample(sharded_tower, spec, env, config.lookup_check_ids)
+    state_dict = common.gather_state_dict(dmp.state_dict(), env)
+    rss = common.all_gather_object(common.peak_rss_mb(), env)
+
+    result = None
+    if env.is_main:
+        fs = dataclasses.asdict(spec)
+        fs["user_attributes"] = [list(x) for x in spec.user_attributes]
+        result = TwoTowerTrainResult(
+            state_dict=state_dict,
+            model_config=model_config.to_dict(),
+            feature_spec=fs,
+            config=config.to_dict(),
+            eval_phase=config.eval_phase,
+            fit_splits=tuple(config.fit_splits),
+            history=history,
+            best_epoch=best_epoch,
+            final_metrics=final_metrics,
+            stopped_early=stopped_early,
+            plan_text=sharded.plan_text,
+            samples_per_second=samples_total / max(train_seconds_total, 1e-9),
+            world_size=env.world_size,
+            peak_rss_mb=[float(x) for x in rss],
+            lookup_check=lookup,
+            total_seconds=time.time() - t_start,
+        )
+        reporter.event(
+            {
+                "event": "end",
+                "best_epoch": best_epoch,
+                "final_metrics": final_metrics,
+                "samples_per_second": result.samples_per_second,
+                "stopped_early": stopped_early,
+            }
+        )
+    return common.broadcast_object(result, env)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the Two Tower model (run under torchrun).")
+    parser.add_argument("--config", required=True, help="JSON file of TwoTowerTrainConfig fields")
+    parser.add_argument("--result", default=None, help="where rank 0 writes the TwoTowerTrainResult (torch.save)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("recsys_assets").setLevel(logging.INFO)
+    config = TwoTowerTrainConfig.from_json(Path(args.config).read_text())
+    result = train_two_tower(config)
+    import os
+
+    if args.result and int(os.environ.get("RANK", "0")) == 0:
+        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result, args.result)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            json.dumps(
+                {
+                    "best_epoch": result.best_epoch,
+                    "final_metrics": result.final_metrics,
+                    "samples_per_second": result.samples_per_second,
+                    "world_size": result.world_size,
+                    "total_seconds": result.total_seconds,
+                }
+            ),
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the copy imported under the package name, so that pickled results name
+    # recsys_assets.training.two_tower.TwoTowerTrainResult rather than __main__.TwoTowerTrainResult.
+    from recsys_assets.training.two_tower import main as _main
+
+    sys.exit(_main())

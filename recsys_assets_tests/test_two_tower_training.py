@@ -1,0 +1,318 @@
+"""Two Tower model + distributed training (TorchRec, 2 gloo processes on CPU).
+
+The data is the planted-structure fixture of `synthetic_mds` (items in clusters, next item mostly from the
+cluster of the previous one, long-tailed popularity), small enough that a 2-process run takes ~15 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_assets.data.schema import HISTORY, HISTORY_LEN, ITEM, USER
+from recsys_assets.evaluation.protocol import metrics_from_ranks, ranks_from_scores
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_mds import write_synthetic_dataset  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+# Enough epochs that early stopping (patience 2) triggers and the best weights are restored. Column-wise
+# shards of width 8 put 2 column shards of every table on each rank (the harder case for gathering and for
+# restoring the best weights); the torchrun test below uses the planner's default (table-wise) choice.
+TRAIN_SETTINGS = dict(
+    sharding_types=["column_wise"],
+    column_wise_min_partition=8,
+    epochs=12,
+    patience=2,
+    batch_size=128,
+    num_uniform_negatives=64,
+    embedding_dim=32,
+    layer_sizes=[64, 32],
+    seed=0,
+    num_threads=1,
+    lookup_check_ids=[0, 7, 199],
+)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("two_tower") / "ds")
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory):
+    """A real 2-process run of `train_two_tower` under torch's elastic launcher; {rank: result}."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_two_tower
+
+    tmp = tmp_path_factory.mktemp("two_tower_run")
+    config = TwoTowerTrainConfig(
+        data_root=str(dataset.root), progress_file=str(tmp / "progress.jsonl"), **TRAIN_SETTINGS
+    )
+    lc = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=2,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint=str(tmp / "rdzv"),
+        rdzv_configs={"store_type": "file"},
+        start_method="spawn",
+        monitor_interval=1,
+        max_restarts=0,
+    )
+    t0 = time.time()
+    results = elastic_launch(config=lc, entrypoint=train_two_tower)(config)
+    seconds = time.time() - t0
+    r = results[0]
+    print(
+        f"\n2-process run: {seconds:.1f}s, epochs {len(r.history)}, best {r.best_epoch}, "
+        f"final {r.final_metrics}, {r.samples_per_second:.0f} samples/s, peak RSS {r.peak_rss_mb} MiB"
+    )
+    return results, config
+
+
+def _most_popular_metrics(dataset, phase: str, fit_splits: tuple[str, ...]):
+    from recsys_assets.training.two_tower import load_eval_data
+
+    data, frame = load_eval_data(dataset.root, phase, dataset.meta, dataset.meta.history_length)
+    counts = np.bincount(frame.loc[frame["split"].isin(fit_splits), ITEM], minlength=dataset.meta.num_items)
+    scores = torch.as_tensor(counts, dtype=torch.float32).expand(len(data.users), -1)
+    return metrics_from_ranks(ranks_from_scores(scores, data.targets, data.exclude_indptr, data.exclude_indices))
+
+
+# ------------------------------------------------------------------------------------------ unit tests
+def test_kjt_keeps_id_zero_and_respects_lengths(dataset):
+    from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
+
+    spec = FeatureSpec.from_meta(dataset.meta)
+    store = FeatureStore.load(dataset.root, spec)
+    h = spec.history_length
+    history = torch.full((3, h), -1, dtype=torch.int32)
+    history[0, :3] = torch.tensor([0, 5, 0], dtype=torch.int32)  # id 0 twice (most recent first)
+    history[1, :2] = torch.tensor([4, 0], dtype=torch.int32)  # history_len says 1: only [4]
+    batch = {  # int32, as Streaming delivers MDS int32 columns
+        USER: torch.tensor([0, 3, 0], dtype=torch.int32),
+        ITEM: torch.tensor([0, 9, 2], dtype=torch.int32),
+        HISTORY: history,
+        HISTORY_LEN: torch.tensor([3, 1, 0], dtype=torch.int32),
+    }
+    kjt = batch_to_kjt(batch, spec, store, extra_items=torch.tensor([0, 1]))
+    d = kjt.to_dict()
+    assert kjt.stride() == 5  # 3 rows + 2 extra negatives
+    assert d["user_id"].values().tolist() == [0, 3, 0]
+    assert d["user_id"].lengths().tolist() == [1, 1, 1, 0, 0]
+    assert d["history"].values().tolist() == [0, 5, 0, 4]
+    assert d["history"].lengths().tolist() == [3, 1, 0, 0, 0]
+    assert d["item_id"].values().tolist() == [0, 9, 2, 0, 1]
+    assert d["item_id"].lengths().tolist() == [1, 1, 1, 1, 1]
+    assert kjt.values().dtype == torch.int64
+    # categories of item 0 come from item_features (cluster 0 is category 0), and are a real bag
+    cats0 = list(dataset.item_features.loc[dataset.item_features[ITEM] == 0, "categories"].iloc[0])
+    n0 = int(d["item_categories"].lengths()[0])
+    assert d["item_categories"].values()[:n0].tolist() == cats0
+    attrs = dataset.user_features.set_index(USER)
+    assert d["attr_group"].values().tolist() == [int(attrs.loc[u, "attr_group"]) for u in (0, 3, 0)]
+
+
+def test_training_batches_contain_id_zero(dataset):
+    """Real Streaming batches of the train split -> KJTs that contain user 0 and item 0 (no `if value:`)."""
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+
+    from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
+
+    spec = FeatureSpec.from_meta(dataset.meta)
+    store = FeatureStore.load(dataset.root, spec)
+    ds = StreamingDataset(local=str(dataset.paths.mds("train")), shuffle=False, batch_size=512)
+    seen = {"user_id": False, "history": False, "item_id": False}
+    n_hist = 0
+    for batch in DataLoader(ds, batch_size=512):
+        assert batch[USER].dtype == torch.int32
+        d = batch_to_kjt(batch, spec, store).to_dict()
+        for k in seen:
+            seen[k] |= bool((d[k].values() == 0).any())
+        n_hist += int(d["history"].values().numel())
+    assert all(seen.values()), seen
+    assert n_hist == int(dataset.splits.loc[dataset.splits["split"] == "train", HISTORY_LEN].sum())
+
+
+def test_sampled_softmax_masks_duplicates_and_applies_logq():
+    from recsys_assets.models.two_tower import sampled_softmax_loss
+
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    items = torch.tensor([7, 8, 7, 1, 8])  # row 0's positive (7) appears again at col 2; row 1's (8) at col 4
+    log_q = torch.log(torch.tensor([0.5, 0.2, 0.5, 0.1, 0.2]))
+    loss, logits = sampled_softmax_loss(q, c, items, 20.0, log_q)
+    expected = (q @ c.T) * 20.0 - log_q[None, :]
+    mask = torch.tensor(
+        [[False, False, True, False, False], [False, False, False, False, True], [True, False, False, False, False]]
+    )
+    manual = torch.nn.functional.cross_entropy(expected.masked_fill(mask, -1e30), torch.arange(3))
+    assert torch.allclose(loss, manual, atol=1e-5)
+    assert torch.allclose(logits[~mask], expected[~mask], atol=1e-5)
+    assert (logits[mask] < -1e30).all()
+
+
+# ------------------------------------------------------------------------------------- distributed run
+def test_two_process_training_learns_and_beats_most_popular(run, dataset):
+    results, config = run
+    assert sorted(results) == [0, 1]
+    r0, r1 = results[0], results[1]
+    # identical on every rank (broadcast), including the gathered weights
+    assert r0.history == r1.history and r0.final_metrics == r1.final_metrics and r0.best_epoch == r1.best_epoch
+    assert r0.state_dict.keys() == r1.state_dict.keys()
+    assert all(torch.equal(r0.state_dict[k], r1.state_dict[k]) for k in r0.state_dict)
+    assert r0.world_size == 2 and len(r0.peak_rss_mb) == 2 and min(r0.peak_rss_mb) > 100
+    assert r0.samples_per_second > 0
+
+    # each epoch covers the train split exactly once across the 2 ranks (disjoint halves)
+    assert all(h["samples"] == dataset.meta.rows["train"] for h in r0.history)
+    losses = [h["loss"] for h in r0.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    mp = _most_popular_metrics(dataset, "validation", ("train",))
+    best = r0.final_metrics
+    print(f"\nvalidation HR@10: two tower {best['hr@10']:.4f} vs MostPopular {mp['hr@10']:.4f}")
+    assert best["hr@10"] > mp["hr@10"] + 0.15, (best, mp)
+    assert best["ndcg@10"] > mp["ndcg@10"] + 0.1, (best, mp)
+
+    # early stopping on ndcg@10 ran out of patience; the best epoch's weights (and metrics) were kept
+    assert r0.stopped_early and r0.best_epoch < len(r0.history) - 1
+    ndcgs = [h["metrics"]["ndcg@10"] for h in r0.history]
+    assert r0.best_epoch == int(np.argmax(ndcgs))
+    assert r0.final_metrics == r0.history[r0.best_epoch]["metrics"]
+
+    # the plan is the constrained one: every table column-wise, with shards on both ranks
+    for table in ("t_user", "t_item", "t_category", "t_attr_group", "t_attr_region"):
+        lines = [x for x in r0.plan_text.splitlines() if x.strip().startswith(table + " ")]
+        assert any("column_wise" in x for x in lines), r0.plan_text
+        assert any("rank:0" in x for x in lines) and any("rank:1" in x for x in lines), r0.plan_text
+    assert "table_wise" not in r0.plan_text and "row_wise" not in r0.plan_text
+
+    # rank 0 appended one JSON line per epoch to the progress file
+    lines = [json.loads(x) for x in Path(config.progress_file).read_text().splitlines()]
+    epochs = [x for x in lines if x["event"] == "epoch"]
+    assert [x["epoch"] for x in epochs] == list(range(len(r0.history)))
+    assert lines[-1]["event"] == "end" and lines[-1]["best_epoch"] == r0.best_epoch
+
+
+def test_sharded_lookups_equal_gathered_tables(run, dataset):
+    results, _ = run
+    r = results[0]
+    spec = r.spec()
+    sizes = {
+        "t_user": spec.num_users,
+        "t_item": spec.num_items,
+        "t_category": spec.num_categories,
+        "t_attr_group": 4,
+        "t_attr_region": 3,
+    }
+    assert set(r.lookup_check) == set(sizes)
+    for table, n in sizes.items():
+        w = r.state_dict[f"two_tower.ebc.embedding_bags.{table}.weight"]
+        assert tuple(w.shape) == (n, 32)
+        ids, rows = r.lookup_check[table]["ids"], r.lookup_check[table]["rows"]
+        assert 0 in ids.tolist() and n - 1 in ids.tolist()
+        torch.testing.assert_close(w[ids], rows, atol=1e-6, rtol=0)
+    assert 7 in r.lookup_check["t_item"]["ids"].tolist() and 199 in r.lookup_check["t_item"]["ids"].tolist()
+    # the tables were trained (not left at their initial uniform(-1/sqrt(n), 1/sqrt(n)) values)
+    w_item = r.state_dict["two_tower.ebc.embedding_bags.t_item.weight"]
+    assert w_item.abs().max() > 1.5 / np.sqrt(spec.num_items)
+
+
+def test_unsharded_encoders_reproduce_reported_metrics(run, dataset):
+    from recsys_assets.models.features import FeatureStore
+    from recsys_assets.models.two_tower import ItemEncoder, QueryEncoder, TwoTowerTrainTask, build_two_tower
+    from recsys_assets.training.two_tower import load_eval_data
+
+    results, _ = run
+    r = results[0]
+    model = r.load_model()  # strict load of the gathered state dict into an unsharded model
+    # the train-task keys also load as they are
+    from recsys_assets.models.two_tower import TwoTowerModelConfig
+
+    TwoTowerTrainTask(build_two_tower(r.spec(), TwoTowerModelConfig.from_dict(r.model_config))).load_state_dict(
+        r.state_dict, strict=True
+    )
+    store = FeatureStore.load(dataset.root, r.spec())
+    data, _ = load_eval_data(dataset.root, "validation", dataset.meta, dataset.meta.history_length)
+    with torch.no_grad():
+        items = ItemEncoder(model, store).encode_all(batch_size=64)
+        queries = QueryEncoder(model, store)(data.users, data.history, data.history_len)
+        ranks = ranks_from_scores(queries @ items.T, data.targets, data.exclude_indptr, data.exclude_indices)
+    metrics = metrics_from_ranks(ranks)
+    n = len(data.users)
+    for k, v in r.final_metrics.items():
+        assert abs(metrics[k] - v) <= 1.0 / n + 1e-9, (k, metrics[k], v)
+    assert items.shape == (dataset.meta.num_items, 32)
+    assert torch.allclose(items.norm(dim=1), torch.ones(len(items)), atol=1e-5)
+
+
+def test_torchrun_cli_refit_on_train_and_validation_logs_to_mlflow(dataset, tmp_path):
+    """`torchrun -m recsys_assets.training.two_tower`: test phase (fit on two MDS streams), MLflow + result."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("two_tower_test", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "data_root": str(dataset.root),
+                "eval_phase": "test",
+                "epochs": 2,
+                "batch_size": 128,
+                "num_threads": 1,
+                "mlflow_tracking_uri": uri,
+                "mlflow_run_id": run_id,
+            }
+        )
+    )
+    out = tmp_path / "result.pt"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    t0 = time.time()
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "recsys_assets.training.two_tower",
+         "--config", str(cfg), "--result", str(out)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    print(f"\ntorchrun CLI run: {time.time() - t0:.1f}s")
+
+    r = torch.load(out, weights_only=False)
+    assert type(r).__module__ == "recsys_assets.training.two_tower"
+    assert r.eval_phase == "test" and r.fit_splits == ("train", "validation") and r.world_size == 2
+    # no epoch selection on test metrics: all epochs run, the last one is returned
+    assert len(r.history) == 2 and r.best_epoch == 1 and not r.stopped_early
+    assert r.final_metrics == r.history[-1]["metrics"]
+    rows = dataset.meta.rows
+    assert all(h["samples"] == rows["train"] + rows["validation"] for h in r.history)  # both streams, once
+    mp = _most_popular_metrics(dataset, "test", ("train", "validation"))
+    print(f"test HR@10: two tower {r.final_metrics['hr@10']:.4f} vs MostPopular {mp['hr@10']:.4f}")
+    assert r.final_metrics["hr@10"] > mp["hr@10"] + 0.1
+
+    assert "table_wise" in r.plan_text  # the planner's own pick without constraints beyond TW/CW
+    for table, d in r.lookup_check.items():  # table-wise gather == lookups through the sharded model
+        torch.testing.assert_close(r.state_dict[f"two_tower.ebc.embedding_bags.{table}.weight"][d["ids"]], d["rows"])
+
+    hist = client.get_metric_history(run_id, "test_hr_at_10")
+    assert [m.step for m in hist] == [0, 1]
+    assert [m.value for m in hist] == [h["metrics"]["hr@10"] for h in r.history]
+    assert len(client.get_metric_history(run_id, "train_loss")) == 2
