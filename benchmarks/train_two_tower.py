@@ -1,0 +1,159 @@
+"""Two Tower training benchmark: scaling, loader vs. consumption, memory, and quality on MovieLens.
+
+Reproduce (prints the tables below):
+    V=$(bash scripts/bootstrap.sh); PYSPARK_PYTHON=$V/bin/python $V/bin/python benchmarks/train_two_tower.py \
+        [--size 100k] [--movielens ../shared/data/ml-latest-small] [--skip-quality]
+
+Measured side by side in one run, on 2 CPU cores:
+1. Training throughput (samples/s, training only, evaluation excluded) with 1 and 2 torchrun processes on the
+   synthetic dataset, and their ratio; peak RSS per process.
+2. The MDS StreamingDataLoader alone (rows/s, same batch size, KeyedJaggedTensors built) vs. what training
+   consumes (samples/s): the ratio says how much headroom the loader has.
+3. On MovieLens (ml-latest-small, all ratings as implicit interactions), the protocol's test metrics of the
+   Two Tower (early-stopped on validation NDCG@10, refit on train+validation) next to MostPopular,
+   LastItemMarkov, EASE (λ tuned on validation) and Spark ALS (implicit; the reference setting), all from the
+   one evaluator.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_dataset(source: dict, root: Path) -> Path:
+    """Materializes the data assets (the real Dagster graph) and returns the dataset folder."""
+    import dagster as dg
+
+    from recsys_assets.defs.data_assets import data_assets
+    from recsys_assets.defs.resources import SparkResource, StateResource
+
+    result = dg.materialize(
+        data_assets,
+        resources={"spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
+                   "state": StateResource(root=str(root))},
+        run_config={"ops": {"raw_interactions": {"config": source}}},
+    )
+    assert result.success
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "mds_splits"]
+    return Path(event.materialization.metadata["published_path"].value)
+
+
+def torchrun(config: dict, nproc: int, work: Path) -> dict:
+    """Runs the training CLI under torchrun and returns the rank-0 result (fields of TwoTowerTrainResult)."""
+    import torch
+
+    cfg = work / f"cfg-{nproc}-{time.time_ns()}.json"
+    out = cfg.with_suffix(".pt")
+    cfg.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "recsys_assets.training.two_tower", "--config", str(cfg), "--result", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return torch.load(out, weights_only=False)  # our own result object, written by this benchmark
+
+
+def loader_rows_per_second(data_root: Path, batch_size: int) -> float:
+    """The training loader alone, one process: StreamingDataLoader → KJT, no model."""
+    from recsys_assets.data.schema import DatasetMeta, DatasetPaths
+    from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
+    from recsys_assets.training.common import streaming_loader
+
+    paths = DatasetPaths(data_root)
+    meta = DatasetMeta.load(paths.meta)
+    spec = FeatureSpec.from_meta(meta)
+    store = FeatureStore.load(data_root, spec)
+    _, loader = streaming_loader([str(paths.mds("train"))], batch_size=batch_size, shuffle=True, seed=0)
+    t0 = time.perf_counter()
+    rows = 0
+    for batch in loader:
+        batch_to_kjt(batch, spec, store)
+        rows += len(batch["user"])
+    return rows / (time.perf_counter() - t0)
+
+
+def quality(movielens: Path, work: Path, epochs: int) -> list[tuple[str, dict]]:
+    import pandas as pd
+
+    from recsys_assets.evaluation.baselines import EASE, LastItemMarkov, MostPopular, SparkALS, tune
+    from recsys_assets.evaluation.protocol import EvalTask, evaluate
+
+    data_root = build_dataset({"source": "movielens", "movielens_path": str(movielens)}, work / "ml")
+    base = {"data_root": str(data_root), "epochs": epochs}
+    selection = torchrun({**base, "eval_phase": "validation"}, 2, work)
+    refit = torchrun({**base, "eval_phase": "test", "epochs": selection.best_epoch + 1}, 2, work)
+    rows = [("Two Tower (val-selected epochs, refit train+val)", refit.final_metrics)]
+    print(f"two tower: validation {selection.final_metrics} (best epoch {selection.best_epoch}); test {refit.final_metrics}", flush=True)
+
+    splits = pd.read_parquet(data_root / "splits", columns=["user", "item", "timestamp", "split"])
+    test = EvalTask.from_splits(splits, "test")
+    rows.append(("MostPopular", evaluate(MostPopular().fit(test).score, test).metrics))
+    rows.append(("LastItemMarkov", evaluate(LastItemMarkov().fit(test).score, test).metrics))
+    ease = tune(lambda lam: EASE(lam=lam), {"lam": [50.0, 200.0, 500.0, 1000.0]}, splits)
+    rows.append((f"EASE (λ={ease.params['lam']:g}, chosen on validation)", ease.test.metrics))
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.getOrCreate()
+    als = SparkALS(spark, rank=64, reg_param=0.1, alpha=1.0, max_iter=15, seed=0).fit(test)
+    rows.append(("Spark ALS implicit (rank 64, reg 0.1, alpha 1)", evaluate(als.score, test).metrics))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="100k", help="synthetic size for the throughput part")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the throughput runs")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--movielens", default=str(REPO.parent / "shared" / "data" / "ml-latest-small"))
+    ap.add_argument("--quality-epochs", type=int, default=20)
+    ap.add_argument("--skip-quality", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    work = Path(tempfile.mkdtemp(prefix="recsys-bench-tt-"))
+
+    data_root = build_dataset({"synthetic": {"size": args.size}}, work / "synthetic")
+    cfg = {"data_root": str(data_root), "epochs": args.epochs, "patience": args.epochs,
+           "batch_size": args.batch_size, "eval_phase": "validation"}
+    one = torchrun(cfg, 1, work)
+    # Same global batch with 2 processes: each takes half.
+    two = torchrun({**cfg, "batch_size": args.batch_size // 2}, 2, work)
+    loader = loader_rows_per_second(data_root, args.batch_size)
+
+    print(f"\n## Two Tower training throughput, synthetic {args.size} ({args.epochs} epochs, global batch {args.batch_size})")
+    print("| processes | samples/s (train) | peak RSS per process (MiB) | total s |")
+    print("|---|---|---|---|")
+    for r in (one, two):
+        rss = ", ".join(f"{x:.0f}" for x in r.peak_rss_mb)
+        print(f"| {r.world_size} | {r.samples_per_second:,.0f} | {rss} | {r.total_seconds:.1f} |")
+    print(f"| ratio 2 / 1 | {two.samples_per_second / one.samples_per_second:.2f} | | |")
+    print("\n## loader vs. training consumption")
+    print("| what | rows/s |")
+    print("|---|---|")
+    print(f"| StreamingDataLoader → KJT alone (1 process) | {loader:,.0f} |")
+    print(f"| training consumes (2 processes, total) | {two.samples_per_second:,.0f} |")
+    print(f"| ratio loader / training | {loader / two.samples_per_second:.1f} |")
+
+    if not args.skip_quality:
+        ml = Path(args.movielens)
+        if not (ml / "ratings.csv").is_file():
+            print(f"\n(quality part skipped: {ml} has no ratings.csv)")
+            return
+        rows = quality(ml, work, args.quality_epochs)
+        print(f"\n## test metrics on {ml.name} (full ranking, leave-last-out, train+validation items excluded)")
+        print("| model | HR@10 | NDCG@10 | HR@100 |")
+        print("|---|---|---|---|")
+        for name, m in rows:
+            print(f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@100']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
