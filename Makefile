@@ -26,13 +26,16 @@ define venv
 $$(bash scripts/bootstrap.sh)
 endef
 
-$(DAGSTER_HOME)/dagster.yaml:
-	@mkdir -p $(DAGSTER_HOME) $(STATE)/mlflow
-	@touch $@
+# The persistent instance: run retries, the one-at-a-time training pool (recsys_assets/defs/automation.py).
+define instance
+mkdir -p $(DAGSTER_HOME) $(STATE)/mlflow
+$$VENV/bin/python -c "from recsys_assets.defs.automation import write_dagster_yaml; write_dagster_yaml('$(DAGSTER_HOME)')"
+endef
 
-demo: $(DAGSTER_HOME)/dagster.yaml
+demo:
 	VENV=$(venv)
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	$(instance)
 	$$VENV/bin/dagster asset materialize -m recsys_assets.definitions --select '*' -c $(DEMO_CONFIG)
 	$$VENV/bin/python -m recsys_assets.summary
 
@@ -41,9 +44,10 @@ test:
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
 	$$VENV/bin/python -m pytest $(PYTEST_ARGS)
 
-ui: $(DAGSTER_HOME)/dagster.yaml
+ui:
 	VENV=$(venv)
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	$(instance)
 	$$VENV/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000 &
 	trap 'kill %1' EXIT
 	$$VENV/bin/dagster dev -w workspace.yaml --host 127.0.0.1 --port 3000

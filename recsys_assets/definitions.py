@@ -1,6 +1,7 @@
 """The code location: every asset, check, resource, job and schedule of recsys_assets."""
 import dagster as dg
 
+from recsys_assets.defs.automation import jobs, schedules, sensors
 from recsys_assets.defs.data_assets import data_assets
 from recsys_assets.defs.data_checks import data_checks
 from recsys_assets.defs.model_assets import model_assets
@@ -22,4 +23,7 @@ defs = dg.Definitions(
     assets=[*data_assets, *model_assets],
     asset_checks=[*data_checks],
     resources=default_resources(),
+    jobs=jobs,
+    schedules=schedules,
+    sensors=sensors,
 )

@@ -23,7 +23,7 @@ def main() -> int:
         shown = {
             k: v.value
             for k, v in md.items()
-            if isinstance(v.value, (int, float, str)) and not k.startswith("dagster/") and len(str(v.value)) < 120
+            if isinstance(v.value, (int, float, str)) and k != "path" and not k.startswith("dagster/") and len(str(v.value)) < 120
         }
         print(f"== {key.to_user_string()}")
         for k, v in shown.items():

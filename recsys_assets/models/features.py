@@ -38,6 +38,7 @@ from recsys_assets.data.schema import (
 
 USER_ID = "user_id"
 HISTORY_ITEMS = "history"
+RECENT_ITEMS = "recent_items"
 ITEM_ID = "item_id"
 ITEM_CATEGORIES = "item_categories"
 ATTR_PREFIX = "attr_"
@@ -53,9 +54,22 @@ class FeatureSpec:
     user_attributes: tuple[tuple[str, int], ...]  # (column name "attr_<name>", cardinality), sorted by name
     history_length: int  # H of the MDS rows
     max_history: int  # how many of the most recent history items the model looks at (<= H)
+    # The last `recent_items` history items (<= H) as extra query features on the item table: one bag
+    # ``recent_items`` (mean pooled) or, with `recent_slots`, one single-item feature per position
+    # (``recent_items_0`` = the most recent). Defaults describe models saved before the feature existed.
+    recent_items: int = 0
+    recent_slots: bool = False
+    use_user_id: bool = True  # the query tower reads the user-id table
 
     @classmethod
-    def from_meta(cls, meta: DatasetMeta, max_history: int | None = None) -> "FeatureSpec":
+    def from_meta(
+        cls,
+        meta: DatasetMeta,
+        max_history: int | None = None,
+        recent_items: int = 0,
+        recent_slots: bool = False,
+        use_user_id: bool = True,
+    ) -> "FeatureSpec":
         attrs = []
         for name, card in sorted(meta.user_attribute_cardinalities.items()):
             col = name if name.startswith(ATTR_PREFIX) else ATTR_PREFIX + name
@@ -69,6 +83,9 @@ class FeatureSpec:
             user_attributes=tuple(attrs),
             history_length=h,
             max_history=m,
+            recent_items=max(0, min(int(recent_items), h)),
+            recent_slots=bool(recent_slots),
+            use_user_id=bool(use_user_id),
         )
 
     @property
@@ -76,8 +93,16 @@ class FeatureSpec:
         return [col for col, _ in self.user_attributes]
 
     @property
+    def recent_keys(self) -> list[str]:
+        if self.recent_items <= 0:
+            return []
+        if self.recent_slots:
+            return [f"{RECENT_ITEMS}_{j}" for j in range(self.recent_items)]
+        return [RECENT_ITEMS]
+
+    @property
     def query_keys(self) -> list[str]:
-        return [USER_ID, HISTORY_ITEMS, *self.attribute_keys]
+        return [*([USER_ID] if self.use_user_id else []), HISTORY_ITEMS, *self.recent_keys, *self.attribute_keys]
 
     @property
     def candidate_keys(self) -> list[str]:
@@ -173,22 +198,44 @@ def _gather_ranges(flat: torch.Tensor, starts: torch.Tensor, lengths: torch.Tens
     return flat[idx]
 
 
-def history_bags(history: torch.Tensor, history_len: torch.Tensor | None, max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, lengths) of the history bags: the first `max_history` real ids of each padded row.
+def history_mask(history: torch.Tensor, history_len: torch.Tensor | None, n: int) -> torch.Tensor:
+    """bool [batch, min(n, H)]: which of the first `n` positions of each padded history row hold a real id.
 
-    A position is real iff it is < history_len (when given) AND its id is >= 0 (not PAD_ID). Id 0 is kept.
+    A position is real iff it is < history_len (when given) AND its id is >= 0 (not PAD_ID). Id 0 is real:
+    the mask is built from positions and the padding value, never from the truthiness of an id.
     """
-    history = history.long()
     if history.ndim != 2:
         raise ValueError(f"history must be [batch, H], got shape {tuple(history.shape)}")
-    h = history[:, :max_history]
-    mask = h != PAD_ID
-    mask &= h >= 0
+    h = history[:, : max(0, n)]
+    mask = (h != PAD_ID) & (h >= 0)
     if history_len is not None:
         pos = torch.arange(h.shape[1], device=h.device)
         mask &= pos[None, :] < history_len.long().reshape(-1, 1)
+    return mask
+
+
+def history_bags(history: torch.Tensor, history_len: torch.Tensor | None, max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, lengths) of the history bags: the real ids among the first `max_history` positions of each
+    padded row (see `history_mask`), in row order. Id 0 is kept."""
+    history = history.long()
+    mask = history_mask(history, history_len, max_history)
     # Real ids are a prefix of each row (most recent first, padded at the end); masked_select keeps row order.
-    return h[mask], mask.sum(dim=1)
+    return history[:, : mask.shape[1]][mask], mask.sum(dim=1)
+
+
+def recent_slots(history: torch.Tensor, history_len: torch.Tensor | None, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(values, lengths)] of k single-item bags: bag j holds the id at position j (j = 0: the most recent
+    item) where that position is real, and is empty otherwise (a short history). Id 0 is kept."""
+    history = history.long()
+    mask = history_mask(history, history_len, k)
+    out = []
+    for j in range(k):
+        if j < mask.shape[1]:
+            real = mask[:, j]
+            out.append((history[:, j][real], real.long()))
+        else:
+            out.append((history.new_zeros(0), history.new_zeros(history.shape[0])))
+    return out
 
 
 def build_kjt(
@@ -221,14 +268,24 @@ def build_kjt(
     if users is not None:
         users = users.long().reshape(-1).to(device)
         ones = torch.ones_like(users)
-        add(users, ones)
+        no_rows = torch.zeros(users.numel(), dtype=torch.long, device=device)
+        if spec.use_user_id:
+            add(users, ones)
         if history is not None:
-            hv, hl = history_bags(history.to(device), None if history_len is None else history_len.to(device), spec.max_history)
+            history = history.to(device)
+            history_len = None if history_len is None else history_len.to(device)
+            hv, hl = history_bags(history, history_len, spec.max_history)
             if hl.numel() != users.numel():
                 raise ValueError("history and users have different row counts")
             add(hv, hl)
+            if spec.recent_items > 0 and spec.recent_slots:
+                for rv, rl in recent_slots(history, history_len, spec.recent_items):
+                    add(rv, rl)
+            elif spec.recent_items > 0:
+                add(*history_bags(history, history_len, spec.recent_items))
         else:
-            add(empty, torch.zeros(users.numel(), dtype=torch.long, device=device))
+            for _ in range(1 + len(spec.recent_keys)):
+                add(empty, no_rows)
         attrs = store.user_attrs[users]
         for j in range(len(spec.user_attributes)):
             add(attrs[:, j], ones)

@@ -52,6 +52,7 @@ class TwoTowerModelConfig:
     normalize: bool = True
     temperature: float = 0.05
     learn_temperature: bool = False
+    embedding_init_scale: float | None = None  # uniform(-s, s) table init; None: TorchRec's sqrt(1/rows)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_sizes", tuple(int(s) for s in self.layer_sizes))
@@ -70,22 +71,34 @@ class TwoTowerModelConfig:
         return cls(**dict(d))
 
 
-def embedding_bag_configs(spec: FeatureSpec, embedding_dim: int) -> list[EmbeddingBagConfig]:
-    """The tables, sized on the dataset meta. Cardinalities of 0 get one (unused) row."""
-    tables = [
-        EmbeddingBagConfig(
-            name=USER_TABLE,
-            embedding_dim=embedding_dim,
-            num_embeddings=max(1, spec.num_users),
-            feature_names=[USER_ID],
-            pooling=PoolingType.SUM,
-        ),
+def embedding_bag_configs(
+    spec: FeatureSpec, embedding_dim: int, init_scale: float | None = None
+) -> list[EmbeddingBagConfig]:
+    """The tables, sized on the dataset meta. Cardinalities of 0 get one (unused) row.
+
+    init_scale: rows start uniform(-init_scale, init_scale); None = TorchRec's default sqrt(1 / rows).
+    """
+    init = {} if init_scale is None else {"weight_init_min": -float(init_scale), "weight_init_max": float(init_scale)}
+    tables = []
+    if spec.use_user_id:
+        tables.append(
+            EmbeddingBagConfig(
+                name=USER_TABLE,
+                embedding_dim=embedding_dim,
+                num_embeddings=max(1, spec.num_users),
+                feature_names=[USER_ID],
+                pooling=PoolingType.SUM,
+                **init,
+            )
+        )
+    tables += [
         EmbeddingBagConfig(
             name=ITEM_TABLE,
             embedding_dim=embedding_dim,
             num_embeddings=max(1, spec.num_items),
-            feature_names=[HISTORY_ITEMS, ITEM_ID],
+            feature_names=[HISTORY_ITEMS, *spec.recent_keys, ITEM_ID],
             pooling=PoolingType.MEAN,
+            **init,
         ),
         EmbeddingBagConfig(
             name=CATEGORY_TABLE,
@@ -93,6 +106,7 @@ def embedding_bag_configs(spec: FeatureSpec, embedding_dim: int) -> list[Embeddi
             num_embeddings=max(1, spec.num_categories),
             feature_names=[ITEM_CATEGORIES],
             pooling=PoolingType.MEAN,
+            **init,
         ),
     ]
     for col, card in spec.user_attributes:
@@ -103,6 +117,7 @@ def embedding_bag_configs(spec: FeatureSpec, embedding_dim: int) -> list[Embeddi
                 num_embeddings=max(1, card),
                 feature_names=[col],
                 pooling=PoolingType.SUM,
+                **init,
             )
         )
     return tables
@@ -110,7 +125,8 @@ def embedding_bag_configs(spec: FeatureSpec, embedding_dim: int) -> list[Embeddi
 
 def feature_to_table(spec: FeatureSpec) -> dict[str, str]:
     """One single-valued feature per table (for looking rows up through the EBC)."""
-    out = {USER_TABLE: USER_ID, ITEM_TABLE: ITEM_ID, CATEGORY_TABLE: ITEM_CATEGORIES}
+    out = {USER_TABLE: USER_ID} if spec.use_user_id else {}
+    out.update({ITEM_TABLE: ITEM_ID, CATEGORY_TABLE: ITEM_CATEGORIES})
     for col, _ in spec.user_attributes:
         out[ATTR_TABLE_PREFIX + col] = col
     return out
@@ -207,7 +223,7 @@ def build_two_tower(
     """A TwoTower; tables on `table_device` (default `device`; use "meta" before sharding)."""
     device = torch.device(device)
     ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(spec, config.embedding_dim),
+        tables=embedding_bag_configs(spec, config.embedding_dim, config.embedding_init_scale),
         device=torch.device(table_device) if table_device is not None else device,
     )
     return TwoTower(ebc, spec, config, device=device)
