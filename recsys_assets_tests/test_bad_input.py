@@ -191,7 +191,8 @@ def test_bad_run_config_is_rejected_by_dagster(data_resources, config, named):
 
 
 def test_unknown_synthetic_size(spark):
-    with pytest.raises(ValueError, match="unknown synthetic size 'huge'"):
+    """Refused by the typed config itself (before any data is generated), naming the value and the choices."""
+    with pytest.raises(ValueError, match="(?s)size.*'tiny', 'small'.*input_value='huge'"):
         _read_source(spark, RawInteractionsConfig(synthetic=SyntheticSourceConfig(size="huge")))
 
 

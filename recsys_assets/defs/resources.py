@@ -183,10 +183,13 @@ class TorchDistributorResource(ConfigurableResource):
         )
         fix_local = (not self.local_mode) and self.single_machine
         outcome: dict = {}
+        import tempfile
+
+        error_dir = tempfile.mkdtemp(prefix="recsys-rank-errors-")
 
         def target():
             try:
-                outcome["result"] = distributor.run(run_with_consistent_local_ranks, fix_local, fn, *args)
+                outcome["result"] = distributor.run(run_with_consistent_local_ranks, fix_local, error_dir, fn, *args)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
                 outcome["error"] = exc
 
@@ -222,7 +225,10 @@ class TorchDistributorResource(ConfigurableResource):
                 )
         forward_progress()
         if "error" in outcome:
-            raise RuntimeError(f"distributed training failed: {_summarize_failure(outcome['error'])}") from outcome["error"]
+            causes = "\n".join(p.read_text() for p in sorted(Path(error_dir).glob("rank*.txt")))
+            raise RuntimeError(
+                f"distributed training failed: {causes or _summarize_failure(outcome['error'])}"
+            ) from outcome["error"]
         return outcome["result"]
 
 
