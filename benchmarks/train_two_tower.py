@@ -65,12 +65,14 @@ def torchrun(config: dict, nproc: int, work: Path) -> dict:
 def loader_rows_per_second(data_root: Path, batch_size: int) -> float:
     """The training loader alone, one process: StreamingDataLoader → KJT, no model."""
     from recsys_assets.data.schema import DatasetMeta, DatasetPaths
-    from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
+    from recsys_assets.models.features import FeatureStore, batch_to_kjt
     from recsys_assets.training.common import streaming_loader
 
     paths = DatasetPaths(data_root)
     meta = DatasetMeta.load(paths.meta)
-    spec = FeatureSpec.from_meta(meta)
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig
+
+    spec = TwoTowerTrainConfig(data_root=str(data_root)).feature_spec(meta)  # the features training builds
     store = FeatureStore.load(data_root, spec)
     _, loader = streaming_loader([str(paths.mds("train"))], batch_size=batch_size, shuffle=True, seed=0)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Two Tower model + distributed training (TorchRec, 2 gloo processes on CPU).
+"""Two Tower model + distributed training (TorchRec, 2 gloo processes on CPU), incl. the recency feature.
 
 The data is the planted-structure fixture of `synthetic_mds` (items in clusters, next item mostly from the
 cluster of the previous one, long-tailed popularity), small enough that a 2-process run takes ~15 s.
@@ -27,8 +27,13 @@ pytestmark = pytest.mark.timeout(600)
 
 # Enough epochs that early stopping (patience 2) triggers and the best weights are restored. Column-wise
 # shards of width 8 put 2 column shards of every table on each rank (the harder case for gathering and for
-# restoring the best weights); the torchrun test below uses the planner's default (table-wise) choice.
+# restoring the best weights); the torchrun test below uses the planner's default (table-wise) choice and the
+# default features (user id + a recent_items bag of 1). This run takes the non-default feature paths: no user-id
+# table, and two position slots of recent items, all on the shared item table.
 TRAIN_SETTINGS = dict(
+    use_user_id=False,
+    recent_items=2,
+    recent_slots=True,
     sharding_types=["column_wise"],
     column_wise_min_partition=8,
     epochs=12,
@@ -91,11 +96,22 @@ def _most_popular_metrics(dataset, phase: str, fit_splits: tuple[str, ...]):
     return metrics_from_ranks(ranks_from_scores(scores, data.targets, data.exclude_indptr, data.exclude_indices))
 
 
+def _last_item_markov_metrics(dataset, phase: str):
+    """The sequential baseline (transition counts from the user's last fit item) on the same split."""
+    from recsys_assets.evaluation.baselines import LastItemMarkov
+    from recsys_assets.evaluation.protocol import EvalTask, evaluate
+
+    frame = dataset.splits[[USER, ITEM, "timestamp", "split"]]
+    task = EvalTask.from_splits(frame, phase, num_users=dataset.meta.num_users, num_items=dataset.meta.num_items)
+    return evaluate(LastItemMarkov().fit(task).score, task).as_dict()
+
+
 # ------------------------------------------------------------------------------------------ unit tests
 def test_kjt_keeps_id_zero_and_respects_lengths(dataset):
     from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
 
-    spec = FeatureSpec.from_meta(dataset.meta)
+    spec = FeatureSpec.from_meta(dataset.meta, recent_items=2, use_user_id=True)
+    assert spec.query_keys == ["user_id", "history", "recent_items", "attr_group", "attr_region"]
     store = FeatureStore.load(dataset.root, spec)
     h = spec.history_length
     history = torch.full((3, h), -1, dtype=torch.int32)
@@ -114,6 +130,8 @@ def test_kjt_keeps_id_zero_and_respects_lengths(dataset):
     assert d["user_id"].lengths().tolist() == [1, 1, 1, 0, 0]
     assert d["history"].values().tolist() == [0, 5, 0, 4]
     assert d["history"].lengths().tolist() == [3, 1, 0, 0, 0]
+    assert d["recent_items"].values().tolist() == [0, 5, 4]  # the 2 most recent of each row, within history_len
+    assert d["recent_items"].lengths().tolist() == [2, 1, 0, 0, 0]
     assert d["item_id"].values().tolist() == [0, 9, 2, 0, 1]
     assert d["item_id"].lengths().tolist() == [1, 1, 1, 1, 1]
     assert kjt.values().dtype == torch.int64
@@ -132,19 +150,118 @@ def test_training_batches_contain_id_zero(dataset):
 
     from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
 
-    spec = FeatureSpec.from_meta(dataset.meta)
+    spec = FeatureSpec.from_meta(dataset.meta, recent_items=1, use_user_id=True)
     store = FeatureStore.load(dataset.root, spec)
     ds = StreamingDataset(local=str(dataset.paths.mds("train")), shuffle=False, batch_size=512)
-    seen = {"user_id": False, "history": False, "item_id": False}
-    n_hist = 0
+    seen = {"user_id": False, "history": False, "recent_items": False, "item_id": False}
+    n_hist = n_recent = 0
     for batch in DataLoader(ds, batch_size=512):
         assert batch[USER].dtype == torch.int32
         d = batch_to_kjt(batch, spec, store).to_dict()
         for k in seen:
             seen[k] |= bool((d[k].values() == 0).any())
         n_hist += int(d["history"].values().numel())
+        # the recent item of every row with a history is its most recent one (column 0 of the MDS row)
+        has = batch[HISTORY_LEN] > 0
+        assert d["recent_items"].values().tolist() == batch[HISTORY][has, 0].tolist()
+        n_recent += int(has.sum())
     assert all(seen.values()), seen
-    assert n_hist == int(dataset.splits.loc[dataset.splits["split"] == "train", HISTORY_LEN].sum())
+    train = dataset.splits.loc[dataset.splits["split"] == "train"]
+    assert n_hist == int(train[HISTORY_LEN].sum())
+    assert n_recent == int((train[HISTORY_LEN] > 0).sum())
+
+
+def _histories(h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded histories (most recent first) with id 0 in the most recent position, a short history, a
+    history_len shorter than the real ids, and an empty history."""
+    history = torch.full((5, h), -1, dtype=torch.int32)
+    history[0, :3] = torch.tensor([0, 5, 3], dtype=torch.int32)  # most recent item is id 0
+    history[1, :2] = torch.tensor([7, 0], dtype=torch.int32)  # id 0 second
+    history[2, :1] = torch.tensor([0], dtype=torch.int32)  # only id 0
+    history[3, :2] = torch.tensor([4, 6], dtype=torch.int32)  # history_len 1: only [4] counts
+    history_len = torch.tensor([3, 2, 1, 1, 0], dtype=torch.int32)  # row 4: no history at all
+    return history, history_len
+
+
+def test_recent_items_carry_the_most_recent_history_item(dataset):
+    """The default recency feature: `recent_items` holds each row's most recent real history item (position
+    0), id 0 included, independently of how many items the mean-pooled history bag keeps."""
+    from recsys_assets.models.features import FeatureSpec, FeatureStore, build_kjt
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig
+
+    spec = TwoTowerTrainConfig(data_root=str(dataset.root), max_history=0).feature_spec(dataset.meta)
+    assert (spec.recent_items, spec.recent_slots, spec.use_user_id, spec.max_history) == (1, False, True, 0)
+    assert spec.query_keys == ["user_id", "history", "recent_items", "attr_group", "attr_region"]
+    store = FeatureStore.load(dataset.root, spec)
+    history, history_len = _histories(spec.history_length)
+    users = torch.tensor([0, 1, 2, 3, 0])
+    d = build_kjt(spec, store, stride=7, users=users, history=history, history_len=history_len).to_dict()
+    assert d["recent_items"].values().tolist() == [0, 7, 0, 4]
+    assert d["recent_items"].lengths().tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert d["history"].lengths().tolist() == [0] * 7  # max_history 0: no history bag, the recent item stays
+    assert d["user_id"].values().tolist() == [0, 1, 2, 3, 0]
+    no_user = FeatureSpec.from_meta(dataset.meta, recent_items=1, use_user_id=False)
+    d = build_kjt(no_user, store, stride=5, users=users, history=history, history_len=history_len).to_dict()
+    assert "user_id" not in d and d["recent_items"].values().tolist() == [0, 7, 0, 4]
+
+    # without history_len, the padding alone ends a row (row 3 then has 2 real ids; row 4 none)
+    d = build_kjt(spec, store, stride=5, users=users, history=history).to_dict()
+    assert d["recent_items"].values().tolist() == [0, 7, 0, 4]
+    assert d["recent_items"].lengths().tolist() == [1, 1, 1, 1, 0]
+
+    # position slots: recent_items_j holds the item at position j, or nothing where the history is shorter
+    slots = FeatureSpec.from_meta(dataset.meta, recent_items=3, recent_slots=True)
+    assert slots.recent_keys == ["recent_items_0", "recent_items_1", "recent_items_2"]
+    d = build_kjt(slots, store, stride=5, users=users, history=history, history_len=history_len).to_dict()
+    assert d["recent_items_0"].values().tolist() == [0, 7, 0, 4]
+    assert d["recent_items_0"].lengths().tolist() == [1, 1, 1, 1, 0]
+    assert d["recent_items_1"].values().tolist() == [5, 0]
+    assert d["recent_items_1"].lengths().tolist() == [1, 1, 0, 0, 0]
+    assert d["recent_items_2"].values().tolist() == [3]
+    assert d["recent_items_2"].lengths().tolist() == [1, 0, 0, 0, 0]
+    # k is capped at the data's history length
+    assert FeatureSpec.from_meta(dataset.meta, recent_items=99).recent_items == dataset.meta.history_length
+
+
+def test_recent_items_share_the_item_table_with_history_and_candidates(dataset):
+    """One t_item table is read by history, recent_items and item_id: the pooled recent item of a query is
+    exactly the candidate-side embedding of that item (id 0 included), and an empty recent bag pools to 0."""
+    from recsys_assets.models.features import FeatureSpec, FeatureStore, build_kjt
+    from recsys_assets.models.two_tower import TwoTowerModelConfig, build_two_tower, embedding_bag_configs
+
+    spec = FeatureSpec.from_meta(dataset.meta, recent_items=1)
+    [item_table] = [t for t in embedding_bag_configs(spec, 8) if t.name == "t_item"]
+    assert item_table.feature_names == ["history", "recent_items", "item_id"]
+    torch.manual_seed(0)
+    model = build_two_tower(spec, TwoTowerModelConfig(embedding_dim=8, layer_sizes=(8,))).eval()
+    store = FeatureStore.load(dataset.root, spec)
+    history, history_len = _histories(spec.history_length)
+    items = torch.tensor([0, 7, 0, 4, 9])  # = each row's most recent item (row 4 has none)
+    kjt = build_kjt(spec, store, stride=5, users=torch.arange(5), history=history, history_len=history_len, items=items)
+    with torch.no_grad():
+        pooled = model.pooled(kjt)
+    weight = model.ebc.embedding_bags["t_item"].weight.detach()
+    torch.testing.assert_close(pooled["recent_items"][:4], pooled["item_id"][:4])
+    torch.testing.assert_close(pooled["recent_items"][:4], weight[items[:4]])
+    assert torch.equal(pooled["recent_items"][4], torch.zeros(8))
+    # the query vector follows the most recent item: change only position 0 and it changes
+    other = history.clone()
+    other[0, 0] = 1
+    with torch.no_grad():
+        q = model.query(build_kjt(spec, store, stride=5, users=torch.arange(5), history=history, history_len=history_len))
+        q2 = model.query(build_kjt(spec, store, stride=5, users=torch.arange(5), history=other, history_len=history_len))
+    assert not torch.allclose(q[0], q2[0]) and torch.allclose(q[1:], q2[1:])
+
+
+def test_feature_spec_of_a_model_saved_before_recent_items_loads_unchanged():
+    """A feature_spec dict written before recent_items / use_user_id existed means: user id, no recent items."""
+    from recsys_assets.models.features import FeatureSpec
+
+    old = dict(num_users=5, num_items=9, num_categories=3, user_attributes=(("attr_group", 4),),
+               history_length=8, max_history=8)
+    spec = FeatureSpec(**old)
+    assert spec.query_keys == ["user_id", "history", "attr_group"]
+    assert spec.recent_items == 0 and spec.use_user_id
 
 
 def test_sampled_softmax_masks_duplicates_and_applies_logq():
@@ -188,6 +305,10 @@ def test_two_process_training_learns_and_beats_most_popular(run, dataset):
     print(f"\nvalidation HR@10: two tower {best['hr@10']:.4f} vs MostPopular {mp['hr@10']:.4f}")
     assert best["hr@10"] > mp["hr@10"] + 0.15, (best, mp)
     assert best["ndcg@10"] > mp["ndcg@10"] + 0.1, (best, mp)
+    # ... and the sequential baseline: the query tower sees the latest item (recent_items) besides the history
+    lim = _last_item_markov_metrics(dataset, "validation")
+    print(f"validation HR@10 / NDCG@10: LastItemMarkov {lim['hr@10']:.4f} / {lim['ndcg@10']:.4f}")
+    assert best["hr@10"] > lim["hr@10"] and best["ndcg@10"] > lim["ndcg@10"], (best, lim)
 
     # early stopping on ndcg@10 ran out of patience; the best epoch's weights (and metrics) were kept
     assert r0.stopped_early and r0.best_epoch < len(r0.history) - 1
@@ -196,7 +317,8 @@ def test_two_process_training_learns_and_beats_most_popular(run, dataset):
     assert r0.final_metrics == r0.history[r0.best_epoch]["metrics"]
 
     # the plan is the constrained one: every table column-wise, with shards on both ranks
-    for table in ("t_user", "t_item", "t_category", "t_attr_group", "t_attr_region"):
+    assert "t_user" not in r0.plan_text  # use_user_id=False: no user table at all
+    for table in ("t_item", "t_category", "t_attr_group", "t_attr_region"):
         lines = [x for x in r0.plan_text.splitlines() if x.strip().startswith(table + " ")]
         assert any("column_wise" in x for x in lines), r0.plan_text
         assert any("rank:0" in x for x in lines) and any("rank:1" in x for x in lines), r0.plan_text
@@ -213,8 +335,8 @@ def test_sharded_lookups_equal_gathered_tables(run, dataset):
     results, _ = run
     r = results[0]
     spec = r.spec()
+    assert spec.query_keys == ["history", "recent_items_0", "recent_items_1", "attr_group", "attr_region"]
     sizes = {
-        "t_user": spec.num_users,
         "t_item": spec.num_items,
         "t_category": spec.num_categories,
         "t_attr_group": 4,
@@ -307,6 +429,11 @@ def test_torchrun_cli_refit_on_train_and_validation_logs_to_mlflow(dataset, tmp_
     mp = _most_popular_metrics(dataset, "test", ("train", "validation"))
     print(f"test HR@10: two tower {r.final_metrics['hr@10']:.4f} vs MostPopular {mp['hr@10']:.4f}")
     assert r.final_metrics["hr@10"] > mp["hr@10"] + 0.1
+    assert r.final_metrics["hr@10"] > _last_item_markov_metrics(dataset, "test")["hr@10"]
+    # the default features: user id, history, the recent-items bag (on the shared item table), attributes
+    assert r.config["recent_items"] == 1 and r.config["use_user_id"] and not r.config["recent_slots"]
+    assert r.spec().query_keys == ["user_id", "history", "recent_items", "attr_group", "attr_region"]
+    assert "t_user" in r.lookup_check
 
     assert "table_wise" in r.plan_text  # the planner's own pick without constraints beyond TW/CW
     for table, d in r.lookup_check.items():  # table-wise gather == lookups through the sharded model

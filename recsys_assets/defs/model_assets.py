@@ -27,6 +27,8 @@ class TwoTowerConfig(dg.Config):
     layer_sizes: list[int] = Field([64, 32], description="Tower MLP sizes; the last is the vector size.")
     temperature: float = Field(0.05, gt=0)
     max_history: Optional[int] = Field(None, description="Recent items used by the query tower (≤ history_length).")
+    recent_items: int = Field(1, ge=0, description="Last k history items as their own query feature (0 = off).")
+    use_user_id: bool = Field(True, description="A per-user embedding in the query tower (overfits with few rows per user).")
     logq_correction: bool = True
     num_uniform_negatives: int = Field(0, ge=0)
     epochs: int = Field(10, ge=1)
@@ -82,6 +84,8 @@ def _train_config(config: TwoTowerConfig, data_root: str, **overrides):
         layer_sizes=tuple(config.layer_sizes),
         temperature=config.temperature,
         max_history=config.max_history,
+        recent_items=config.recent_items,
+        use_user_id=config.use_user_id,
         logq_correction=config.logq_correction,
         num_uniform_negatives=config.num_uniform_negatives,
         epochs=config.epochs,
@@ -117,6 +121,10 @@ def two_tower_model(
     torch_distributor.validate()
     mlflow.check_reachable()
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(mds_splits.path)).meta)
+    if config.recent_items > meta.history_length:
+        raise ValueError(
+            f"two_tower_model: recent_items={config.recent_items} exceeds the dataset's history_length={meta.history_length}"
+        )
     if config.max_history is not None and config.max_history > meta.history_length:
         raise ValueError(
             f"two_tower_model: max_history={config.max_history} exceeds the dataset's history_length="

@@ -7,9 +7,12 @@ encoding pass has empty query bags, and the training KJT gives its extra sampled
 query bags (`stride` = batch + extra negatives).
 
 Keys:
-- query tower: ``user_id`` (1 per row), ``history`` (the user's recent items, most recent first, 0..H per
-  row), ``attr_<name>`` (1 per row for each user attribute);
+- query tower: ``user_id`` (1 per row; only with `FeatureSpec.use_user_id`), ``history`` (the user's recent
+  items, most recent first, 0..max_history per row, mean pooled), the recency feature(s) (``recent_items``: the
+  last k items, 0..k per row; or with `recent_slots` ``recent_items_0`` .. ``recent_items_{k-1}``, the item at
+  that position, 0..1 per row; none when k = 0), ``attr_<name>`` (1 per row for each user attribute);
 - candidate tower: ``item_id`` (1 per row), ``item_categories`` (0..n per row).
+``history``, the recency feature(s) and ``item_id`` read ONE item table (see two_tower.embedding_bag_configs).
 
 Id 0 is a real id everywhere: values are selected with masks built from lengths / ``>= 0``, never from the
 truthiness of an id. Padding (-1) never reaches a KJT.

@@ -1,10 +1,12 @@
 """The Two Tower retrieval model (pure torch / TorchRec), in the shape of TorchRec's examples/retrieval:
 
 - `TwoTower`: one EmbeddingBagCollection shared by both towers + a query MLP and a candidate MLP.
-  Query tower: user id + the user's recent history (bag of item ids, MEAN pooled) + user attributes.
+  Query tower: [user id] + the user's history (bag of item ids, MEAN pooled) + the last k history items
+  (``recent_items``: their own bag, or one feature per position) + user attributes. The recency feature keeps
+  the latest item visible to the MLP: in a mean over H items it weighs 1/H, yet it drives the next choice most.
   Candidate tower: item id + the item's categories (multi-valued bag, MEAN pooled).
-  The item-id table is ONE table read by two features (``history`` and ``item_id``), so the history and the
-  candidates live in the same embedding space.
+  The item-id table is ONE table read by the history, the recency feature(s) and ``item_id``, so the past items
+  and the candidates live in the same embedding space.
 - `TwoTowerTrainTask`: in-batch sampled softmax with log-Q correction and optional extra uniform negatives.
 - `QueryEncoder` / `ItemEncoder`: inference on an unsharded model loaded from a plain state dict.
 
@@ -52,7 +54,6 @@ class TwoTowerModelConfig:
     normalize: bool = True
     temperature: float = 0.05
     learn_temperature: bool = False
-    embedding_init_scale: float | None = None  # uniform(-s, s) table init; None: TorchRec's sqrt(1/rows)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_sizes", tuple(int(s) for s in self.layer_sizes))
@@ -71,14 +72,12 @@ class TwoTowerModelConfig:
         return cls(**dict(d))
 
 
-def embedding_bag_configs(
-    spec: FeatureSpec, embedding_dim: int, init_scale: float | None = None
-) -> list[EmbeddingBagConfig]:
+def embedding_bag_configs(spec: FeatureSpec, embedding_dim: int) -> list[EmbeddingBagConfig]:
     """The tables, sized on the dataset meta. Cardinalities of 0 get one (unused) row.
 
-    init_scale: rows start uniform(-init_scale, init_scale); None = TorchRec's default sqrt(1 / rows).
+    The item table is read by ``history``, the recent-item feature(s) and ``item_id``: the user's past items and
+    the candidates share one embedding space. The user-id table exists only when `spec.use_user_id`.
     """
-    init = {} if init_scale is None else {"weight_init_min": -float(init_scale), "weight_init_max": float(init_scale)}
     tables = []
     if spec.use_user_id:
         tables.append(
@@ -88,7 +87,6 @@ def embedding_bag_configs(
                 num_embeddings=max(1, spec.num_users),
                 feature_names=[USER_ID],
                 pooling=PoolingType.SUM,
-                **init,
             )
         )
     tables += [
@@ -98,7 +96,6 @@ def embedding_bag_configs(
             num_embeddings=max(1, spec.num_items),
             feature_names=[HISTORY_ITEMS, *spec.recent_keys, ITEM_ID],
             pooling=PoolingType.MEAN,
-            **init,
         ),
         EmbeddingBagConfig(
             name=CATEGORY_TABLE,
@@ -106,7 +103,6 @@ def embedding_bag_configs(
             num_embeddings=max(1, spec.num_categories),
             feature_names=[ITEM_CATEGORIES],
             pooling=PoolingType.MEAN,
-            **init,
         ),
     ]
     for col, card in spec.user_attributes:
@@ -117,7 +113,6 @@ def embedding_bag_configs(
                 num_embeddings=max(1, card),
                 feature_names=[col],
                 pooling=PoolingType.SUM,
-                **init,
             )
         )
     return tables
@@ -223,7 +218,7 @@ def build_two_tower(
     """A TwoTower; tables on `table_device` (default `device`; use "meta" before sharding)."""
     device = torch.device(device)
     ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(spec, config.embedding_dim, config.embedding_init_scale),
+        tables=embedding_bag_configs(spec, config.embedding_dim),
         device=torch.device(table_device) if table_device is not None else device,
     )
     return TwoTower(ebc, spec, config, device=device)

@@ -65,7 +65,14 @@ class TwoTowerTrainConfig:
     normalize: bool = True
     temperature: float = 0.05
     learn_temperature: bool = False
-    max_history: int | None = None  # most recent history items used (default: all H of the data)
+    max_history: int | None = None  # most recent history items in the mean-pooled history bag (default: all H)
+    # The last `recent_items` history items as their own query feature(s) on the shared item table (0 = off):
+    # the next item of a session depends most on the latest one, which a mean over H items dilutes.
+    recent_items: int = 1
+    recent_slots: bool = False  # one feature per recent position (recent_items_0 = latest) instead of one bag
+    # A per-user embedding in the query tower. Keep it where users have many rows (MovieLens: ~160 each); with
+    # ~25-40 rows per user (the synthetic sizes) it overfits, and False scores a little better there.
+    use_user_id: bool = True
 
     # loss
     logq_correction: bool = True
@@ -129,6 +136,8 @@ class TwoTowerTrainConfig:
             raise ValueError("batch_size, epochs and patience must be positive")
         if self.num_uniform_negatives < 0:
             raise ValueError("num_uniform_negatives must be >= 0")
+        if self.recent_items < 0 or (self.max_history is not None and self.max_history < 0):
+            raise ValueError("recent_items and max_history must be >= 0")
         metric_names = {f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")}
         if self.early_stopping_metric not in metric_names:
             raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} not in {sorted(metric_names)}")
@@ -142,6 +151,18 @@ class TwoTowerTrainConfig:
             normalize=self.normalize,
             temperature=self.temperature,
             learn_temperature=self.learn_temperature,
+        )
+
+    def feature_spec(self, meta: DatasetMeta):
+        """The FeatureSpec of this run on a dataset (max_history and recent_items are capped at its H)."""
+        from recsys_assets.models.features import FeatureSpec
+
+        return FeatureSpec.from_meta(
+            meta,
+            self.max_history,
+            recent_items=self.recent_items,
+            recent_slots=self.recent_slots,
+            use_user_id=self.use_user_id,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,13 +407,13 @@ def train_two_tower(config: TwoTowerTrainConfig | Mapping[str, Any]) -> TwoTower
 
 
 def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowerTrainResult:
-    from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
+    from recsys_assets.models.features import FeatureStore, batch_to_kjt
     from recsys_assets.models.two_tower import TwoTowerTrainTask, build_two_tower, embedding_bag_configs
 
     common.seed_everything(config.seed)
     paths = DatasetPaths(Path(config.data_root))
     meta = DatasetMeta.load(paths.meta)
-    spec = FeatureSpec.from_meta(meta, config.max_history)
+    spec = config.feature_spec(meta)
     store = FeatureStore.load(paths.root, spec)
     store_dev = store.to(env.device)
     eval_data, frame = load_eval_data(paths.root, config.eval_phase, meta, spec.history_length)
