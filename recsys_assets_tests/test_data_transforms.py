@@ -262,3 +262,12 @@ def test_id_zero_survives_into_splits_and_mds(spark, tmp_path: Path):
     assert 0 in seen_users and 0 in seen_items and 0 in seen_in_history
     assert seen_users == {0, 1, 2} and seen_items == set(range(5))
     splits.unpersist()
+
+
+def test_integer_like_raw_ids_are_indexed_in_numeric_order(spark):
+    """The protocol breaks timestamp ties by item id: "10" must come after "9", as in the raw MovieLens ids."""
+    from recsys_assets.data.transforms import _contiguous_index
+
+    df = spark.createDataFrame([("10",), ("9",), ("2",), ("100",)], "item string")
+    got = {r.item: r.idx for r in _contiguous_index(df, "item", "idx").collect()}
+    assert got == {"2": 0, "9": 1, "10": 2, "100": 3}

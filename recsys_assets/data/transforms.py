@@ -101,8 +101,12 @@ class IndexedTables:
 
 
 def _contiguous_index(values: DataFrame, raw_col: str, idx_col: str) -> DataFrame:
-    """0-based contiguous ids in the order of the raw id; zipWithIndex avoids a one-partition window."""
-    distinct = values.select(F.col(raw_col)).distinct().orderBy(raw_col)
+    """0-based contiguous ids in the order of the raw id — numeric order for integer-like ids (so "10" follows
+    "9", and the protocol's (timestamp, item) tie-break matches the raw ids), string order for the rest;
+    zipWithIndex avoids a one-partition window."""
+    distinct = values.select(F.col(raw_col)).distinct().orderBy(
+        F.expr(f"try_cast(`{raw_col}` AS BIGINT)").asc_nulls_last(), F.col(raw_col)
+    )
     spark = values.sparkSession
     rdd = distinct.rdd.zipWithIndex().map(lambda row_i: (row_i[0][0], int(row_i[1])))
     return spark.createDataFrame(
