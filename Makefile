@@ -42,6 +42,7 @@ demo:
 test:
 	VENV=$(venv)
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	bash scripts/install_browser.sh || true  # chromium for test_ui_browser.py; never fails the tests
 	$$VENV/bin/python -m pytest $(PYTEST_ARGS)
 
 ui:

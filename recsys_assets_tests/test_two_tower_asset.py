@@ -64,6 +64,11 @@ def test_two_tower_asset_links_to_a_finished_mlflow_run(materialized):
     # Per-epoch history: one loss value per epoch of the validation phase.
     losses = MlflowClient(tracking_uri=tracking).get_metric_history(run_id, "train_loss")
     assert len(losses) >= 2
+    # Training curves: inline in the metadata, in the published folder and among the MLflow run's artifacts.
+    assert md["training_curves"].count("](data:image/png;base64,") == 2  # validation run + refit run
+    assert Path(md["training_curves_path"]).is_file()
+    plots = {a.path for a in MlflowClient(tracking_uri=tracking).list_artifacts(run_id, "plots")}
+    assert plots == {"plots/training_curves.png", "plots/training_curves_refit.png"}
 
 
 def test_training_learns_the_planted_structure(materialized):

@@ -17,10 +17,12 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def publish_folder(destination: str | Path, *, keep_versions: int = 3) -> Iterator[Path]:
+def publish_folder(destination: str | Path, *, keep_versions: int = 3, point_latest: bool = True) -> Iterator[Path]:
     """Yields a temporary folder; on success renames it to `destination` and points ``latest`` at it.
 
-    On any exception the temporary folder is removed and `destination` (if it existed) is untouched."""
+    On any exception the temporary folder is removed and `destination` (if it existed) is untouched.
+    For a plain output folder (not a version folder among siblings, e.g. a CLI's ``--out``) pass
+    ``keep_versions=0, point_latest=False``: no ``latest`` link and no pruning of the parent folder."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -38,7 +40,8 @@ def publish_folder(destination: str | Path, *, keep_versions: int = 3) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _point_latest(destination)
+    if point_latest:
+        _point_latest(destination)
     _prune(destination.parent, keep_versions)
 
 

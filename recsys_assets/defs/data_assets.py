@@ -119,6 +119,7 @@ def _read_source(spark, config: RawInteractionsConfig) -> sources.RawTables:
 @dg.asset(
     group_name=DATA_GROUP,
     kinds={"spark", "parquet"},
+    tags={"stage": "ingest"},
     description="The source interaction table (synthetic, MovieLens or any table), in one raw schema.",
 )
 def raw_interactions(
@@ -167,6 +168,7 @@ def raw_interactions(
 @dg.asset(
     group_name=DATA_GROUP,
     kinds={"spark", "parquet"},
+    tags={"stage": "clean"},
     description="Cleaned interactions with contiguous 0-based user/item ids, plus item and user feature tables.",
 )
 def interactions(
@@ -236,6 +238,7 @@ def interactions(
 @dg.asset(
     group_name=DATA_GROUP,
     kinds={"spark", "parquet"},
+    tags={"stage": "split"},
     description="Temporal leave-last-out splits; every row carries the user's history before it.",
 )
 def interaction_splits(
@@ -272,6 +275,7 @@ def interaction_splits(
 @dg.asset(
     group_name=DATA_GROUP,
     kinds={"spark", "mosaicml"},
+    tags={"stage": "dataset"},
     description="The training dataset: train/validation/test as Mosaic Streaming MDS, feature tables, meta.json.",
 )
 def mds_splits(

@@ -14,6 +14,7 @@ from pydantic import Field
 from recsys_assets.data import schema as S
 from recsys_assets.data.publish import publish_folder
 from recsys_assets.defs.data_assets import PublishedFolder, mds_splits
+from recsys_assets.defs.plots import image_markdown, log_png_to_mlflow, training_curves_png
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
 RETRIEVAL_GROUP = "retrieval"
@@ -39,6 +40,10 @@ class TwoTowerConfig(dg.Config):
     seed: int = 0
     refit_on_validation: bool = Field(
         True, description="Refit on train+validation for the best epoch count (the protocol's test report)."
+    )
+    checkpoint_every_n_steps: int = Field(
+        0, ge=0, description="Also checkpoint every N global steps (0: at epoch ends only). A retry of a failed "
+        "run resumes from the latest checkpoint of its root run; they are deleted once the asset succeeds.",
     )
 
 
@@ -101,6 +106,7 @@ def _train_config(config: TwoTowerConfig, data_root: str, **overrides):
 @dg.asset(
     group_name=RETRIEVAL_GROUP,
     kinds={"pytorch", "torchrec", "mlflow", "spark"},
+    tags={"stage": "train", "model": "two_tower"},
     pool=TRAINING_POOL,
     description="Two Tower retrieval model (TorchRec, sharded embeddings) trained by TorchDistributor; "
     "early-stopped on validation NDCG@10, refit on train+validation; recorded in MLflow.",
@@ -130,10 +136,18 @@ def two_tower_model(
             f"two_tower_model: max_history={config.max_history} exceeds the dataset's history_length="
             f"{meta.history_length} (re-materialize interaction_splits with a longer history)"
         )
+    from recsys_assets.data.mds import validate_mds
+    from recsys_assets.training.two_tower import TRAIN_MDS_COLUMNS
+
+    for split in ("train", "validation"):  # corrupt / truncated shards fail here, before MLflow and Spark
+        validate_mds(S.DatasetPaths(Path(mds_splits.path)).mds(split), columns=TRAIN_MDS_COLUMNS)
+    # Checkpoints are keyed by the ROOT run: a retry (re-execution) of a failed run finds and resumes them.
+    root_run_id = context.run.root_run_id or context.run_id
+    checkpoints = state.resolved_root() / "checkpoints" / "two_tower_model" / root_run_id
     run_id = mlflow.start_run(
         run_name=f"two_tower_model-{context.run_id[:8]}",
         tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
-              "model": "two_tower"},
+              "model": "two_tower", "dagster.root_run_id": root_run_id, "checkpoint_dir": str(checkpoints)},
     )
     client = mlflow.client()
     dest = state.asset_dir("two_tower_model", context.run_id)
@@ -150,11 +164,15 @@ def two_tower_model(
                 progress_file=str(tmp / "progress.jsonl"),
             )
             t0 = time.time()
+            common.update(resume="auto", checkpoint_every_n_steps=config.checkpoint_every_n_steps)
             selection = torch_distributor.run(
                 context, spark, train_two_tower,
-                _train_config(config, mds_splits.path, eval_phase="validation", **common),
+                _train_config(config, mds_splits.path, eval_phase="validation",
+                              checkpoint_dir=str(checkpoints / "validation"), **common),
                 progress_file=tmp / "progress.jsonl", on_progress=progress_logger(context, "two_tower"),
             )
+            if selection.resumed_from_step is not None:
+                context.log.info(f"validation phase resumed from step {selection.resumed_from_step} ({selection.resumed_from})")
             context.log.info(f"validation phase: best epoch {selection.best_epoch}, {selection.final_metrics}")
             final = selection
             if config.refit_on_validation:
@@ -162,7 +180,7 @@ def two_tower_model(
                 final = torch_distributor.run(
                     context, spark, train_two_tower,
                     _train_config(config, mds_splits.path, eval_phase="test", mlflow_prefix="refit_",
-                                  epochs=selection.best_epoch + 1, **common),
+                                  epochs=selection.best_epoch + 1, checkpoint_dir=str(checkpoints / "test"), **common),
                     progress_file=tmp / "progress.jsonl", on_progress=progress_logger(context, "two_tower"),
                 )
             train_seconds = time.time() - t0
@@ -170,12 +188,27 @@ def two_tower_model(
                 {"state_dict": final.state_dict, "model_config": final.model_config, "feature_spec": final.feature_spec},
                 tmp / "model.pt",
             )
+            # The train-only fit (the validation phase's best epoch): the ranker's training candidates come from
+            # it, so no model that saw validation rows proposes them.
+            torch.save(
+                {"state_dict": selection.state_dict, "model_config": selection.model_config,
+                 "feature_spec": selection.feature_spec},
+                tmp / "model_validation.pt",
+            )
             (tmp / "plan.txt").write_text(final.plan_text)
             (tmp / "result.json").write_text(json.dumps({
                 "validation": selection.final_metrics, "test": final.final_metrics if final is not selection else None,
                 "best_epoch": selection.best_epoch, "history_validation": selection.history,
                 "history_refit": final.history if final is not selection else None,
             }, indent=2, default=float))
+            curves = {"validation": training_curves_png(selection.history, tmp / "training_curves.png",
+                                                        "two_tower: train loss, validation metrics")}
+            if final is not selection:
+                curves["refit"] = training_curves_png(final.history, tmp / "training_curves_refit.png",
+                                                      "two_tower refit (train+validation): test metrics")
+            for png in curves.values():
+                log_png_to_mlflow(mlflow.resolved_tracking_uri(), run_id, png)
+            curves_md = "\n\n".join(f"**{k}**\n\n{image_markdown(png, f'two_tower {k} curves')}" for k, png in curves.items())
             model = final.load_model()
             _log_model(mlflow, run_id, model)
             summary = {"validation (fit train)": selection.final_metrics}
@@ -189,6 +222,9 @@ def two_tower_model(
         mlflow.end_run(run_id, failed=exc)
         raise
     mlflow.end_run(run_id)
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)  # published: nothing left to resume
     metadata = {
         "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
         "mlflow_run_id": run_id,
@@ -199,7 +235,12 @@ def two_tower_model(
         "samples_per_second": float(selection.samples_per_second),
         "train_seconds": float(train_seconds),
         "world_size": selection.world_size,
+        "checkpoint_dir": dg.MetadataValue.path(str(checkpoints)),
+        "resumed_from_step": dg.MetadataValue.json({"validation": selection.resumed_from_step,
+                                                    "test": final.resumed_from_step if final is not selection else None}),
         "sharding_plan": dg.MetadataValue.md(f"```\n{final.plan_text}\n```"),
+        "training_curves": dg.MetadataValue.md(curves_md),
+        "training_curves_path": dg.MetadataValue.path(str(dest / "training_curves.png")),
     }
     for phase, metrics in summary.items():
         tag = "validation" if phase.startswith("validation") else "test"
@@ -223,14 +264,19 @@ def _log_model(tracking: MLflowResource, run_id: str, model) -> None:
         )
 
 
-def load_trained_two_tower(model: TrainedModel):
-    """The unsharded TwoTower from a published model folder (weights_only: no arbitrary unpickling)."""
+def load_trained_two_tower(model: TrainedModel, phase: str = "test"):
+    """The unsharded TwoTower from a published model folder (weights_only: no arbitrary unpickling).
+
+    phase "test": the served model (refit on train + validation); "validation": the train-only fit."""
     import torch
 
     from recsys_assets.models.features import FeatureSpec
     from recsys_assets.models.two_tower import TwoTowerModelConfig, load_two_tower
 
-    blob = torch.load(Path(model.path) / "model.pt", weights_only=True)
+    files = {"test": "model.pt", "validation": "model_validation.pt"}
+    if phase not in files:
+        raise ValueError(f"phase must be one of {sorted(files)}, got {phase!r}")
+    blob = torch.load(Path(model.path) / files[phase], weights_only=True)
     spec_dict = dict(blob["feature_spec"])
     spec_dict["user_attributes"] = tuple(tuple(x) for x in spec_dict["user_attributes"])
     spec = FeatureSpec(**spec_dict)
@@ -240,6 +286,7 @@ def load_trained_two_tower(model: TrainedModel):
 @dg.asset(
     group_name=RETRIEVAL_GROUP,
     kinds={"pytorch", "numpy"},
+    tags={"stage": "index", "model": "two_tower"},
     description="Every item through the candidate tower: item_vectors.npy (row i = item id i) + item_ids.npy.",
 )
 def item_embeddings(

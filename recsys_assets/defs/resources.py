@@ -225,7 +225,17 @@ class TorchDistributorResource(ConfigurableResource):
                 )
         forward_progress()
         if "error" in outcome:
-            causes = "\n".join(p.read_text() for p in sorted(Path(error_dir).glob("rank*.txt")))
+            files = sorted(Path(error_dir).glob("rank*.txt"))
+            causes = "\n".join(p.read_text() for p in files)
+            # A rank killed (SIGKILL, OOM, os._exit) writes no error file; the others then fail in a collective
+            # ("Connection reset by peer"), which would hide it: name the ranks that died first.
+            errored = {p.stem[len("rank"):] for p in files}
+            silent = sorted(p.name[len("started"):] for p in Path(error_dir).glob("started*")
+                            if p.name[len("started"):] not in errored)
+            if silent:
+                died = (f"rank(s) {', '.join(silent)} ended without a Python error (killed, out of memory or "
+                        f"os._exit; once one rank dies, torchrun also terminates the others)")
+                causes = f"{died}; errors of the other ranks:\n{causes}" if causes else died
             raise RuntimeError(
                 f"distributed training failed: {causes or _summarize_failure(outcome['error'])}"
             ) from outcome["error"]

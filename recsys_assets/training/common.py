@@ -38,6 +38,30 @@ CPU_SHARDING_TYPES = ("table_wise", "column_wise")
 GPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 
 
+# ---------------------------------------------------------------------------------------------- configs
+class JsonConfig:
+    """Mixin for the trainers' dataclass configs: JSON round trip (tuples as lists); unknown fields refused."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
 # --------------------------------------------------------------------------------------------- process group
 @dataclasses.dataclass(frozen=True)
 class DistEnv:

@@ -15,6 +15,8 @@ def run_with_consistent_local_ranks(single_machine_non_local: bool, error_dir: s
     if single_machine_non_local:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("WORLD_SIZE", "1")
         os.environ["LOCAL_RANK"] = os.environ.get("RANK", "0")
+    if error_dir:  # lets the launcher name a rank that dies without a Python error (SIGKILL, OOM, os._exit)
+        Path(error_dir, f"started{os.environ.get('RANK', '?')}").touch()
     try:
         return fn(*args)
     except BaseException as exc:

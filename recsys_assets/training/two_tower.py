@@ -15,6 +15,12 @@ weights are restored and returned as an unsharded state dict (gathered to rank 0
 (the refit on train + validation): no selection on test metrics by default (`early_stopping` and
 `restore_best` default to off there): exactly `epochs` epochs (take the best validation epoch count + 1), the
 last epoch's weights are returned and the per-epoch test metrics are only reported.
+
+Checkpoints (`checkpoint_dir`, recsys_assets.training.checkpoint): sharded DCP state + each rank's loader
+position and RNG + trainer state at every epoch end and every `checkpoint_every_n_steps` steps; with
+`resume` "auto" (default) a relaunch with the same folder continues at the step it stopped (mid-epoch too, on
+any number of processes) and reports it as `resumed_from_step`. Inputs are checked first
+(`validate_training_inputs`: MDS shard files and columns, history length, ids within the table sizes).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +43,7 @@ from recsys_assets.data.schema import (
     HISTORY,
     HISTORY_LEN,
     ITEM,
+    MDS_COLUMNS,
     SPLIT,
     SPLITS,
     TIMESTAMP,
@@ -43,7 +51,7 @@ from recsys_assets.data.schema import (
     DatasetMeta,
     DatasetPaths,
 )
-from recsys_assets.training import common
+from recsys_assets.training import checkpoint, common
 from recsys_assets.training.common import DistEnv
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,7 @@ FIT_SPLITS_OF_PHASE = {"validation": ("train",), "test": ("train", "validation")
 
 
 @dataclasses.dataclass
-class TwoTowerTrainConfig:
+class TwoTowerTrainConfig(common.JsonConfig):
     """All settings of one training run (JSON-able: `to_json` / `from_json`)."""
 
     data_root: str  # dataset folder (schema.DatasetPaths)
@@ -112,6 +120,16 @@ class TwoTowerTrainConfig:
     mlflow_prefix: str = ""
     progress_file: str | None = None
 
+    # checkpoints / resume (recsys_assets.training.checkpoint): sharded DCP state + loader/RNG/trainer state,
+    # written every `checkpoint_every_n_steps` global steps (0 = off) and at every epoch end.
+    checkpoint_dir: str | None = None
+    checkpoint_every_n_steps: int = 0
+    checkpoint_keep: int = 2
+    # True: resume from the latest checkpoint in checkpoint_dir, a clear error if there is none; "auto": resume
+    # if there is one (a relaunch with the same checkpoint_dir continues where it stopped); False: start fresh.
+    resume: bool | str = "auto"
+    validate_data: bool = True  # cheap checks of MDS files, columns and id ranges before building the model
+
     def __post_init__(self) -> None:
         if self.eval_phase not in FIT_SPLITS_OF_PHASE:
             raise ValueError(f"eval_phase must be one of {sorted(FIT_SPLITS_OF_PHASE)}, got {self.eval_phase!r}")
@@ -138,6 +156,10 @@ class TwoTowerTrainConfig:
             raise ValueError("num_uniform_negatives must be >= 0")
         if self.recent_items < 0 or (self.max_history is not None and self.max_history < 0):
             raise ValueError("recent_items and max_history must be >= 0")
+        if self.resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
+        if self.checkpoint_every_n_steps < 0 or self.checkpoint_keep < 1:
+            raise ValueError("checkpoint_every_n_steps must be >= 0 and checkpoint_keep >= 1")
         metric_names = {f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")}
         if self.early_stopping_metric not in metric_names:
             raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} not in {sorted(metric_names)}")
@@ -164,25 +186,6 @@ class TwoTowerTrainConfig:
             recent_slots=self.recent_slots,
             use_user_id=self.use_user_id,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TwoTowerTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TwoTowerTrainConfig fields: {sorted(unknown)}")
-        return cls(**dict(d))
-
-    @classmethod
-    def from_json(cls, text: str) -> "TwoTowerTrainConfig":
-        return cls.from_dict(json.loads(text))
 
 
 @dataclasses.dataclass
@@ -226,6 +229,13 @@ class TwoTowerTrainResult:
     peak_rss_mb: list[float]
     lookup_check: dict[str, dict[str, torch.Tensor]]
     total_seconds: float
+    # resume: the global step / folder this launch continued from (None: started fresh), and rows looked up
+    # through the sharded model right after loading the checkpoint (as `lookup_check`)
+    resumed_from_step: int | None = None
+    resumed_from: str | None = None
+    resume_check: dict[str, dict[str, torch.Tensor]] | None = None
+    checkpoint_dir: str | None = None
+    global_steps: int = 0
 
     def spec(self):
         from recsys_assets.models.features import FeatureSpec
@@ -388,6 +398,65 @@ def _sampling_log_q(counts: np.ndarray, batch_size: int, num_negatives: int, num
     return torch.from_numpy(np.log(np.maximum(expected, 1e-12))).float()
 
 
+# ------------------------------------------------------------------------------------- input validation
+# The MDS columns the training loop reads, with the encodings the Spark side writes (schema.MDS_COLUMNS).
+TRAIN_MDS_COLUMNS = {c: MDS_COLUMNS[c] for c in (USER, ITEM, HISTORY, HISTORY_LEN)}
+
+
+def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, meta: DatasetMeta) -> None:
+    """Cheap checks before any model is built (every rank runs them, so all fail together):
+    each fit split's MDS files against its index.json (sizes, recorded hashes) and columns; the config's
+    history settings against the dataset's history_length; the ids in the splits against the table sizes
+    of meta.json (an id >= num_items would index past its embedding table)."""
+    import pyarrow.parquet as pq
+
+    from recsys_assets.data.mds import validate_mds
+
+    for split in config.fit_splits:
+        validate_mds(paths.mds(split), columns=TRAIN_MDS_COLUMNS)
+    if config.max_history is not None and config.max_history > meta.history_length:
+        raise ValueError(
+            f"max_history={config.max_history} exceeds the dataset's history_length={meta.history_length} "
+            f"({paths.meta}); re-materialize the splits with a longer history or lower max_history"
+        )
+    table = pq.read_table(paths.splits, columns=[USER, ITEM])
+    for column, size, what in ((ITEM, meta.num_items, "num_items"), (USER, meta.num_users, "num_users")):
+        values = table.column(column).to_numpy()
+        if len(values) == 0:
+            raise ValueError(f"the splits in {paths.splits} are empty")
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= size:
+            raise ValueError(
+                f"{column} ids in {paths.splits} span [{lo}, {hi}] but meta.json says {what}={size}: the "
+                f"embedding table would be too small (ids must be in [0, {size}))"
+            )
+
+
+# Settings a checkpoint must agree on to be resumed (others, e.g. epochs or the MLflow run, may change).
+RESUME_KEYS = ("data_root", "eval_phase", "fit_splits", "embedding_dim", "layer_sizes", "normalize",
+               "learn_temperature", "max_history", "recent_items", "recent_slots", "use_user_id",
+               "sparse_optimizer", "num_uniform_negatives")
+
+
+def _check_resume_compatible(config: TwoTowerTrainConfig, saved: Mapping[str, Any], path: Path) -> None:
+    now = config.to_dict()
+    diff = {k: (saved.get(k), now.get(k)) for k in RESUME_KEYS if k in saved and saved.get(k) != now.get(k)}
+    if diff:
+        raise ValueError(f"checkpoint {path} was written with other settings (saved, now): {diff}; "
+                         f"use another checkpoint_dir or resume=False")
+
+
+FAULT_ENV = "RECSYS_TEST_FAULT_EXIT"  # tests only: "<rank>:<global step>" -> that rank os._exit()s there
+
+
+def _fault_injection(env: DistEnv) -> int | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    rank, step = (int(x) for x in spec.split(":"))
+    return step if rank == env.rank else None
+
+
 def train_two_tower(config: TwoTowerTrainConfig | Mapping[str, Any]) -> TwoTowerTrainResult:
     """Train on `config.fit_splits`, evaluate `config.eval_phase` each epoch; see the module docstring.
 
@@ -413,6 +482,10 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
     common.seed_everything(config.seed)
     paths = DatasetPaths(Path(config.data_root))
     meta = DatasetMeta.load(paths.meta)
+    if config.validate_data:
+        validate_training_inputs(config, paths, meta)
+    # an explicit resume without a checkpoint fails here, before any expensive work
+    resume_path = checkpoint.resolve_resume(config.checkpoint_dir, config.resume)
     spec = config.feature_spec(meta)
     store = FeatureStore.load(paths.root, spec)
     store_dev = store.to(env.device)
@@ -464,17 +537,75 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
         epoch_size=config.epoch_size,
     )
     neg_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + env.rank)
+    generators = {"negatives": neg_gen}
 
     history: list[dict[str, Any]] = []
     best_value, best_epoch, best_snapshot, bad_epochs = -math.inf, -1, None, 0
     stopped_early = False
     train_seconds_total, samples_total = 0.0, 0
     n_neg = config.num_uniform_negatives
+    start_epoch, global_step = 0, 0
+    partial = [0.0, 0.0, 0.0, 0.0]  # global loss sum, samples, steps, seconds of a resumed mid-epoch
+    best_checkpoint: str | None = None  # the checkpoint holding the best epoch's weights (pinned)
+    manager = None
+    if config.checkpoint_dir:
+        manager = checkpoint.CheckpointManager(
+            config.checkpoint_dir, env, every_n_steps=config.checkpoint_every_n_steps, keep=config.checkpoint_keep
+        )
+    resumed_from_step, resume_check = None, None
+    if resume_path is not None:
+        loaded = manager.load(resume_path, model=dmp, optimizer=optimizer, loader=loader, generators=generators)
+        st = loaded.trainer_state
+        _check_resume_compatible(config, st.get("config", {}), resume_path)
+        start_epoch, global_step = int(st["epoch"]), int(loaded.step)
+        history = list(st["history"])
+        best_value = float(st["best_value"]) if st["best_value"] is not None else -math.inf
+        best_epoch, bad_epochs, best_checkpoint = int(st["best_epoch"]), int(st["bad_epochs"]), st["best_checkpoint"]
+        stopped_early = bool(st["stopped_early"])
+        train_seconds_total, samples_total = float(st["train_seconds_total"]), int(st["samples_total"])
+        partial = [float(x) for x in st["partial_epoch"]]
+        if start_epoch > config.epochs:
+            raise ValueError(
+                f"checkpoint {resume_path} is at epoch {start_epoch}, beyond this run's epochs={config.epochs}"
+            )
+        resumed_from_step = global_step
+        resume_check = sharded_lookup_sample(sharded_tower, spec, env, config.lookup_check_ids)
+        if env.is_main:
+            print(f"[two_tower] resumed from {resume_path} (step {global_step}, epoch {start_epoch}, "
+                  f"saved by {loaded.saved_world_size} process(es))", flush=True)
+        reporter.event({"event": "resume", "step": global_step, "epoch": start_epoch, "path": str(resume_path),
+                        "saved_world_size": loaded.saved_world_size, "phase": config.eval_phase})
+
+    def trainer_state(next_epoch: int, partial_sums: Sequence[float]) -> dict[str, Any]:
+        return {
+            "epoch": next_epoch,  # the epoch to run (mid-epoch: the current one)
+            "history": history,
+            "best_value": best_value if best_epoch >= 0 else None,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "best_checkpoint": best_checkpoint,
+            "stopped_early": stopped_early,
+            "train_seconds_total": train_seconds_total,
+            "samples_total": samples_total,
+            "partial_epoch": [float(x) for x in partial_sums],
+            "world_size": env.world_size,
+            "config": config.to_dict(),
+        }
+
+    fault = _fault_injection(env)
+    done = stopped_early or (config.early_stopping and bad_epochs >= config.patience)
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
+            if done:
+                break
             dmp.train()
             t0 = time.time()
             loss_sum, steps, samples = 0.0, 0, 0
+            seconds_before = 0.0
+            if epoch == start_epoch and env.is_main:  # what a resumed mid-epoch had done (global; rank 0 holds it)
+                loss_sum, samples, steps = partial[0], int(partial[1]), int(partial[2])
+            if epoch == start_epoch:
+                seconds_before = partial[3]
             for batch in loader:
                 b = int(batch[ITEM].shape[0])
                 extra = torch.randint(spec.num_items, (n_neg,), generator=neg_gen) if n_neg else None
@@ -491,7 +622,21 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
                 loss_sum += float(loss.detach()) * b
                 steps += 1
                 samples += b
-            train_s = time.time() - t0
+                global_step += 1
+                if manager is not None and manager.due(global_step):
+                    lstate = loader.state_dict()
+                    # the epoch's last batch: the end-of-epoch checkpoint follows (after evaluation)
+                    if lstate is None or int(lstate["sample_in_epoch"]) < int(dataset.epoch_size):
+                        sums = common.all_reduce_sum([loss_sum, samples, steps], env)
+                        manager.save(
+                            global_step, model=dmp, optimizer=optimizer, loader_state=lstate,
+                            trainer_state=trainer_state(epoch, [*sums, seconds_before + time.time() - t0]),
+                            generators=generators, pinned=[best_checkpoint] if best_checkpoint else [],
+                        )
+                if fault is not None and global_step == fault:
+                    print(f"[two_tower] fault injection: rank {env.rank} exits at step {global_step}", flush=True)
+                    os._exit(17)
+            train_s = seconds_before + time.time() - t0
             loss_sum_g, samples_g, steps_g = common.all_reduce_sum([loss_sum, samples, steps], env)
             train_seconds_total += train_s
             samples_total += int(samples_g)
@@ -515,6 +660,7 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
                 best_value, best_epoch, bad_epochs = value, epoch, 0
                 if config.restore_best:
                     best_snapshot = common.snapshot_local_state(dmp)
+                    best_checkpoint = checkpoint.checkpoint_name(global_step) if manager is not None else None
             else:
                 bad_epochs += 1
             reporter.log_epoch(
@@ -537,15 +683,30 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
                 )
             if config.early_stopping and bad_epochs >= config.patience:
                 stopped_early = epoch < config.epochs - 1
-                break
+                done = True
+            if manager is not None:
+                lstate = loader.state_dict()
+                manager.save(
+                    global_step, model=dmp, optimizer=optimizer,
+                    loader_state=checkpoint.next_epoch_loader_state(lstate) if lstate is not None else None,
+                    trainer_state=trainer_state(epoch + 1, [0.0, 0.0, 0.0, 0.0]),
+                    generators=generators, pinned=[best_checkpoint] if best_checkpoint else [],
+                )
     finally:
         del loader, dataset
 
+    if not history:
+        raise RuntimeError("no epoch was trained (epochs=0 or a checkpoint without history)")
     # the best epoch's weights back into the sharded model; evaluate them again (what we return)
     if not config.restore_best:
         best_epoch = history[-1]["epoch"]  # the returned weights are the last epoch's
     if best_epoch != history[-1]["epoch"]:
-        common.restore_local_state(dmp, best_snapshot)
+        if best_snapshot is not None:
+            common.restore_local_state(dmp, best_snapshot)
+        elif manager is not None and best_checkpoint:  # the best epoch was before this launch resumed
+            manager.load_model(Path(config.checkpoint_dir) / best_checkpoint, dmp)
+        else:
+            raise RuntimeError(f"the weights of the best epoch {best_epoch} are not available to restore")
         final_metrics = evaluate_sharded(sharded_tower, spec, store_dev, eval_data, env, config.eval_batch_size, config.ks)
     else:
         final_metrics = dict(history[-1]["metrics"])
@@ -575,6 +736,11 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
             peak_rss_mb=[float(x) for x in rss],
             lookup_check=lookup,
             total_seconds=time.time() - t_start,
+            resumed_from_step=resumed_from_step,
+            resumed_from=str(resume_path) if resume_path is not None else None,
+            resume_check=resume_check,
+            checkpoint_dir=config.checkpoint_dir,
+            global_steps=global_step,
         )
         reporter.event(
             {

@@ -1,0 +1,353 @@
+"""The Criteo display-advertising layout (Kaggle DAC / Terabyte click logs) → DLRM training data.
+
+Input: text files of tab-separated lines, 40 fields each, no header:
+``label \\t int_0 … int_12 \\t cat_0 … cat_25`` — label 0/1, 13 integer counts (may be negative, e.g. -1),
+26 categorical values hashed to 8 hex characters. Any field except the label may be empty (missing).
+
+Steps (Spark only, no torch):
+
+- `read_criteo` parses and validates the lines → ``label`` (float), ``int_0..int_12`` (bigint, missing → null),
+  ``cat_0..cat_25`` (string, missing → null) and ``row_index`` (bigint, 0-based position in the input: files
+  in the order given, lines in file order; the Kaggle file is ordered by time).
+  A malformed line (not 40 tab-separated fields, a label other than ``0``/``1``, an integer field that is not
+  an integer) is **refused by default** (``bad_lines="fail"``): `DataValidationError` naming the file, how many
+  lines are bad out of how many, and the first ones with their line numbers. ``bad_lines="drop"`` drops them
+  and reports the count in `CriteoRead` (and in ``meta.json``).
+- `criteo_features`: the standard DLRM preprocessing — ``dense`` = 13 × ``log(1 + max(x, 0))`` with missing → 0
+  (float32), and ``cat_i`` = ``1 + pmod(xxhash64(value), n_i - 1)`` (Spark's xxhash64, seed 42: stable across
+  runs, machines and partitionings), so ids fall in ``[1, n_i)``; **id 0 is reserved for a missing value**.
+- `split_criteo`: by row order (default: the first 80 % train, next 10 % validation, last 10 % test — a
+  forward-in-time split) or random (seeded).
+- `write_criteo_dataset`: train as MDS (``label`` float32, ``dense`` ndarray:float32, ``cat_*`` int32), validation
+  and test as Parquet (``dense`` as list<float>), and ``meta.json`` with the layout that `DLRMTrainConfig` takes
+  (one table per categorical feature), row counts and the dense feature count; published atomically (written
+  into a hidden folder beside ``out_dir``, then renamed).
+
+CLI: ``python -m recsys_assets.data.criteo --input train.txt --out DIR [--num-embeddings 100000]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from recsys_assets.data.errors import DataValidationError
+
+NUM_INT = 13
+NUM_CAT = 26
+NUM_FIELDS = 1 + NUM_INT + NUM_CAT
+INT_COLUMNS = [f"int_{i}" for i in range(NUM_INT)]
+CAT_COLUMNS = [f"cat_{i}" for i in range(NUM_CAT)]
+LABEL = "label"
+DENSE = "dense"
+ROW_INDEX = "row_index"
+MISSING_ID = 0  # the embedding row of a missing categorical value
+DEFAULT_NUM_EMBEDDINGS = 100_000
+SPLITS = ("train", "validation", "test")
+MDS_COLUMNS = {LABEL: "float32", DENSE: "ndarray:float32", **{c: "int32" for c in CAT_COLUMNS}}
+_INT_RE = r"^-?[0-9]{1,18}$"
+
+
+@dataclasses.dataclass
+class CriteoRead:
+    df: DataFrame  # label, int_*, cat_*, row_index
+    rows: int  # good rows (the ones in df)
+    lines: int  # lines read
+    bad_lines: int  # malformed lines (dropped; with bad_lines="fail" this is 0 or read_criteo raised)
+    bad_examples: list[str]  # "file:line: problem" for the first few malformed lines
+    files: list[str]
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def _input_files(path: str | Path | Sequence[str | Path]) -> list[str]:
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    files: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith((".", "_")))
+            if not found:
+                raise DataValidationError(f"criteo source: folder {str(p)!r} holds no files")
+            files += [os.path.abspath(x) for x in found]
+        elif p.is_file():
+            files.append(os.path.abspath(p))
+        else:
+            raise DataValidationError(f"criteo source: path {str(p)!r} does not exist")
+    return files
+
+
+def _problem(fields: F.Column) -> F.Column:
+    """Null for a good line, else a short description of what is wrong with it."""
+    n = F.size(fields)
+    label = fields.getItem(0)
+    bad_int = F.filter(
+        F.slice(fields, 2, NUM_INT), lambda v: (v != F.lit("")) & ~v.rlike(_INT_RE)
+    )
+    return (
+        F.when(n != NUM_FIELDS, F.format_string(f"%d tab-separated fields, expected {NUM_FIELDS}", n))
+        .when(~label.isin("0", "1"), F.format_string("label %s is not 0 or 1", F.substring(label, 1, 20)))
+        .when(F.size(bad_int) > 0, F.format_string("integer field %s is not an integer", F.substring(bad_int.getItem(0), 1, 20)))
+    )
+
+
+def read_criteo_report(
+    spark: SparkSession, path: str | Path | Sequence[str | Path], *, bad_lines: str = "fail", max_examples: int = 5
+) -> CriteoRead:
+    """Parses Criteo lines (see the module docstring); one pass over the data to index and validate them."""
+    if bad_lines not in ("fail", "drop"):
+        raise DataValidationError(f"criteo source: bad_lines must be 'fail' or 'drop', got {bad_lines!r}")
+    files = _input_files(path)
+    raw = spark.read.text(files).select(
+        F.col("value"),
+        F.col("_metadata.file_path").alias("_file"),
+        F.col("_metadata.file_block_start").alias("_block"),
+        F.monotonically_increasing_id().alias("_mid"),
+    )
+    fields = F.split(F.col("value"), "\t", -1)
+    raw = raw.withColumn("_problem", _problem(fields))
+
+    # Line numbers without a global sort: rows of one (file, block) are contiguous in one partition, so a row's
+    # position in its block is _mid - min(_mid); blocks are ordered by file (as given) and byte offset.
+    blocks = (
+        raw.groupBy("_file", "_block")
+        .agg(F.count(F.lit(1)).alias("n"), F.min("_mid").alias("mid0"), F.count("_problem").alias("bad"))
+        .collect()
+    )
+    file_order = {}
+    for b in blocks:  # spark's _metadata.file_path is a URI; map it back to the order of `files`
+        local = b["_file"].removeprefix("file://").removeprefix("file:")
+        file_order[b["_file"]] = files.index(local) if local in files else len(files) + len(file_order)
+    blocks = sorted(blocks, key=lambda b: (file_order[b["_file"]], b["_block"]))
+    offsets, seen_in_file, total, lines_per_file = [], {}, 0, {}
+    for b in blocks:
+        line0 = seen_in_file.get(b["_file"], 0)
+        offsets.append((b["_file"], int(b["_block"]), int(b["mid0"]), total, line0))
+        seen_in_file[b["_file"]] = line0 + int(b["n"])
+        total += int(b["n"])
+    n_bad = int(sum(b["bad"] for b in blocks))
+    if total == 0:
+        raise DataValidationError(f"criteo source: {files} hold no lines")
+    offsets_df = spark.createDataFrame(
+        offsets,
+        T.StructType([
+            T.StructField("_file", T.StringType()), T.StructField("_block", T.LongType()),
+            T.StructField("_mid0", T.LongType()), T.StructField("_row0", T.LongType()),
+            T.StructField("_line0", T.LongType()),
+        ]),
+    )
+    indexed = raw.join(F.broadcast(offsets_df), ["_file", "_block"]).withColumn(
+        ROW_INDEX, F.col("_row0") + F.col("_mid") - F.col("_mid0")
+    ).withColumn("_line", F.col("_line0") + F.col("_mid") - F.col("_mid0") + 1)
+
+    examples: list[str] = []
+    if n_bad:
+        bad = (
+            indexed.filter(F.col("_problem").isNotNull())
+            .orderBy(ROW_INDEX)
+            .select("_file", "_line", "_problem")
+            .limit(max_examples)
+            .collect()
+        )
+        examples = [f"{Path(r['_file'].removeprefix('file:')).name}:{r['_line']}: {r['_problem']}" for r in bad]
+        if bad_lines == "fail":
+            names = ", ".join(files) if len(files) <= 3 else f"{files[0]} and {len(files) - 1} more files"
+            raise DataValidationError(
+                f"criteo source {names}: {n_bad} of {total} lines are malformed (expected {NUM_FIELDS} "
+                f"tab-separated fields: label 0/1, {NUM_INT} integers, {NUM_CAT} categorical values); first: "
+                + "; ".join(examples)
+                + ". Fix the input or read with bad_lines='drop' (drops and counts them)."
+            )
+    good = indexed.filter(F.col("_problem").isNull())
+    parts = F.split(F.col("value"), "\t", -1)
+    empty_to_null = lambda c: F.when(c != F.lit(""), c)  # noqa: E731
+    df = good.select(
+        parts.getItem(0).cast("float").alias(LABEL),
+        *[empty_to_null(parts.getItem(1 + i)).cast("bigint").alias(c) for i, c in enumerate(INT_COLUMNS)],
+        *[empty_to_null(parts.getItem(1 + NUM_INT + i)).alias(c) for i, c in enumerate(CAT_COLUMNS)],
+        F.col(ROW_INDEX),
+    )
+    return CriteoRead(df=df, rows=total - n_bad, lines=total, bad_lines=n_bad, bad_examples=examples, files=files)
+
+
+def read_criteo(spark: SparkSession, path: str | Path | Sequence[str | Path], *, bad_lines: str = "fail") -> DataFrame:
+    """The parsed rows (label, int_0..int_12, cat_0..cat_25, row_index); see `read_criteo_report`."""
+    return read_criteo_report(spark, path, bad_lines=bad_lines).df
+
+
+# ------------------------------------------------------------------------------------------------ features
+def _table_sizes(num_embeddings_per_feature: int | Sequence[int]) -> list[int]:
+    if isinstance(num_embeddings_per_feature, int):
+        sizes = [num_embeddings_per_feature] * NUM_CAT
+    else:
+        sizes = [int(x) for x in num_embeddings_per_feature]
+    if len(sizes) != NUM_CAT:
+        raise DataValidationError(f"criteo: need {NUM_CAT} table sizes, got {len(sizes)}")
+    if any(s < 2 for s in sizes):
+        raise DataValidationError(f"criteo: every table needs >= 2 rows (row {MISSING_ID} is for missing values), got {sizes}")
+    return sizes
+
+
+def criteo_features(df: DataFrame, *, num_embeddings_per_feature: int | Sequence[int] = DEFAULT_NUM_EMBEDDINGS) -> DataFrame:
+    """label (float), dense (array<float>[13] = log1p(max(x, 0)), missing → 0), cat_i (int in [0, n_i):
+    1 + pmod(xxhash64(value), n_i - 1), missing → 0), plus row_index when `df` has it."""
+    sizes = _table_sizes(num_embeddings_per_feature)
+    dense = F.array(*[F.log1p(F.greatest(F.coalesce(F.col(c), F.lit(0)), F.lit(0)).cast("double")).cast("float")
+                      for c in INT_COLUMNS])
+    cats = [
+        F.when(F.col(c).isNull(), F.lit(MISSING_ID)).otherwise(
+            F.pmod(F.xxhash64(F.col(c)), F.lit(n - 1).cast("bigint")) + 1
+        ).cast("int").alias(c)
+        for c, n in zip(CAT_COLUMNS, sizes)
+    ]
+    extra = [F.col(ROW_INDEX)] if ROW_INDEX in df.columns else []
+    return df.select(F.col(LABEL).cast("float").alias(LABEL), dense.alias(DENSE), *cats, *extra)
+
+
+def split_criteo(df: DataFrame, total_rows: int, *, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                 method: str = "row_order", seed: int = 0) -> dict[str, DataFrame]:
+    """{train, validation, test}. ``row_order``: contiguous parts in input order (needs row_index; the Kaggle
+    file is time-ordered, so this validates forward in time); ``random``: each row independently (seeded)."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataValidationError(f"criteo: split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+    if method == "row_order":
+        if ROW_INDEX not in df.columns:
+            raise DataValidationError("criteo: a row_order split needs the row_index column")
+        # Boundaries in input positions (over all lines read: dropped lines do not shift them).
+        b1 = int(round(total_rows * fractions[0]))
+        b2 = int(round(total_rows * (fractions[0] + fractions[1])))
+        key = F.col(ROW_INDEX)
+    elif method == "random":
+        b1, b2 = fractions[0], fractions[0] + fractions[1]
+        key = F.rand(seed)
+    else:
+        raise DataValidationError(f"criteo: split method must be 'row_order' or 'random', got {method!r}")
+    return {
+        "train": df.filter(key < b1),
+        "validation": df.filter((key >= b1) & (key < b2)),
+        "test": df.filter(key >= b2),
+    }
+
+
+def sparse_layout(num_embeddings_per_feature: int | Sequence[int] = DEFAULT_NUM_EMBEDDINGS) -> list[dict]:
+    """The DLRM layout (``models.dlrm.SparseFeature`` fields): one table per categorical feature."""
+    return [
+        {"name": c, "table": c, "num_embeddings": n, "multi_valued": False, "pooling": "sum"}
+        for c, n in zip(CAT_COLUMNS, _table_sizes(num_embeddings_per_feature))
+    ]
+
+
+# --------------------------------------------------------------------------------------------------- write
+def write_criteo_dataset(
+    spark: SparkSession,
+    path: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    num_embeddings_per_feature: int | Sequence[int] = DEFAULT_NUM_EMBEDDINGS,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    split: str = "row_order",
+    seed: int = 0,
+    bad_lines: str = "fail",
+    partitions: int = 2,
+    compression: str | None = "zstd",
+    size_limit: str = "64mb",
+) -> dict:
+    """Writes ``out_dir/{train (MDS), validation.parquet, test.parquet, meta.json}`` atomically; returns meta."""
+    from streaming.base.converters import dataframe_to_mds
+
+    from recsys_assets.data.mds import summarize_mds
+    from recsys_assets.data.publish import publish_folder
+
+    read = read_criteo_report(spark, path, bad_lines=bad_lines)
+    sizes = _table_sizes(num_embeddings_per_feature)
+    features = criteo_features(read.df, num_embeddings_per_feature=sizes)
+    parts = split_criteo(features, read.lines, fractions=fractions, method=split, seed=seed)
+    out_dir = Path(out_dir)
+    columns = [LABEL, DENSE, *CAT_COLUMNS]
+    with publish_folder(out_dir, keep_versions=0, point_latest=False) as tmp:
+        mds_kwargs = {"out": str(tmp.resolve() / "train"), "columns": dict(MDS_COLUMNS), "size_limit": size_limit}
+        if compression:
+            mds_kwargs["compression"] = compression
+        dataframe_to_mds(parts["train"].select(*columns).repartition(partitions), merge_index=True, mds_kwargs=mds_kwargs)
+        train_summary = summarize_mds(tmp / "train")
+        stats = {"train": {"rows": train_summary["rows"]}}
+        for name in ("validation", "test"):
+            parts[name].select(*columns).coalesce(partitions).write.parquet(str(tmp / f"{name}.parquet"))
+        for name in SPLITS:
+            p = spark.read.parquet(str(tmp / f"{name}.parquet")) if name != "train" else parts["train"]
+            row = p.agg(F.count(F.lit(1)).alias("n"), F.avg(LABEL).alias("pos")).first()
+            stats[name] = {"rows": int(row["n"]), "positive_rate": float(row["pos"]) if row["pos"] is not None else None}
+        if stats["train"]["rows"] != train_summary["rows"]:
+            raise RuntimeError(f"criteo: MDS train has {train_summary['rows']} rows, the split {stats['train']['rows']}")
+        if min(s["rows"] for s in stats.values()) == 0:
+            raise DataValidationError(f"criteo: an empty split ({ {k: v['rows'] for k, v in stats.items()} }): "
+                                      "more input rows or other fractions are needed")
+        meta = {
+            "format": "criteo",
+            "source": read.files,
+            "lines": read.lines,
+            "rows": read.rows,
+            "bad_lines_dropped": read.bad_lines,
+            "bad_line_examples": read.bad_examples,
+            "splits": stats,
+            "split": {"method": split, "fractions": list(fractions), "seed": seed},
+            "train_mds": "train",
+            "eval_sets": {"validation": "validation.parquet", "test": "test.parquet"},
+            "dense_in_features": NUM_INT,
+            "dense_columns": INT_COLUMNS,
+            "dense_transform": "log(1 + max(x, 0)), missing -> 0",
+            "layout": sparse_layout(sizes),
+            "categorical_hashing": f"1 + pmod(xxhash64(value), num_embeddings - 1) (Spark xxhash64, seed 42); "
+                                   f"missing -> {MISSING_ID}",
+            "missing_id": MISSING_ID,
+            "mds_columns": dict(MDS_COLUMNS),
+            "mds_bytes": train_summary["bytes"],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Criteo (Kaggle DAC layout) text → MDS train + Parquet validation/test")
+    ap.add_argument("--input", required=True, nargs="+", help="Criteo text file(s) or folder(s), in time order")
+    ap.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    ap.add_argument("--num-embeddings", type=int, default=DEFAULT_NUM_EMBEDDINGS, help="rows of each of the 26 tables")
+    ap.add_argument("--split", choices=["row_order", "random"], default="row_order")
+    ap.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bad-lines", choices=["fail", "drop"], default="fail")
+    ap.add_argument("--partitions", type=int, default=2)
+    ap.add_argument("--master", default="local[*]")
+    ap.add_argument("--driver-memory", default="4g")
+    args = ap.parse_args(argv)
+    spark = (
+        SparkSession.builder.master(args.master).appName("criteo_to_mds")
+        .config("spark.ui.enabled", "false").config("spark.driver.memory", args.driver_memory)
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        meta = write_criteo_dataset(
+            spark, args.input, args.out, num_embeddings_per_feature=args.num_embeddings, fractions=args.fractions,
+            split=args.split, seed=args.seed, bad_lines=args.bad_lines, partitions=args.partitions,
+        )
+    except DataValidationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        spark.stop()
+    print(json.dumps({k: meta[k] for k in ("lines", "rows", "bad_lines_dropped", "splits", "dense_in_features")}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The ranker's data, in Spark: retrieval candidates + query states → labelled pairs with DLRM features.
+
+Everything about a phase is computed from that phase's fit rows only (validation: train; test: train +
+validation), and the query state is the user's history *before* the held-out row. The ranker trains on the
+validation phase (candidates from the train-only Two Tower; label = the validation item), so no test-period
+row reaches its training data; the test phase is only scored.
+
+Dense features (``DENSE_FEATURES``, in this order; standardized with the training pairs' mean/std):
+  retrieval_score_gap   the Two Tower score of (query, item) minus the query's best candidate score
+  log_retrieval_rank    log1p(the item's rank in the query's full Two Tower ranking)
+  (both comparable across the validation and test phases, whose scores come from two different fits; the
+  raw score is kept as a column, not a feature)
+  log_item_count        log1p(fit interactions of the item)
+  log_item_recent_count log1p(fit interactions of the item in the latest `recent_fraction` of fit time)
+  log_user_count        log1p(fit interactions of the user)
+  last_item_transition  log1p(#fit rows whose previous item is the query's last item and whose item is this one)
+  last_item_transition_share  that count / #fit rows whose previous item is the query's last item
+  recent_cooccurrence   sum over the query's last `window` items h of log1p(#fit rows with item = this one and h
+                        among their last `window` items)
+  log_item_age_days     log1p(days from the item's first fit interaction to the query time)
+  log_item_idle_days    log1p(days from the item's last fit interaction to the query time)
+  log_user_idle_days    log1p(days from the user's last fit interaction to the query time)
+  category_overlap      share of the item's categories found among the query history's categories
+Sequence order carries much of the signal in interaction logs: the transition / co-occurrence features are
+the recency-aware history features; the history bag itself is a sparse DLRM feature.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from recsys_assets.data import schema as S
+from recsys_assets.data.errors import DataValidationError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+FIT_SPLITS = {"validation": ("train",), "test": ("train", "validation")}
+DENSE_FEATURES = (
+    "retrieval_score_gap",
+    "log_retrieval_rank",
+    "log_item_count",
+    "log_item_recent_count",
+    "log_user_count",
+    "last_item_transition",
+    "last_item_transition_share",
+    "recent_cooccurrence",
+    "log_item_age_days",
+    "log_item_idle_days",
+    "log_user_idle_days",
+    "category_overlap",
+)
+LABEL = "label"
+DENSE = "dense"
+QUERY_ID = "query_id"
+RETRIEVAL_SCORE = "retrieval_score"
+RETRIEVAL_RANK = "retrieval_rank"
+SOURCE = "source"  # retrieved | target | random
+PHASE = "phase"
+QUERY_TIMESTAMP = "query_timestamp"
+
+QUERY_COLUMNS = {PHASE: "string", S.USER: "int", "target": "int", S.TIMESTAMP: "bigint", S.HISTORY: "array<int>"}
+PAIR_COLUMNS = {PHASE: "string", S.USER: "int", S.ITEM: "int", RETRIEVAL_SCORE: "float", RETRIEVAL_RANK: "int",
+                SOURCE: "string"}
+SECONDS_PER_DAY = 86400.0
+
+
+def _require(df: DataFrame, columns: dict[str, str], what: str) -> None:
+    have = dict(df.dtypes)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise DataValidationError(f"{what} lacks columns {missing} (has {sorted(have)})")
+
+
+def phase_features(
+    splits: DataFrame,
+    queries: DataFrame,
+    pairs: DataFrame,
+    item_features: DataFrame,
+    phase: str,
+    *,
+    window: int = 5,
+    recent_fraction: float = 0.1,
+) -> DataFrame:
+    """Labelled pairs of one phase with every raw (unstandardized) dense feature as its own column.
+
+    splits: the splits table; queries: QUERY_COLUMNS (one row per (phase, user)); pairs: PAIR_COLUMNS;
+    item_features: item, categories. Output columns: phase, user, item, label, query_timestamp, source,
+    retrieval_rank, categories, history + DENSE_FEATURES.
+    """
+    from pyspark.sql import functions as F
+
+    if phase not in FIT_SPLITS:
+        raise ValueError(f"unknown phase {phase!r}")
+    _require(queries, QUERY_COLUMNS, "queries")
+    _require(pairs, PAIR_COLUMNS, "candidate pairs")
+    fit = splits.filter(F.col(S.SPLIT).isin(list(FIT_SPLITS[phase])))
+
+    item_stats = fit.groupBy(S.ITEM).agg(
+        F.count(F.lit(1)).alias("_n_item"), F.min(S.TIMESTAMP).alias("_first_ts"), F.max(S.TIMESTAMP).alias("_last_ts")
+    )
+    cutoff = fit.approxQuantile(S.TIMESTAMP, [1.0 - recent_fraction], 0.001)
+    cutoff_ts = cutoff[0] if cutoff else 0
+    recent = fit.filter(F.col(S.TIMESTAMP) >= F.lit(cutoff_ts)).groupBy(S.ITEM).agg(F.count(F.lit(1)).alias("_n_recent"))
+    user_stats = fit.groupBy(S.USER).agg(F.count(F.lit(1)).alias("_n_user"), F.max(S.TIMESTAMP).alias("_user_last_ts"))
+    prev = fit.select(F.col(S.HISTORY).getItem(0).alias("_prev"), F.col(S.ITEM)).filter(F.col("_prev") >= 0)
+    transitions = prev.groupBy("_prev", S.ITEM).agg(F.count(F.lit(1)).alias("_n_trans"))
+    prev_totals = prev.groupBy("_prev").agg(F.count(F.lit(1)).alias("_n_prev"))
+    follow = (
+        fit.select(F.explode(F.slice(S.HISTORY, 1, window)).alias("_h"), F.col(S.ITEM))
+        .filter(F.col("_h") >= 0)
+        .groupBy("_h", S.ITEM)
+        .agg(F.count(F.lit(1)).alias("_n_follow"))
+    )
+
+    q = queries.filter(F.col(PHASE) == phase).select(
+        S.USER, "target", F.col(S.TIMESTAMP).alias(QUERY_TIMESTAMP), S.HISTORY
+    )
+    p = (
+        pairs.filter(F.col(PHASE) == phase)
+        .select(S.USER, S.ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, SOURCE)
+        .join(q, S.USER, "inner")
+        .withColumn("_prev", F.col(S.HISTORY).getItem(0))
+    )
+    # recent co-occurrence: explode the query's last `window` items against each candidate
+    cooc = (
+        p.select(S.USER, S.ITEM, F.explode(F.slice(S.HISTORY, 1, window)).alias("_h"))
+        .filter(F.col("_h") >= 0)
+        .join(follow, ["_h", S.ITEM], "inner")
+        .groupBy(S.USER, S.ITEM)
+        .agg(F.sum(F.log1p("_n_follow")).alias("recent_cooccurrence"))
+    )
+    cats = item_features.select(S.ITEM, F.coalesce(S.CATEGORIES, F.array().cast("array<int>")).alias("_cats"))
+    hist_cats = (
+        q.select(S.USER, F.explode(S.HISTORY).alias(S.ITEM))
+        .filter(F.col(S.ITEM) >= 0)
+        .join(cats, S.ITEM)
+        .select(S.USER, F.explode("_cats").alias("_c"))
+        .groupBy(S.USER)
+        .agg(F.collect_set("_c").alias("_hist_cats"))
+    )
+    best = (
+        p.filter(F.col(SOURCE) == "retrieved").groupBy(S.USER).agg(F.max(RETRIEVAL_SCORE).alias("_best_score"))
+    )
+    days = lambda a, b: F.log1p(F.greatest(F.col(a) - F.col(b), F.lit(0)).cast("double") / SECONDS_PER_DAY)  # noqa: E731
+    out = (
+        p.join(item_stats, S.ITEM, "left")
+        .join(recent, S.ITEM, "left")
+        .join(user_stats, S.USER, "left")
+        .join(transitions, ["_prev", S.ITEM], "left")
+        .join(prev_totals, "_prev", "left")
+        .join(cooc, [S.USER, S.ITEM], "left")
+        .join(cats, S.ITEM, "left")
+        .join(hist_cats, S.USER, "left")
+        .join(best, S.USER, "left")
+        .select(
+            F.lit(phase).alias(PHASE),
+            F.col(S.USER).cast("int"),
+            F.col(S.ITEM).cast("int"),
+            (F.col(S.ITEM) == F.col("target")).cast("float").alias(LABEL),
+            F.col(QUERY_TIMESTAMP),
+            F.col(SOURCE),
+            F.col(RETRIEVAL_RANK).cast("int"),
+            F.coalesce("_cats", F.array().cast("array<int>")).alias(S.CATEGORIES),
+            F.col(S.HISTORY),
+            F.col(RETRIEVAL_SCORE).cast("double").alias(RETRIEVAL_SCORE),
+            (F.col(RETRIEVAL_SCORE) - F.coalesce("_best_score", F.col(RETRIEVAL_SCORE))).cast("double").alias(
+                "retrieval_score_gap"),
+            F.log1p(F.greatest(F.col(RETRIEVAL_RANK), F.lit(0)).cast("double")).alias("log_retrieval_rank"),
+            F.log1p(F.coalesce("_n_item", F.lit(0))).alias("log_item_count"),
+            F.log1p(F.coalesce("_n_recent", F.lit(0))).alias("log_item_recent_count"),
+            F.log1p(F.coalesce("_n_user", F.lit(0))).alias("log_user_count"),
+            F.log1p(F.coalesce("_n_trans", F.lit(0))).alias("last_item_transition"),
+            (F.coalesce("_n_trans", F.lit(0)) / F.greatest(F.coalesce("_n_prev", F.lit(0)), F.lit(1))).alias(
+                "last_item_transition_share"
+            ),
+            F.coalesce("recent_cooccurrence", F.lit(0.0)).alias("recent_cooccurrence"),
+            F.coalesce(days(QUERY_TIMESTAMP, "_first_ts"), F.lit(0.0)).alias("log_item_age_days"),
+            F.coalesce(days(QUERY_TIMESTAMP, "_last_ts"), F.lit(0.0)).alias("log_item_idle_days"),
+            F.coalesce(days(QUERY_TIMESTAMP, "_user_last_ts"), F.lit(0.0)).alias("log_user_idle_days"),
+            F.coalesce(
+                F.size(F.array_intersect("_cats", F.coalesce("_hist_cats", F.array().cast("array<int>"))))
+                / F.greatest(F.size(F.coalesce("_cats", F.array().cast("array<int>"))), F.lit(1)),
+                F.lit(0.0),
+            ).cast("double").alias("category_overlap"),
+        )
+    )
+    return out
+
+
+def feature_stats(pairs: DataFrame) -> dict[str, tuple[float, float]]:
+    """(mean, std) of each dense feature over `pairs` (std 1 where it is 0 or undefined)."""
+    from pyspark.sql import functions as F
+
+    row = pairs.agg(
+        *[F.mean(c).alias(f"m_{c}") for c in DENSE_FEATURES], *[F.stddev_pop(c).alias(f"s_{c}") for c in DENSE_FEATURES]
+    ).collect()[0]
+    stats = {}
+    for c in DENSE_FEATURES:
+        m, s = row[f"m_{c}"], row[f"s_{c}"]
+        stats[c] = (float(m or 0.0), float(s) if s and s > 1e-12 else 1.0)
+    return stats
+
+
+def model_columns(
+    pairs: DataFrame,
+    stats: dict[str, tuple[float, float]],
+    *,
+    user_features: DataFrame | None,
+    attribute_columns: Sequence[str],
+    history_length: int,
+    max_categories: int,
+) -> DataFrame:
+    """The columns the DLRM reads: label, dense (standardized, array<float>), user, item, history (fixed
+    length, -1 padded), categories (fixed `max_categories`, -1 padded), attr_* (0 = unknown), query_id, plus
+    the bookkeeping columns (phase, source, retrieval_rank, raw retrieval_score, query_timestamp)."""
+    from pyspark.sql import functions as F
+
+    def pad(col: str, n: int):
+        c = F.slice(F.coalesce(F.col(col), F.array().cast("array<int>")), 1, n)
+        return F.concat(c, F.array_repeat(F.lit(S.PAD_ID), F.lit(n) - F.size(c))).cast("array<int>")
+
+    dense = F.array(*[((F.col(c) - F.lit(stats[c][0])) / F.lit(stats[c][1])).cast("float") for c in DENSE_FEATURES])
+    df = pairs
+    if attribute_columns:
+        df = df.join(user_features.select(S.USER, *attribute_columns), S.USER, "left")
+    return df.select(
+        F.col(LABEL).cast("float"),
+        dense.alias(DENSE),
+        F.col(S.USER).cast("int"),
+        F.col(S.ITEM).cast("int"),
+        pad(S.HISTORY, history_length).alias(S.HISTORY),
+        pad(S.CATEGORIES, max(1, max_categories)).alias(S.CATEGORIES),
+        *[F.coalesce(F.col(a), F.lit(0)).cast("int").alias(a) for a in attribute_columns],
+        F.col(S.USER).cast("long").alias(QUERY_ID),
+        F.col(PHASE),
+        F.col(SOURCE),
+        F.col(RETRIEVAL_RANK).cast("int"),
+        F.col(RETRIEVAL_SCORE).cast("float").alias(RETRIEVAL_SCORE),
+        F.col(QUERY_TIMESTAMP).cast("long"),
+    )
+
+
+def mds_columns(attribute_columns: Sequence[str]) -> dict[str, str]:
+    cols = {LABEL: "float32", DENSE: "ndarray:float32", S.USER: "int32", S.ITEM: "int32",
+            S.HISTORY: "ndarray:int32", S.CATEGORIES: "ndarray:int32"}
+    cols.update({a: "int32" for a in attribute_columns})
+    cols[QUERY_ID] = "int64"
+    return cols
+
+
+def sample_training_pairs(pairs: DataFrame, num_hard_negatives: int, seed: int) -> DataFrame:
+    """Keep every positive and every random negative, and `num_hard_negatives` of each query's retrieved
+    non-positive candidates (uniformly, seeded): hard negatives = what retrieval proposed and the user did not
+    pick."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    hard_negative = (F.col(SOURCE) == "retrieved") & (F.col(LABEL) < 0.5)
+    w = Window.partitionBy(S.USER, "_hard").orderBy(F.rand(seed))
+    ranked = pairs.withColumn("_hard", hard_negative).withColumn("_r", F.row_number().over(w))
+    return ranked.filter(~F.col("_hard") | (F.col("_r") <= num_hard_negatives)).drop("_r", "_hard")
+
+
+def write_pairs_to_mds(df: DataFrame, out: str, columns: dict[str, str], partitions: int = 2) -> None:
+    from streaming.base.converters import dataframe_to_mds
+
+    dataframe_to_mds(
+        df.select(*columns).repartition(partitions),
+        merge_index=True,
+        mds_kwargs={"out": str(out), "columns": dict(columns), "compression": "zstd", "size_limit": "64mb"},
+    )

@@ -1,0 +1,312 @@
+"""Candidate retrieval with a trained Two Tower: query states, exact top-k (torch), an approximate faiss index.
+
+No Dagster, no Spark. Used by the retrieval assets and the evaluation.
+
+- `query_states(splits, phase, ...)`: one query per user at the phase's cutoff: the user's held-out row of
+  `phase` (its history = the items before it, most recent first) or, with ``all_users`` and the test phase,
+  the user's whole fit sequence for users without a held-out row. Excluded items = the user's fit items.
+- `query_vectors`: the query tower over those states.
+- `exact_top_k`: batched matrix product + top-k with exclusions, in torch (CPU or CUDA tensors).
+- `HnswIndex`: faiss HNSW inner-product index over the item vectors; `search` filters exclusions.
+- `recall_at_k`: overlap of approximate and exact top-k lists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recsys_assets.data.schema import HISTORY, HISTORY_LEN, ITEM, PAD_ID, SPLIT, TIMESTAMP, USER
+from recsys_assets.evaluation.protocol import EvalTask, _gather_csr, ranks_from_scores
+
+NO_TARGET = -1
+
+
+@dataclasses.dataclass
+class QueryStates:
+    """One row per query user, sorted by user id."""
+
+    phase: str
+    users: np.ndarray  # int64 [Q]
+    targets: np.ndarray  # int64 [Q]; NO_TARGET where the user has no held-out row of the phase
+    timestamps: np.ndarray  # int64 [Q]: the held-out row's time, else one after the user's last fit row
+    history: np.ndarray  # int32 [Q, H], most recent first, PAD_ID padded
+    history_len: np.ndarray  # int32 [Q]
+    exclude_indptr: np.ndarray  # int64 [Q + 1]: CSR of each query user's fit items (removed from its ranking)
+    exclude_indices: np.ndarray  # int64
+
+    @property
+    def n(self) -> int:
+        return int(len(self.users))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({
+            "phase": self.phase,
+            USER: self.users.astype(np.int32),
+            "target": self.targets.astype(np.int32),
+            TIMESTAMP: self.timestamps.astype(np.int64),
+            HISTORY: list(self.history.astype(np.int32)),
+            HISTORY_LEN: self.history_len.astype(np.int32),
+        })
+
+
+def query_states(
+    splits: pd.DataFrame,
+    phase: str,
+    *,
+    num_users: int,
+    num_items: int,
+    history_length: int,
+    all_users: bool = False,
+) -> QueryStates:
+    """`splits`: the splits table (user, item, timestamp, split, history, history_len)."""
+    from recsys_assets.models.features import stack_history
+
+    task = EvalTask.from_splits(splits[[USER, ITEM, TIMESTAMP, SPLIT]], phase, num_users=num_users, num_items=num_items)
+    held = splits.loc[splits[SPLIT] == phase].sort_values(USER, kind="stable")
+    if not np.array_equal(held[USER].to_numpy(np.int64), task.users):
+        raise ValueError(f"the {phase} rows of the splits table disagree with the evaluator's task")
+    users = task.users
+    targets = task.targets
+    ts = held[TIMESTAMP].to_numpy(np.int64)
+    hist = stack_history(held[HISTORY].to_numpy(), history_length)
+    hlen = np.minimum(held[HISTORY_LEN].to_numpy(np.int32), history_length).astype(np.int32)
+    if all_users:
+        has_fit = np.diff(task.seq_indptr) > 0
+        extra = np.setdiff1d(np.flatnonzero(has_fit), users)
+        if len(extra):
+            last_ts = task.fit.groupby(USER)[TIMESTAMP].max()
+            e_hist = np.full((len(extra), history_length), PAD_ID, dtype=np.int32)
+            e_len = np.zeros(len(extra), dtype=np.int32)
+            for i, u in enumerate(extra):
+                seq = task.sequence(int(u))[::-1][:history_length]
+                e_hist[i, : len(seq)] = seq
+                e_len[i] = len(seq)
+            e_ts = last_ts.reindex(extra).to_numpy(np.int64) + 1
+            order = np.argsort(np.concatenate([users, extra]), kind="stable")
+            users = np.concatenate([users, extra])[order]
+            targets = np.concatenate([targets, np.full(len(extra), NO_TARGET, dtype=np.int64)])[order]
+            ts = np.concatenate([ts, e_ts])[order]
+            hist = np.concatenate([hist, e_hist])[order]
+            hlen = np.concatenate([hlen, e_len])[order]
+    ex_indptr, ex_indices = _gather_csr(task.user_items_indptr, task.user_items_indices, users)
+    return QueryStates(phase, users, targets, ts, hist, hlen, ex_indptr, ex_indices)
+
+
+@torch.no_grad()
+def query_vectors(two_tower, store, states: QueryStates, batch_size: int = 2048) -> torch.Tensor:
+    """[Q, d] query-tower vectors of the states (on the store's device)."""
+    from recsys_assets.models.two_tower import QueryEncoder
+
+    enc = QueryEncoder(two_tower, store)
+    device = store.user_attrs.device
+    out = []
+    for s in range(0, states.n, batch_size):
+        e = min(s + batch_size, states.n)
+        out.append(enc(
+            torch.as_tensor(states.users[s:e], device=device),
+            torch.as_tensor(states.history[s:e], device=device),
+            torch.as_tensor(states.history_len[s:e], device=device),
+        ))
+    return torch.cat(out) if out else torch.zeros(0, two_tower.output_dim)
+
+
+def _masked_scores(qv: torch.Tensor, iv: torch.Tensor, indptr: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    scores = qv @ iv.T
+    counts = np.diff(indptr)
+    if counts.sum():
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        rows = torch.repeat_interleave(torch.arange(len(counts), device=scores.device), torch.as_tensor(counts, device=scores.device))
+        scores[rows, torch.as_tensor(indices[lo:hi], device=scores.device)] = -torch.inf
+    return scores
+
+
+@torch.no_grad()
+def exact_top_k(
+    qv: torch.Tensor,
+    item_vectors: torch.Tensor,
+    k: int,
+    exclude_indptr: np.ndarray | None = None,
+    exclude_indices: np.ndarray | None = None,
+    batch_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(items int64 [Q, k], scores float32 [Q, k]) by descending score; excluded items never appear. Rows with
+    fewer than k allowed items are padded with item -1 / score -inf."""
+    q = qv.shape[0]
+    k_eff = min(k, item_vectors.shape[0])
+    items = np.full((q, k), -1, dtype=np.int64)
+    scores = np.full((q, k), -np.inf, dtype=np.float32)
+    if exclude_indptr is None:
+        exclude_indptr, exclude_indices = np.zeros(q + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    iv = item_vectors.to(qv.device)
+    for s in range(0, q, batch_size):
+        e = min(s + batch_size, q)
+        sc = _masked_scores(qv[s:e], iv, exclude_indptr[s : e + 1], exclude_indices)
+        top = torch.topk(sc, k_eff, dim=1)
+        vals = top.values.float().cpu().numpy()
+        idx = top.indices.cpu().numpy()
+        idx = np.where(np.isfinite(vals), idx, -1)
+        items[s:e, :k_eff], scores[s:e, :k_eff] = idx, vals
+    return items, scores
+
+
+@torch.no_grad()
+def target_scores_and_ranks(
+    qv: torch.Tensor, item_vectors: torch.Tensor, states: QueryStates, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score float32 [Q], rank int64 [Q]) of each query's target under the project's evaluator (excluded items
+    removed, strict comparison). Queries without a target get NaN / -1."""
+    q = states.n
+    out_s = np.full(q, np.nan, dtype=np.float32)
+    out_r = np.full(q, -1, dtype=np.int64)
+    iv = item_vectors.to(qv.device)
+    for s in range(0, q, batch_size):
+        e = min(s + batch_size, q)
+        t = states.targets[s:e]
+        has = t >= 0
+        if not has.any():
+            continue
+        sc = qv[s:e] @ iv.T
+        rows = np.flatnonzero(has)
+        ex_indptr, ex_indices = _gather_csr(states.exclude_indptr, states.exclude_indices, s + rows)
+        r = ranks_from_scores(sc[rows], t[rows], ex_indptr, ex_indices)
+        out_r[s + rows] = r.cpu().numpy()
+        out_s[s + rows] = sc[rows, torch.as_tensor(t[rows], device=sc.device)].float().cpu().numpy()
+    return out_s, out_r
+
+
+@torch.no_grad()
+def item_ranks(
+    qv: torch.Tensor, item_vectors: torch.Tensor, states: QueryStates, items: np.ndarray, batch_size: int = 1024
+) -> np.ndarray:
+    """int64 [Q, m]: the rank of each given item in its query's full ranking (number of non-excluded items
+    with a strictly higher score: the evaluator's convention); -1 where the item is -1."""
+    q, m = items.shape
+    out = np.full((q, m), -1, dtype=np.int64)
+    iv = item_vectors.to(qv.device)
+    for s in range(0, q, batch_size):
+        e = min(s + batch_size, q)
+        sc = _masked_scores(qv[s:e], iv, states.exclude_indptr[s : e + 1], states.exclude_indices)
+        it = torch.as_tensor(np.maximum(items[s:e], 0), device=sc.device)
+        own = (qv[s:e][:, None, :] * iv[it]).sum(-1)  # the item's own score, even if it is excluded
+        ranks = (sc[:, None, :] > own[:, :, None]).sum(-1)
+        out[s:e] = np.where(items[s:e] >= 0, ranks.cpu().numpy(), -1)
+    return out
+
+
+def sample_random_items(
+    states: QueryStates, candidates: np.ndarray, num_items: int, n: int, seed: int
+) -> np.ndarray:
+    """int64 [Q, n] uniform random items per query, none of them excluded, the target or a candidate."""
+    rng = np.random.default_rng(seed)
+    out = np.full((states.n, n), -1, dtype=np.int64)
+    if n == 0:
+        return out
+    for i in range(states.n):
+        banned = set(states.exclude_indices[states.exclude_indptr[i] : states.exclude_indptr[i + 1]].tolist())
+        banned.update(candidates[i][candidates[i] >= 0].tolist())
+        if states.targets[i] >= 0:
+            banned.add(int(states.targets[i]))
+        allowed = num_items - len(banned)
+        if allowed <= 0:
+            continue
+        want = min(n, allowed)
+        picked: list[int] = []
+        seen: set[int] = set()
+        while len(picked) < want:
+            for x in rng.integers(0, num_items, size=2 * want + 8).tolist():
+                if x not in banned and x not in seen:
+                    seen.add(x)
+                    picked.append(x)
+                    if len(picked) == want:
+                        break
+        out[i, :want] = picked
+    return out
+
+
+def pairwise_scores(qv: torch.Tensor, item_vectors: torch.Tensor, items: np.ndarray) -> np.ndarray:
+    """float32 [Q, m] scores of given items per query (-1 items → NaN)."""
+    it = torch.as_tensor(np.maximum(items, 0), device=qv.device)
+    s = torch.einsum("qd,qmd->qm", qv, item_vectors.to(qv.device)[it]).float().cpu().numpy()
+    return np.where(items >= 0, s, np.nan).astype(np.float32)
+
+
+class HnswIndex:
+    """faiss HNSW (inner product) over the item vectors, with exclusion filtering at search time."""
+
+    def __init__(self, index, num_items: int, ef_search: int) -> None:
+        self.index = index
+        self.num_items = num_items
+        self.ef_search = ef_search
+
+    @classmethod
+    def build(cls, item_vectors: np.ndarray, m: int = 32, ef_construction: int = 200, ef_search: int = 256) -> "HnswIndex":
+        import faiss
+
+        vecs = np.ascontiguousarray(item_vectors, dtype=np.float32)
+        index = faiss.IndexHNSWFlat(vecs.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.add(vecs)
+        return cls(index, len(vecs), ef_search)
+
+    def save(self, path: str | Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, ef_search: int = 256) -> "HnswIndex":
+        import faiss
+
+        index = faiss.read_index(str(path))
+        return cls(index, index.ntotal, ef_search)
+
+    def search(
+        self, qv: np.ndarray, k: int, exclude_indptr: np.ndarray | None = None, exclude_indices: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like `exact_top_k` (items, scores), approximately. Asks faiss for k + the query's exclusion count
+        and drops excluded items, so every row keeps k allowed items where that many exist."""
+        import faiss
+
+        qv = np.ascontiguousarray(qv, dtype=np.float32)
+        q = len(qv)
+        items = np.full((q, k), -1, dtype=np.int64)
+        scores = np.full((q, k), -np.inf, dtype=np.float32)
+        counts = np.diff(exclude_indptr) if exclude_indptr is not None else np.zeros(q, dtype=np.int64)
+        # group queries by how many extra results they need, so one search call serves many queries
+        extra = np.minimum(counts, self.num_items)
+        for need in np.unique(extra):
+            rows = np.flatnonzero(extra == need)
+            kk = int(min(self.num_items, k + need))
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, kk))
+            d, idx = self.index.search(qv[rows], kk, params=params)
+            for j, r in enumerate(rows):
+                ids = idx[j]
+                keep = ids >= 0
+                if exclude_indptr is not None and counts[r]:
+                    ex = exclude_indices[exclude_indptr[r] : exclude_indptr[r + 1]]
+                    keep &= ~np.isin(ids, ex)
+                ids, ds = ids[keep][:k], d[j][keep][:k]
+                items[r, : len(ids)], scores[r, : len(ids)] = ids, ds
+        return items, scores
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over rows of |approx ∩ exact| / |exact| (ignoring -1 padding)."""
+    hits, total = 0, 0
+    for a, e in zip(approx, exact):
+        e = e[e >= 0]
+        hits += len(np.intersect1d(a[a >= 0], e))
+        total += len(e)
+    return hits / total if total else float("nan")
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,469 @@
+"""Distributed training of the DLRM ranker (TorchRec model parallel; CPU/gloo or GPU/nccl).
+
+Same shape as the Two Tower trainer and the same helpers (`training.common`): meta-device tables, a sharding
+plan computed collectively and passed to DistributedModelParallel, fused RowWiseAdagrad on the tables + Adam on
+the MLPs, StreamingDataset per rank for the training pairs.
+
+Data (feature-layout driven, see `recsys_assets.models.dlrm`):
+- training pairs: MDS folder(s) with ``label`` (float32), ``dense`` (ndarray:float32 [D]) and one column per
+  sparse feature (int32 scalar, or ndarray:int32 padded with -1 for bags);
+- evaluation sets: Parquet files/folders with the same columns (``dense`` and bags as lists), plus an optional
+  ``query_id`` (int64): pairs with the same query_id are one candidate list, for list metrics
+  (HR@K / NDCG@K of the list's positive; a list without a positive counts as a miss).
+
+Per epoch: one pass over the training pairs, then every evaluation set is scored on the sharded model in
+lockstep (each rank a contiguous part, equal call counts) and gathered. Early stopping on
+`early_stopping_metric` of `selection_set` (never on a set named "test"); the best epoch's weights are restored
+and returned unsharded, with the final scores of every evaluation set.
+
+Two ways in: ``train_dlrm(config)`` in every process of a launcher (TorchDistributor, elastic_launch), or
+``torchrun --nproc_per_node 2 -m recsys_assets.training.dlrm --config cfg.json [--result out.pt]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys_assets.training import common
+from recsys_assets.training.common import DistEnv
+
+log = logging.getLogger(__name__)
+
+QUERY_ID = "query_id"
+
+
+@dataclasses.dataclass
+class DLRMTrainConfig(common.JsonConfig):
+    train_mds: tuple[str, ...]  # MDS folders of training pairs
+    layout: tuple[dict, ...]  # SparseFeature dicts (models.dlrm.SparseFeature)
+    dense_in_features: int
+    eval_sets: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> Parquet path
+    selection_set: str | None = None  # eval set for early stopping / best epoch (None: the last epoch)
+
+    # model
+    embedding_dim: int = 16
+    bottom_layer_sizes: tuple[int, ...] = (64, 16)
+    top_layer_sizes: tuple[int, ...] = (64, 32, 1)
+
+    # optimization
+    epochs: int = 5
+    batch_size: int = 256  # per rank
+    patience: int = 2
+    min_delta: float = 0.0
+    early_stopping_metric: str = "auroc"
+    sparse_optimizer: str = "row_wise_adagrad"
+    sparse_lr: float = 0.05
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    epoch_size: int | None = None
+    seed: int = 0
+
+    # distributed / runtime
+    use_gpu: bool = False
+    sharding_types: tuple[str, ...] | None = None
+    single_node: bool = False
+    num_workers: int = 0
+    num_threads: int | None = None
+    eval_batch_size: int = 2048
+    ks: tuple[int, ...] = (10,)
+
+    # reporting (rank 0)
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    mlflow_prefix: str = ""
+    progress_file: str | None = None
+
+    def __post_init__(self) -> None:
+        from recsys_assets.models.dlrm import DLRMModelConfig, layout_from_dicts, validate_layout
+
+        self.train_mds = tuple(str(p) for p in ([self.train_mds] if isinstance(self.train_mds, (str, Path)) else self.train_mds))
+        self.layout = tuple(dict(x) for x in self.layout)
+        validate_layout(layout_from_dicts(self.layout))
+        self.eval_sets = {str(k): str(v) for k, v in dict(self.eval_sets).items()}
+        self.bottom_layer_sizes = tuple(int(x) for x in self.bottom_layer_sizes)
+        self.top_layer_sizes = tuple(int(x) for x in self.top_layer_sizes)
+        self.ks = tuple(int(k) for k in self.ks)
+        if self.sharding_types is not None:
+            self.sharding_types = tuple(self.sharding_types)
+        if self.selection_set is not None:
+            if self.selection_set not in self.eval_sets:
+                raise ValueError(f"selection_set {self.selection_set!r} is not one of the eval sets {sorted(self.eval_sets)}")
+            if self.selection_set == "test":
+                raise ValueError("selecting epochs on the test set would leak it: use a validation set")
+        if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
+            raise ValueError("batch_size, epochs and patience must be positive")
+        self.model_config()  # validates the MLP sizes
+
+    def model_config(self):
+        from recsys_assets.models.dlrm import DLRMModelConfig
+
+        return DLRMModelConfig(
+            dense_in_features=self.dense_in_features,
+            embedding_dim=self.embedding_dim,
+            bottom_layer_sizes=self.bottom_layer_sizes,
+            top_layer_sizes=self.top_layer_sizes,
+        )
+
+    def sparse_layout(self):
+        from recsys_assets.models.dlrm import layout_from_dicts
+
+        return layout_from_dicts(self.layout)
+
+
+@dataclasses.dataclass
+class DLRMTrainResult:
+    state_dict: dict[str, torch.Tensor]  # unsharded DLRM weights (train-task prefix stripped)
+    model_config: dict
+    layout: list[dict]
+    config: dict
+    history: list[dict]
+    best_epoch: int
+    final_metrics: dict[str, dict[str, float]]  # eval set -> metrics of the returned weights
+    eval_scores: dict[str, np.ndarray]  # eval set -> logits of the returned weights, in the set's row order
+    stopped_early: bool
+    plan_text: str
+    samples_per_second: float
+    world_size: int
+    peak_rss_mb: list[float]
+    total_seconds: float
+
+    def load_model(self, device: str | torch.device = "cpu"):
+        from recsys_assets.models.dlrm import DLRMModelConfig, layout_from_dicts, load_dlrm
+
+        return load_dlrm(self.state_dict, layout_from_dicts(self.layout), DLRMModelConfig.from_dict(self.model_config), device)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN without both classes."""
+    import pandas as pd
+
+    y = np.asarray(labels, dtype=np.float64) > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = pd.Series(np.asarray(scores, dtype=np.float64)).rank(method="average").to_numpy()
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    y = np.asarray(labels, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    # log(1 + exp(-|z|)) + max(z, 0) - y z : stable BCE with logits
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def list_ranks(query_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per query (sorted by id): rank of its positive among the query's pairs (number of pairs with a strictly
+    higher score), or a large number (a miss) when the query has no positive."""
+    import pandas as pd
+
+    df = pd.DataFrame({"q": np.asarray(query_ids), "y": np.asarray(labels) > 0.5, "s": np.asarray(scores, dtype=np.float64)})
+    pos = df[df["y"]].groupby("q")["s"].max()
+    queries = np.unique(df["q"].to_numpy())
+    pos_score = pd.Series(pos).reindex(queries).to_numpy()
+    df["ps"] = pd.Series(pos_score, index=queries).reindex(df["q"]).to_numpy()
+    higher = (df["s"] > df["ps"]).groupby(df["q"]).sum().reindex(queries).to_numpy()
+    miss = np.isnan(pos_score)
+    ranks = higher.astype(np.int64)
+    ranks[miss] = np.iinfo(np.int32).max
+    return ranks
+
+
+def pair_metrics(frame_labels: np.ndarray, logits: np.ndarray, query_ids: np.ndarray | None, ks: Sequence[int]) -> dict[str, float]:
+    from recsys_assets.evaluation.protocol import metrics_from_ranks
+
+    out = {"auroc": auroc(frame_labels, logits), "logloss": log_loss(frame_labels, logits)}
+    if query_ids is not None:
+        out.update(metrics_from_ranks(list_ranks(query_ids, frame_labels, logits), ks))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- eval data
+@dataclasses.dataclass
+class PairSet:
+    """An evaluation set in memory: the columns as tensors (dense [n, D], bags [n, L] padded with -1)."""
+
+    columns: dict[str, torch.Tensor]
+    labels: np.ndarray
+    query_ids: np.ndarray | None
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def rows(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        return {k: v[lo:hi] for k, v in self.columns.items()}
+
+
+def _pad_lists(values: Sequence, fill: int = -1) -> np.ndarray:
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    width = max(1, int(lengths.max()) if len(lengths) else 1)
+    out = np.full((len(values), width), fill, dtype=np.int64)
+    for i, v in enumerate(values):
+        if len(v):
+            out[i, : len(v)] = v
+    return out
+
+
+def load_pair_set(path: str | Path, layout: Sequence[Any], dense_in_features: int) -> PairSet:
+    """Read a Parquet pairs table (file or folder) into a PairSet, checking the columns the model needs."""
+    import pyarrow.parquet as pq
+
+    from recsys_assets.models.dlrm import DENSE, LABEL
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation pairs not found: {path}")
+    table = pq.read_table(path)
+    needed = [LABEL, DENSE] + [f.name for f in layout]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ValueError(f"evaluation pairs {path} lack columns {missing} (have {table.column_names})")
+    cols: dict[str, torch.Tensor] = {}
+    dense_lists = table.column(DENSE).to_pylist()
+    dense = np.asarray(dense_lists, dtype=np.float32).reshape(len(dense_lists), -1) if dense_lists else np.zeros((0, dense_in_features), np.float32)
+    if dense.shape[1] != dense_in_features:
+        raise ValueError(f"evaluation pairs {path}: dense has {dense.shape[1]} features, the model expects {dense_in_features}")
+    cols[DENSE] = torch.from_numpy(dense)
+    for f in layout:
+        col = table.column(f.name)
+        if f.multi_valued:
+            cols[f.name] = torch.from_numpy(_pad_lists(col.to_pylist()))
+        else:
+            cols[f.name] = torch.from_numpy(col.to_numpy().astype(np.int64))
+    labels = table.column(LABEL).to_numpy().astype(np.float32)
+    qids = table.column(QUERY_ID).to_numpy().astype(np.int64) if QUERY_ID in table.column_names else None
+    return PairSet(columns=cols, labels=labels, query_ids=qids)
+
+
+@torch.no_grad()
+def sharded_logits(dlrm, layout, config, data: PairSet, env: DistEnv, batch_size: int) -> np.ndarray:
+    """Collective. Logits [n] of every pair, on every rank: each rank scores a contiguous part in the same
+    number of equally sized calls (short calls padded with row 0), then the parts are gathered in rank order."""
+    from recsys_assets.models.dlrm import batch_to_kjt, dense_tensor
+
+    n = data.n
+    start, end = common.shard_bounds(n, env.rank, env.world_size)
+    n_calls = max(1, math.ceil(math.ceil(n / env.world_size) / batch_size))
+    out = []
+    was_training = dlrm.training
+    dlrm.eval()
+    for i in range(n_calls):
+        lo, hi = min(start + i * batch_size, end), min(start + (i + 1) * batch_size, end)
+        idx = torch.arange(lo, hi)
+        if hi - lo < batch_size:  # pad so every rank sends equally sized batches through the all-to-all
+            idx = torch.cat([idx, torch.zeros(batch_size - (hi - lo), dtype=torch.long)]) if n else torch.zeros(batch_size, dtype=torch.long)
+        batch = {k: v[idx] for k, v in data.columns.items()} if n else None
+        if batch is None:
+            raise ValueError("empty evaluation set")
+        kjt = batch_to_kjt(batch, layout).to(env.device)
+        logits = dlrm(dense_tensor(batch, config.dense_in_features).to(env.device), kjt).squeeze(-1)
+        out.append(logits[: hi - lo].float())
+    dlrm.train(was_training)
+    local = torch.cat(out) if out else torch.zeros(0)
+    return common.all_gather_variable(local.to(env.device), env).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------- train
+def train_dlrm(config: DLRMTrainConfig | Mapping[str, Any]) -> DLRMTrainResult:
+    """Train on the MDS pairs; evaluate every eval set each epoch. Every rank returns the same result."""
+    if not isinstance(config, DLRMTrainConfig):
+        config = DLRMTrainConfig.from_dict(config)
+    t_start = time.time()
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    env = common.init_distributed(config.use_gpu, single_node=config.single_node)
+    try:
+        return _train(config, env, t_start)
+    finally:
+        common.shutdown_distributed(env)
+
+
+def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainResult:
+    from recsys_assets.models.dlrm import (
+        DENSE,
+        LABEL,
+        DLRMTrainTask,
+        batch_to_kjt,
+        build_dlrm,
+        dense_tensor,
+        embedding_bag_configs,
+        strip_prefix,
+    )
+
+    common.seed_everything(config.seed)
+    layout = config.sparse_layout()
+    model_config = config.model_config()
+    eval_sets = {name: load_pair_set(p, layout, config.dense_in_features) for name, p in config.eval_sets.items()}
+    for name, s in eval_sets.items():
+        if s.n == 0:
+            raise ValueError(f"evaluation set {name!r} ({config.eval_sets[name]}) is empty")
+
+    reporter = common.ProgressReporter(
+        env,
+        mlflow_tracking_uri=config.mlflow_tracking_uri,
+        mlflow_run_id=config.mlflow_run_id,
+        progress_file=config.progress_file,
+        mlflow_prefix=config.mlflow_prefix,
+    )
+    dlrm = build_dlrm(layout, model_config, device=env.device, table_device="meta")
+    task = DLRMTrainTask(dlrm)
+    tables = embedding_bag_configs(layout, model_config.embedding_dim)
+    sharded = common.shard_model(
+        task,
+        [dlrm.sparse_arch.embedding_bag_collection],
+        tables,
+        env,
+        sparse_optimizer=config.sparse_optimizer,
+        sparse_lr=config.sparse_lr,
+        sharding_types=config.sharding_types,
+    )
+    dmp = sharded.dmp
+    optimizer = common.make_optimizer(dmp, config.dense_lr, config.weight_decay)
+    sharded_dlrm = dmp.module.dlrm
+    reporter.event({"event": "start", "world_size": env.world_size, "plan": sharded.plan_text, "config": config.to_dict()})
+
+    common.prepare_streaming()
+    dataset, loader = common.streaming_loader(
+        config.train_mds, config.batch_size, seed=config.seed, num_workers=config.num_workers, epoch_size=config.epoch_size
+    )
+
+    def evaluate_all() -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+        metrics, scores = {}, {}
+        for name, s in eval_sets.items():
+            logits = sharded_logits(sharded_dlrm, layout, model_config, s, env, config.eval_batch_size)
+            scores[name] = logits
+            metrics[name] = pair_metrics(s.labels, logits, s.query_ids, config.ks)
+        return metrics, scores
+
+    history: list[dict[str, Any]] = []
+    best_value, best_epoch, best_snapshot, bad_epochs = -math.inf, -1, None, 0
+    best_scores: dict[str, np.ndarray] = {}
+    stopped_early = False
+    train_seconds_total, samples_total = 0.0, 0
+    lower_is_better = config.early_stopping_metric == "logloss"
+    try:
+        for epoch in range(config.epochs):
+            dmp.train()
+            t0 = time.time()
+            loss_sum, steps, samples = 0.0, 0, 0
+            for batch in loader:
+                b = int(batch[LABEL].shape[0])
+                kjt = batch_to_kjt(batch, layout).to(env.device)
+                dense = dense_tensor(batch, config.dense_in_features).to(env.device)
+                labels = torch.as_tensor(batch[LABEL]).float().reshape(-1).to(env.device)
+                optimizer.zero_grad()
+                loss, _ = dmp(dense, kjt, labels)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * b
+                steps += 1
+                samples += b
+            train_s = time.time() - t0
+            loss_sum_g, samples_g, steps_g = common.all_reduce_sum([loss_sum, samples, steps], env)
+            train_seconds_total += train_s
+            samples_total += int(samples_g)
+            t1 = time.time()
+            metrics, scores = evaluate_all()
+            eval_s = time.time() - t1
+            record = {
+                "epoch": epoch,
+                "loss": loss_sum_g / max(1.0, samples_g),
+                "metrics": metrics,
+                "samples": int(samples_g),
+                "steps": int(steps_g),
+                "train_seconds": train_s,
+                "eval_seconds": eval_s,
+            }
+            history.append(record)
+            improved = True
+            if config.selection_set is not None:
+                value = metrics[config.selection_set][config.early_stopping_metric]
+                value = -value if lower_is_better else value
+                improved = best_epoch < 0 or value > best_value + config.min_delta
+                if improved:
+                    best_value, best_epoch, bad_epochs = value, epoch, 0
+                    best_snapshot = common.snapshot_local_state(dmp)
+                    best_scores = scores
+                else:
+                    bad_epochs += 1
+            flat = {f"{name}_{k}": v for name, m in metrics.items() for k, v in m.items()}
+            reporter.log_epoch(epoch, {"train_loss": record["loss"], **flat, "epoch_seconds": train_s + eval_s},
+                               loss=record["loss"], best_epoch=best_epoch, phase=config.selection_set or "train")
+            if env.is_main:
+                shown = " ".join(f"{k}={v:.4f}" for k, v in flat.items())
+                print(f"[dlrm] epoch {epoch} loss {record['loss']:.4f} {shown} ({train_s:.1f}s train, {eval_s:.1f}s eval)"
+                      f"{' *' if improved and config.selection_set else ''}", flush=True)
+            if config.selection_set is not None and bad_epochs >= config.patience:
+                stopped_early = epoch < config.epochs - 1
+                break
+    finally:
+        del loader, dataset
+
+    if config.selection_set is None or best_epoch == history[-1]["epoch"]:
+        best_epoch = history[-1]["epoch"]
+        final_metrics = history[-1]["metrics"]
+        final_scores = scores
+    else:
+        common.restore_local_state(dmp, best_snapshot)
+        final_metrics = history[best_epoch]["metrics"]
+        final_scores = best_scores
+    best_snapshot = None
+    state_dict = common.gather_state_dict(dmp.state_dict(), env)
+    rss = common.all_gather_object(common.peak_rss_mb(), env)
+    result = None
+    if env.is_main:
+        result = DLRMTrainResult(
+            state_dict=strip_prefix(state_dict),
+            model_config=model_config.to_dict(),
+            layout=[dict(x) for x in config.layout],
+            config=config.to_dict(),
+            history=history,
+            best_epoch=best_epoch,
+            final_metrics=final_metrics,
+            eval_scores=final_scores,
+            stopped_early=stopped_early,
+            plan_text=sharded.plan_text,
+            samples_per_second=samples_total / max(train_seconds_total, 1e-9),
+            world_size=env.world_size,
+            peak_rss_mb=[float(x) for x in rss],
+            total_seconds=time.time() - t_start,
+        )
+        reporter.event({"event": "end", "best_epoch": best_epoch, "final_metrics": final_metrics,
+                        "samples_per_second": result.samples_per_second, "stopped_early": stopped_early})
+    return common.broadcast_object(result, env)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the DLRM ranker (run under torchrun).")
+    parser.add_argument("--config", required=True, help="JSON file of DLRMTrainConfig fields")
+    parser.add_argument("--result", default=None, help="where rank 0 writes the DLRMTrainResult (torch.save)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = DLRMTrainConfig.from_json(Path(args.config).read_text())
+    result = train_dlrm(config)
+    if args.result and int(__import__("os").environ.get("RANK", "0")) == 0:
+        torch.save(result, args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    # run the module's own copy, so a pickled DLRMTrainResult names recsys_assets.training.dlrm, not __main__
+    from recsys_assets.training.dlrm import main as _main
+
+    sys.exit(_main())

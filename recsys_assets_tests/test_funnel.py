@@ -1,0 +1,217 @@
+"""The whole two-stage funnel through Dagster on tiny synthetic data (real Spark, 2-process gloo TorchRec
+training via TorchDistributor, a real MLflow SQLite store): candidates, ranker data, DLRM, recommendations,
+evaluation, and the quality gates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def _resources(root: Path) -> dict:
+    from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+
+    return {
+        "spark": SparkResource(master="local[2]", shuffle_partitions=4),
+        "state": StateResource(root=str(root / "state")),
+        "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=600),
+        "mlflow": MLflowResource(tracking_uri=f"sqlite:///{root}/mlflow.db",
+                                 artifact_location=(root / "artifacts").as_uri()),
+        # on disk, so a later run of a subset loads the upstream values of this one
+        "io_manager": dg.FilesystemIOManager(base_dir=str(root / "io")),
+    }
+
+
+def _run_config(gate_min_gain: float) -> dict:
+    return {
+        "ops": {
+            "raw_interactions": {"config": {"synthetic": {"size": "tiny"}}},
+            "two_tower_model": {"config": {"epochs": 4, "patience": 2}},
+            "retrieval_candidates": {"config": {"k": 50, "num_random_negatives": 5}},
+            "ranking_dataset": {"config": {"num_hard_negatives": 10}},
+            "dlrm_model": {"config": {"epochs": 2, "patience": 1, "gate_min_gain": gate_min_gain}},
+            "evaluation": {"config": {"ease_lambdas": [50.0], "als_ranks": [8], "als_max_iter": 3}},
+        }
+    }
+
+
+def _assets_and_checks():
+    from recsys_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    return list(defs.assets), list(defs.asset_checks), graph
+
+
+@pytest.fixture(scope="module")
+def funnel(tmp_path_factory, spark):
+    assets, checks, _ = _assets_and_checks()
+    root = tmp_path_factory.mktemp("funnel")
+    # The gate's threshold is lowered here so the mechanics of every downstream asset are tested whatever the
+    # ranker's quality on tiny data; `test_failed_gate_*` below raises it to make the gate fail.
+    result = dg.materialize([*assets, *checks], resources=_resources(root), run_config=_run_config(-1.0))
+    return result, root
+
+
+def _md(result, key: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == key]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def _splits(result) -> pd.DataFrame:
+    from recsys_assets.data.schema import DatasetPaths
+
+    return pd.read_parquet(DatasetPaths(Path(_md(result, "mds_splits")["published_path"])).splits)
+
+
+def test_every_asset_and_check_of_the_graph_ran(funnel):
+    result, _ = funnel
+    assert result.success
+    _, _, graph = _assets_and_checks()
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert done == {k.to_user_string() for k in graph.get_all_asset_keys()}
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["ranking_data_has_no_test_period"] and checks["two_tower_beats_most_popular"]
+    assert checks["two_stage_at_least_two_tower"]
+
+
+def test_candidates_never_include_fit_items(funnel):
+    result, _ = funnel
+    splits = _splits(result)
+    cand = pd.read_parquet(Path(_md(result, "retrieval_candidates")["published_path"]) / "candidates.parquet")
+    fit_of = {"validation": ("train",), "test": ("train", "validation")}
+    for phase, fit in fit_of.items():
+        c = cand[cand["phase"] == phase]
+        assert len(c) and c.groupby("user").size().max() == 50
+        seen = splits[splits["split"].isin(fit)][["user", "item"]].drop_duplicates()
+        clash = c.merge(seen, on=["user", "item"])
+        assert clash.empty, f"{phase} candidates contain fit items: {clash.head()}"
+        # ranks are 0..k-1 in descending score order
+        c = c.sort_values(["user", "retrieval_rank"])
+        assert (c.groupby("user")["retrieval_score"].diff().dropna() <= 1e-6).all()
+
+
+def test_ranker_training_data_has_no_test_period_rows(funnel):
+    result, _ = funnel
+    splits = _splits(result)
+    root = Path(_md(result, "ranking_dataset")["published_path"])
+    train = pd.read_parquet(root / "train.parquet")
+    val = splits[splits["split"] == "validation"].set_index("user")
+    test = splits[splits["split"] == "test"].set_index("user")
+    assert set(train["phase"]) == {"validation"}
+    pos = train[train["label"] > 0.5]
+    assert len(pos) > 0
+    assert (pos["item"].to_numpy() == val.loc[pos["user"], "item"].to_numpy()).all()
+    # every query time is the validation time, strictly before the same user's test row
+    assert (train["query_timestamp"].to_numpy() == val.loc[train["user"], "timestamp"].to_numpy()).all()
+    has_test = train["user"].isin(test.index)
+    assert (train.loc[has_test, "query_timestamp"].to_numpy()
+            <= test.loc[train.loc[has_test, "user"], "timestamp"].to_numpy()).all()
+    # hard negatives come from retrieval, and are not the validation item
+    assert {"retrieved", "random"} <= set(train["source"])
+    assert (train.loc[train["source"] == "random", "label"] == 0).all()
+    # the MDS training split holds exactly these pairs
+    from recsys_assets.data.mds import summarize_mds
+
+    assert summarize_mds(root / "mds" / "train")["rows"] == len(train)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["rows"]["train"] == len(train)
+    holdout_users = set(pd.read_parquet(root / "holdout.parquet")["user"])
+    assert holdout_users and not holdout_users & set(train["user"])
+
+
+def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
+    from mlflow.tracking import MlflowClient
+
+    from recsys_assets.defs.model_assets import TrainedModel
+    from recsys_assets.defs.ranking_assets import load_dlrm_model
+
+    result, root = funnel
+    md = _md(result, "dlrm_model")
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    run = client.get_run(md["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["model"] == "dlrm"
+    assert run.data.tags["two_tower_run_id"] == _md(result, "two_tower_model")["mlflow_run_id"]
+    assert 0.0 <= md["holdout_auroc"] <= 1.0 and 0.0 <= md["test_auroc"] <= 1.0
+    assert np.isfinite(md["test_logloss"]) and md["test_logloss"] > 0
+    assert md["mlflow_run"].endswith(md["mlflow_run_id"])
+    model, layout, cfg = load_dlrm_model(TrainedModel(md["published_path"], md["mlflow_run_id"]))
+    assert {f.name for f in layout} >= {"item", "history"}
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_recommendations_are_top10_reranked_unseen_items(funnel):
+    result, _ = funnel
+    md = _md(result, "recommendations")
+    recs = pd.read_parquet(Path(md["published_path"]) / "recommendations.parquet")
+    splits = _splits(result)
+    assert recs.groupby("user").size().max() == 10
+    assert recs["user"].nunique() == splits["user"].nunique()  # every user gets a list
+    assert (recs.groupby("user")["dlrm_score"].diff().dropna() <= 1e-6).all()
+    seen = splits[splits["split"].isin(["train", "validation"])][["user", "item"]].drop_duplicates()
+    assert recs.merge(seen, on=["user", "item"]).empty
+    assert set(recs["dlrm_run_id"]) == {_md(result, "dlrm_model")["mlflow_run_id"]}
+    assert set(recs["two_tower_run_id"]) == {_md(result, "two_tower_model")["mlflow_run_id"]}
+
+
+def test_evaluation_reports_every_model_through_one_evaluator(funnel):
+    from mlflow.tracking import MlflowClient
+
+    from recsys_assets.evaluation.protocol import EvalTask, evaluate
+
+    result, root = funnel
+    md = _md(result, "evaluation")
+    for key in ("two_tower_hr@10", "two_tower_ndcg@10", "two_stage_hr@10", "two_stage_ndcg@10",
+                "two_stage_retrieval_hr@50", "mostpopular_hr@10", "lastitemmarkov_ndcg@10", "ease_hr@10",
+                "spark_als_ndcg@10"):
+        assert key in md and 0.0 <= md[key] <= 1.0, key
+    assert "| Two-stage (Two Tower → DLRM) |" in md["metrics"]
+    assert md["chart"].startswith("![")
+    # two-stage HR@10 recomputed from the published recommendations with the evaluator
+    splits = _splits(result)
+    recs = pd.read_parquet(Path(_md(result, "recommendations")["published_path"]) / "recommendations.parquet")
+    task = EvalTask.from_splits(splits[["user", "item", "timestamp", "split"]], "test")
+    order = {(u, i): 10 - r for u, i, r in zip(recs["user"], recs["item"], recs["rank"])}
+
+    def score(users):
+        out = torch.full((len(users), task.num_items), -torch.inf)
+        for row, u in enumerate(users):
+            for (uu, i), s in order.items():
+                if uu == u:
+                    out[row, i] = float(s)
+        return out
+
+    assert evaluate(score, task)["hr@10"] == pytest.approx(md["two_stage_hr@10"])
+    # retrieval bounds the funnel: the two-stage list cannot hit more than the candidates hold
+    assert md["two_stage_hr@10"] <= md["two_stage_retrieval_hr@50"] + 1e-9
+    run = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db").get_run(md["mlflow_run"].rsplit("/", 1)[-1])
+    assert run.info.status == "FINISHED" and "two_stage_ndcg_at_10" in run.data.metrics
+
+
+def test_failed_gate_stops_recommendations_and_says_why(funnel):
+    """Demand an impossible gain: the blocking gate fails, recommendations and evaluation are not run, and the
+    last published recommendations stay the previous ones."""
+    result, root = funnel
+    assets, checks, _ = _assets_and_checks()
+    before = sorted((root / "state" / "assets" / "recommendations").iterdir())
+    failed = dg.materialize(
+        [*assets, *checks],
+        selection=dg.AssetSelection.assets("dlrm_model", "recommendations", "evaluation"),
+        resources=_resources(root),
+        run_config=_run_config(1.0),
+        raise_on_error=False,
+    )
+    assert not failed.success
+    [gate] = [e for e in failed.get_asset_check_evaluations() if e.check_name == "two_stage_at_least_two_tower"]
+    assert not gate.passed
+    assert "does not improve the list" in (gate.description or "")
+    done = {e.asset_key.to_user_string() for e in failed.get_asset_materialization_events()}
+    assert done == {"dlrm_model"}
+    assert sorted((root / "state" / "assets" / "recommendations").iterdir()) == before
