@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow/mlflow.db
 DEMO_CONFIG ?= $(ROOT)/recsys_assets/configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: env demo test ui benchmarks clean-state
+.PHONY: env demo test ci-materialize ui benchmarks clean-state
 
 env:
 	@bash scripts/bootstrap.sh >/dev/null
@@ -44,6 +44,21 @@ test:
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
 	bash scripts/install_browser.sh || true  # chromium for test_ui_browser.py; never fails the tests
 	$$VENV/bin/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory ci-materialize
+
+# "dagster asset materialize in CI": the whole graph on the demo config, against a fresh instance and state
+# folder (deleted afterwards), then the evaluation asset must carry its metrics.
+CI_REQUIRED := evaluation:two_stage_hr@10,two_stage_ndcg@10,two_tower_hr@10,two_tower_ndcg@10,mostpopular_ndcg@10,lastitemmarkov_ndcg@10,ease_ndcg@10,spark_als_ndcg@10
+ci-materialize:
+	VENV=$(venv)
+	CI_STATE=$$(mktemp -d /tmp/recsys-ci-XXXXXX)
+	trap 'rm -rf "$$CI_STATE"' EXIT
+	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH RECSYS_STATE_DIR=$$CI_STATE
+	export DAGSTER_HOME=$$CI_STATE/dagster_home MLFLOW_TRACKING_URI=sqlite:///$$CI_STATE/mlflow/mlflow.db
+	mkdir -p $$DAGSTER_HOME $$CI_STATE/mlflow
+	$$VENV/bin/python -c "from recsys_assets.defs.automation import write_dagster_yaml; write_dagster_yaml('$$DAGSTER_HOME')"
+	$$VENV/bin/dagster asset materialize -m recsys_assets.definitions --select '*' -c $(DEMO_CONFIG)
+	$$VENV/bin/python -m recsys_assets.summary --require $(CI_REQUIRED)
 
 ui:
 	VENV=$(venv)

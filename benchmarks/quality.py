@@ -1,6 +1,6 @@
 """Quality of the two-stage recommender on MovieLens (ml-latest-small), against the baselines, one evaluator.
 
-Reproduce (prints the tables below; ~15 min on 2 cores):
+Reproduce (prints the tables below; ~8 min on 2 cores):
     V=$(bash scripts/bootstrap.sh); PYSPARK_PYTHON=$V/bin/python $V/bin/python benchmarks/quality.py \
         [--movielens ../shared/data/ml-latest-small] [--work /tmp/quality] [--run-config extra.yaml]
 
@@ -28,7 +28,6 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_RUN_CONFIG = {
     "two_tower_model": {"config": {"epochs": 10, "patience": 3}},
-    "dlrm_model": {"config": {"epochs": 10, "patience": 3}},
 }
 
 

@@ -13,10 +13,14 @@ if TYPE_CHECKING:  # Spark / the converter are imported where used: training val
 
 
 def write_split_to_mds(splits: DataFrame, split: str, out: str | Path, *, partitions: int = 2,
-                       compression: str | None = "zstd", size_limit: str = "64mb") -> dict:
+                       compression: str | None = "zstd", size_limit: str = "64mb",
+                       remote: str | None = None) -> dict:
     """Writes the rows of one split (MDS_COLUMNS, explicit types) and returns its index summary.
 
-    Nullable ratings (implicit data) are written as NaN: MDS float columns have no null."""
+    Nullable ratings (implicit data) are written as NaN: MDS float columns have no null.
+    remote: also upload the split there (s3://, gs://, dbfs:/, file://, ...) through Streaming's own uploader
+        (``out=(local, remote)``: each writer task uploads its shards, the merged index.json follows); the local
+        copy in `out` is kept (the summary and the MDS checks read it)."""
     from pyspark.sql import functions as F
     from streaming.base.converters import dataframe_to_mds
 
@@ -28,11 +32,39 @@ def write_split_to_mds(splits: DataFrame, split: str, out: str | Path, *, partit
         F.col(S.HISTORY).cast("array<int>"),
         F.col(S.HISTORY_LEN).cast("int"),
     )
-    mds_kwargs = {"out": str(out), "columns": dict(S.MDS_COLUMNS), "size_limit": size_limit}
+    target = (str(out), streaming_remote(remote)) if remote else str(out)
+    mds_kwargs = {"out": target, "columns": dict(S.MDS_COLUMNS), "size_limit": size_limit}
+    if remote:
+        mds_kwargs["keep_local"] = True
     if compression:
         mds_kwargs["compression"] = compression
     dataframe_to_mds(rows.repartition(partitions), merge_index=True, mds_kwargs=mds_kwargs)
     return summarize_mds(out)
+
+
+# URI schemes Streaming 0.13 uploads to / downloads from, plus file:// (see `streaming_remote`).
+REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "azure-dl", "hf", "dbfs", "file")
+
+
+def streaming_remote(uri: str) -> str:
+    """A remote URI as Mosaic Streaming takes it. Object-store URIs (s3://b/p, gs://b/p, dbfs:/p, ...) pass
+    unchanged; ``file:///abs/path`` becomes ``/abs/path``: Streaming's local uploader and downloader are
+    registered for the empty scheme and refuse ``file`` ("Invalid Cloud provider prefix: file")."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in REMOTE_SCHEMES:
+        raise ValueError(f"MDS remote {uri!r}: expected a URI with one of the schemes {REMOTE_SCHEMES}")
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"MDS remote {uri!r}: file:// URIs must be absolute (file:///path)")
+        return unquote(parsed.path)
+    return uri
+
+
+def join_remote(root: str, *parts: str) -> str:
+    """`root` (a URI) with path parts appended by '/'."""
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 def summarize_mds(path: str | Path) -> dict:

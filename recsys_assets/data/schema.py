@@ -51,6 +51,9 @@ class DatasetMeta:
     user_attribute_cardinalities: dict[str, int]
     history_length: int
     rows: dict[str, int]  # rows per split
+    # Where the MDS splits were also uploaded (`<mds_remote>/<split>/`, a URI: s3://, gs://, dbfs:/, file://),
+    # None when they exist only in the local `mds/` folder. Trainers read it with a local cache folder.
+    mds_remote: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

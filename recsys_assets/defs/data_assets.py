@@ -69,6 +69,12 @@ class MdsConfig(dg.Config):
     partitions: int = Field(2, ge=1, description="Spark partitions (= MDS writer tasks) per split.")
     compression: Optional[str] = "zstd"
     shard_size_limit: str = "64mb"
+    remote_root: Optional[str] = Field(
+        None,
+        description="Also upload the MDS splits to object storage under this URI (s3://, gs://, dbfs:/, file://), "
+        "at <remote_root>/mds_splits/<run id>/<split>/, through Streaming's uploader; meta.json records it as "
+        "mds_remote and trainers can stream from it into a local cache. The local copy is kept.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -293,12 +299,16 @@ def mds_splits(
     history_length = int((Path(interaction_splits.path) / "history_length.txt").read_text())
     dest = state.asset_dir("mds_splits", context.run_id)
     summaries: dict[str, dict] = {}
+    mds_remote = M.join_remote(config.remote_root, "mds_splits", context.run_id) if config.remote_root else None
+    if mds_remote:
+        M.streaming_remote(mds_remote)  # refuses an unsupported scheme before any Spark work
     with publish_folder(dest) as tmp:
         paths = S.DatasetPaths(tmp)
         for split in S.SPLITS:
             summaries[split] = M.write_split_to_mds(
                 splits, split, paths.mds(split), partitions=config.partitions,
                 compression=config.compression, size_limit=config.shard_size_limit,
+                remote=M.join_remote(mds_remote, split) if mds_remote else None,
             )
             context.log.info(f"mds {split}: {summaries[split]['rows']} rows in {summaries[split]['shards']} shards")
         # Popularity for log-Q correction and features comes from train rows only: no test-period leak.
@@ -319,6 +329,7 @@ def mds_splits(
             user_attribute_cardinalities={k: int(v) for k, v in cards["user_attribute_cardinalities"].items()},
             history_length=history_length,
             rows={s: summaries[s]["rows"] for s in S.SPLITS},
+            mds_remote=mds_remote,
         )
         paths.meta.write_text(meta.to_json())
     metadata: dict = {"published_path": dg.MetadataValue.path(str(dest)), "meta": dg.MetadataValue.json(json.loads(meta.to_json()))}

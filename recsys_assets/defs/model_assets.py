@@ -85,6 +85,8 @@ def _train_config(config: TwoTowerConfig, data_root: str, **overrides):
 
     settings = dict(
         data_root=data_root,
+        # MDS uploaded to object storage by mds_splits (MdsConfig.remote_root): stream it into a local cache
+        mds_remote=S.DatasetMeta.load(S.DatasetPaths(Path(data_root)).meta).mds_remote,
         embedding_dim=config.embedding_dim,
         layer_sizes=tuple(config.layer_sizes),
         temperature=config.temperature,

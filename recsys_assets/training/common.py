@@ -10,7 +10,8 @@ No Dagster / Spark here. Every function that says "collective" must be called on
 - `gather_state_dict`: the unsharded state dict on one rank (ShardedTensor.gather on every rank).
 - `snapshot_local_state` / `restore_local_state`: keep "best epoch" weights without gathering them.
 - `broadcast_object`, `all_gather_object`, `peak_rss_mb`, `shard_bounds`.
-- `streaming_loader`: StreamingDataset (several local MDS folders as streams) + StreamingDataLoader.
+- `streaming_loader`: StreamingDataset (several local MDS folders as streams, or remote ones with a local
+  cache) + StreamingDataLoader.
 - `ProgressReporter`: rank 0 writes per-epoch metrics to MLflow (existing run) and a JSON-lines file.
 """
 from __future__ import annotations
@@ -371,10 +372,15 @@ def streaming_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     epoch_size: int | None = None,
+    remotes: Sequence[str] | None = None,
 ):
     """(StreamingDataset, StreamingDataLoader) over local MDS folders (one Stream each), partitioned across
     ranks by Streaming (disjoint parts, equal sizes: an odd total is padded by repeating samples). Each
     iteration of the loader is one epoch, reshuffled with (seed, epoch).
+
+    remotes: one remote MDS folder per entry of `folders` (s3://, gs://, dbfs:/, file://); `folders` are then
+        the local cache folders Streaming downloads shards into (created as needed; one per node, never shared
+        by two open datasets). Default None: read `folders` in place.
 
     Call `clean_stale_shared_memory()` on every rank before this (it has a barrier): see `prepare_streaming`.
     """
@@ -383,13 +389,21 @@ def streaming_loader(
     folders = [str(f) for f in folders]
     if not folders:
         raise ValueError("no MDS folders to read")
-    for f in folders:
-        if not (Path(f) / "index.json").exists():
-            raise FileNotFoundError(f"no MDS index.json in {f}")
-    if len(folders) == 1:
-        kwargs: dict[str, Any] = {"local": folders[0]}
+    if remotes is None:
+        for f in folders:
+            if not (Path(f) / "index.json").exists():
+                raise FileNotFoundError(f"no MDS index.json in {f}")
+        pairs = [(None, f) for f in folders]
     else:
-        kwargs = {"streams": [Stream(local=f) for f in folders]}
+        from recsys_assets.data.mds import streaming_remote
+
+        if len(remotes) != len(folders):
+            raise ValueError(f"{len(remotes)} remotes for {len(folders)} local cache folders")
+        pairs = [(streaming_remote(r), f) for r, f in zip(remotes, folders)]
+    if len(pairs) == 1:
+        kwargs: dict[str, Any] = {"remote": pairs[0][0], "local": pairs[0][1]}
+    else:
+        kwargs = {"streams": [Stream(remote=r, local=f) for r, f in pairs]}
     dataset = StreamingDataset(
         **kwargs,
         shuffle=shuffle,
@@ -405,6 +419,17 @@ def streaming_loader(
         persistent_workers=num_workers > 0,
     )
     return dataset, loader
+
+
+def default_mds_cache_dir(remote: str) -> Path:
+    """A local cache folder for a remote MDS root: one per remote (and user) in the system temp folder, so
+    the ranks of one node share it and two remotes never mix shards."""
+    import getpass
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(remote.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"recsys-mds-cache-{getpass.getuser()}" / digest
 
 
 def prepare_streaming() -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys_assets.training import common
+from recsys_assets.training import checkpoint, common
 from recsys_assets.training.common import DistEnv
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,12 @@ class DLRMTrainConfig(common.JsonConfig):
     eval_batch_size: int = 2048
     ks: tuple[int, ...] = (10,)
 
+    # checkpoints (recsys_assets.training.checkpoint): sharded DCP state + loader/RNG + trainer state at every
+    # epoch end; resume "auto" continues a relaunch with the same folder after its last finished epoch
+    checkpoint_dir: str | None = None
+    checkpoint_keep: int = 2
+    resume: bool | str = "auto"
+
     # reporting (rank 0)
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
@@ -103,6 +109,8 @@ class DLRMTrainConfig(common.JsonConfig):
                 raise ValueError("selecting epochs on the test set would leak it: use a validation set")
         if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
             raise ValueError("batch_size, epochs and patience must be positive")
+        if self.resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
         self.model_config()  # validates the MLP sizes
 
     def model_config(self):
@@ -137,6 +145,7 @@ class DLRMTrainResult:
     world_size: int
     peak_rss_mb: list[float]
     total_seconds: float
+    resumed_from_step: int | None = None  # the checkpoint step this launch continued from (None: fresh)
 
     def load_model(self, device: str | torch.device = "cpu"):
         from recsys_assets.models.dlrm import DLRMModelConfig, layout_from_dicts, load_dlrm
@@ -306,6 +315,8 @@ def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainRe
     )
 
     common.seed_everything(config.seed)
+    # an explicit resume without a checkpoint fails here, before any expensive work
+    resume_path = checkpoint.resolve_resume(config.checkpoint_dir, config.resume)
     layout = config.sparse_layout()
     model_config = config.model_config()
     eval_sets = {name: load_pair_set(p, layout, config.dense_in_features) for name, p in config.eval_sets.items()}
@@ -352,15 +363,32 @@ def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainRe
 
     history: list[dict[str, Any]] = []
     best_value, best_epoch, best_snapshot, bad_epochs = -math.inf, -1, None, 0
-    best_scores: dict[str, np.ndarray] = {}
     stopped_early = False
     train_seconds_total, samples_total = 0.0, 0
     lower_is_better = config.early_stopping_metric == "logloss"
+    manager = checkpoint.CheckpointManager(config.checkpoint_dir, env, keep=config.checkpoint_keep) if config.checkpoint_dir else None
+    best_checkpoint: str | None = None  # the checkpoint holding the best epoch's weights (pinned)
+    start_epoch, global_step, resumed_from_step = 0, 0, None
+    if resume_path is not None:
+        loaded = manager.load(resume_path, model=dmp, optimizer=optimizer, loader=loader)
+        st = loaded.trainer_state
+        history, best_epoch, bad_epochs = list(st["history"]), int(st["best_epoch"]), int(st["bad_epochs"])
+        best_value = float(st["best_value"]) if st["best_value"] is not None else -math.inf
+        best_checkpoint, stopped_early = st["best_checkpoint"], bool(st["stopped_early"])
+        train_seconds_total, samples_total = float(st["train_seconds"]), int(st["samples"])
+        start_epoch, global_step = int(st["epoch"]) + 1, loaded.step
+        resumed_from_step = global_step
+        reporter.event({"event": "resume", "step": global_step, "epoch": start_epoch, "path": str(resume_path)})
+        if env.is_main:
+            print(f"[dlrm] resumed from {resume_path} (step {global_step}, next epoch {start_epoch})", flush=True)
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
+            if stopped_early:
+                break
             dmp.train()
             t0 = time.time()
             loss_sum, steps, samples = 0.0, 0, 0
+            lstate = None
             for batch in loader:
                 b = int(batch[LABEL].shape[0])
                 kjt = batch_to_kjt(batch, layout).to(env.device)
@@ -373,6 +401,9 @@ def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainRe
                 loss_sum += float(loss.detach()) * b
                 steps += 1
                 samples += b
+                global_step += 1
+                if manager is not None:
+                    lstate = loader.state_dict()  # local and cheap; an exhausted loop's state is not resumable
             train_s = time.time() - t0
             loss_sum_g, samples_g, steps_g = common.all_reduce_sum([loss_sum, samples, steps], env)
             train_seconds_total += train_s
@@ -398,7 +429,7 @@ def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainRe
                 if improved:
                     best_value, best_epoch, bad_epochs = value, epoch, 0
                     best_snapshot = common.snapshot_local_state(dmp)
-                    best_scores = scores
+                    best_checkpoint = checkpoint.checkpoint_name(global_step) if manager is not None else None
                 else:
                     bad_epochs += 1
             flat = {f"{name}_{k}": v for name, m in metrics.items() for k, v in m.items()}
@@ -410,19 +441,34 @@ def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainRe
                       f"{' *' if improved and config.selection_set else ''}", flush=True)
             if config.selection_set is not None and bad_epochs >= config.patience:
                 stopped_early = epoch < config.epochs - 1
+            if manager is not None:
+                manager.save(
+                    global_step, model=dmp, optimizer=optimizer,
+                    loader_state=checkpoint.next_epoch_loader_state(lstate) if lstate is not None else None,
+                    trainer_state={"epoch": epoch, "history": history, "best_epoch": best_epoch,
+                                   "best_value": best_value if math.isfinite(best_value) else None,
+                                   "bad_epochs": bad_epochs, "best_checkpoint": best_checkpoint,
+                                   "stopped_early": stopped_early, "train_seconds": train_seconds_total,
+                                   "samples": samples_total},
+                    pinned=[best_checkpoint] if best_checkpoint else [],
+                )
+            if stopped_early:
                 break
     finally:
         del loader, dataset
+    if not history:
+        raise RuntimeError("no epoch was trained (epochs <= the resumed checkpoint's epoch)")
 
-    if config.selection_set is None or best_epoch == history[-1]["epoch"]:
+    if config.selection_set is None:
         best_epoch = history[-1]["epoch"]
-        final_metrics = history[-1]["metrics"]
-        final_scores = scores
-    else:
-        common.restore_local_state(dmp, best_snapshot)
-        final_metrics = history[best_epoch]["metrics"]
-        final_scores = best_scores
+    if best_epoch != history[-1]["epoch"]:
+        if best_snapshot is not None:
+            common.restore_local_state(dmp, best_snapshot)
+        else:  # the best epoch was before this launch resumed: its weights are in the pinned checkpoint
+            manager.load_model(Path(config.checkpoint_dir) / best_checkpoint, dmp)
     best_snapshot = None
+    # the returned weights' metrics and scores, evaluated once more (also right after a resume)
+    final_metrics, final_scores = evaluate_all()
     state_dict = common.gather_state_dict(dmp.state_dict(), env)
     rss = common.all_gather_object(common.peak_rss_mb(), env)
     result = None
@@ -442,6 +488,7 @@ def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainRe
             world_size=env.world_size,
             peak_rss_mb=[float(x) for x in rss],
             total_seconds=time.time() - t_start,
+            resumed_from_step=resumed_from_step,
         )
         reporter.event({"event": "end", "best_epoch": best_epoch, "final_metrics": final_metrics,
                         "samples_per_second": result.samples_per_second, "stopped_early": stopped_early})

@@ -129,6 +129,11 @@ class TwoTowerTrainConfig(common.JsonConfig):
     # if there is one (a relaunch with the same checkpoint_dir continues where it stopped); False: start fresh.
     resume: bool | str = "auto"
     validate_data: bool = True  # cheap checks of MDS files, columns and id ranges before building the model
+    # MDS on object storage: stream the fit splits from `<mds_remote>/<split>/` (meta.json's mds_remote; s3://,
+    # gs://, dbfs:/, file://) into `<mds_cache_dir>/<split>/` (default: a folder per remote in the system temp
+    # dir) instead of reading `<data_root>/mds/<split>/` in place. The rest of data_root is still read locally.
+    mds_remote: str | None = None
+    mds_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.eval_phase not in FIT_SPLITS_OF_PHASE:
@@ -412,7 +417,7 @@ def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, m
 
     from recsys_assets.data.mds import validate_mds
 
-    for split in config.fit_splits:
+    for split in config.fit_splits if not config.mds_remote else ():  # remote shards: Streaming checks them
         validate_mds(paths.mds(split), columns=TRAIN_MDS_COLUMNS)
     if config.max_history is not None and config.max_history > meta.history_length:
         raise ValueError(
@@ -528,13 +533,20 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
     )
 
     common.prepare_streaming()
-    folders = [paths.mds(s) for s in config.fit_splits]
+    folders, remotes = [paths.mds(s) for s in config.fit_splits], None
+    if config.mds_remote:
+        from recsys_assets.data.mds import join_remote
+
+        cache = Path(config.mds_cache_dir or common.default_mds_cache_dir(config.mds_remote))
+        folders = [cache / s for s in config.fit_splits]
+        remotes = [join_remote(config.mds_remote, s) for s in config.fit_splits]
     dataset, loader = common.streaming_loader(
         folders,
         config.batch_size,
         seed=config.seed,
         num_workers=config.num_workers,
         epoch_size=config.epoch_size,
+        remotes=remotes,
     )
     neg_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + env.rank)
     generators = {"negatives": neg_gen}
