@@ -143,7 +143,10 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     assert np.isfinite(md["test_logloss"]) and md["test_logloss"] > 0
     assert md["mlflow_run"].endswith(md["mlflow_run_id"])
     model, layout, cfg = load_dlrm_model(TrainedModel(md["published_path"], md["mlflow_run_id"]))
-    assert {f.name for f in layout} >= {"item", "history"}
+    # the defaults chosen on holdout lists: category bag + user attributes (id tables are opt-in)
+    names = {f.name for f in layout}
+    assert "categories" in names and any(n.startswith("attr_") for n in names)
+    assert not names & {"user", "item", "history"}
     assert isinstance(model, torch.nn.Module)
 
 
@@ -205,7 +208,8 @@ def test_failed_gate_stops_recommendations_and_says_why(funnel):
         [*assets, *checks],
         selection=dg.AssetSelection.assets("dlrm_model", "recommendations", "evaluation"),
         resources=_resources(root),
-        run_config=_run_config(1.0),
+        run_config={"ops": {k: v for k, v in _run_config(1.0)["ops"].items()
+                            if k in ("dlrm_model", "recommendations", "evaluation")}},
         raise_on_error=False,
     )
     assert not failed.success
