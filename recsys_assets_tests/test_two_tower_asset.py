@@ -131,6 +131,19 @@ def test_failed_rank_is_a_clear_error_without_hanging(spark, tmp_path):
     assert time.monotonic() - start < 120
 
 
+def test_large_results_come_back_intact(spark):
+    """A large, slow-to-pickle result comes back whole. (TorchDistributor's local mode has every rank pickle its
+    return value into one shared file; when trainers end in lockstep after a broadcast, large results interleave
+    and fail to unpickle — seen once with the DLRM in CI. The resource now takes rank 0's result from a file of
+    its own; this test checks that handover, it does not reproduce the timing.)"""
+    from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
+
+    resource = TorchDistributorResource(num_processes=2, timeout_seconds=300)
+    # 3M distinct short strings: pickling takes long enough that the two ranks' writes overlap
+    out = resource.run(None, SparkResource(master="local[2]"), str.split, "ab " * 3_000_000, on_progress=print)
+    assert len(out) == 3_000_000 and set(out) == {"ab"}
+
+
 def test_timeout_kills_the_process_tree(spark):
     from recsys_assets.defs.resources import SparkResource, TorchDistributorResource, _process_table
 

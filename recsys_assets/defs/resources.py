@@ -1,6 +1,7 @@
 """Dagster resources: Spark session, local state folder (and, for training, TorchDistributor and MLflow)."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -174,7 +175,7 @@ class TorchDistributorResource(ConfigurableResource):
 
         from pyspark.ml.torch.distributor import TorchDistributor
 
-        from recsys_assets.training.launch import run_with_consistent_local_ranks
+        from recsys_assets.training.launch import RESULT_FILE, run_with_consistent_local_ranks
 
         self.validate()
         session = spark.spark_session  # TorchDistributor needs an active session
@@ -230,8 +231,9 @@ class TorchDistributorResource(ConfigurableResource):
             # A rank killed (SIGKILL, OOM, os._exit) writes no error file; the others then fail in a collective
             # ("Connection reset by peer"), which would hide it: name the ranks that died first.
             errored = {p.stem[len("rank"):] for p in files}
+            done = {p.name[len("done"):] for p in Path(error_dir).glob("done*")}
             silent = sorted(p.name[len("started"):] for p in Path(error_dir).glob("started*")
-                            if p.name[len("started"):] not in errored)
+                            if p.name[len("started"):] not in errored | done)
             if silent:
                 died = (f"rank(s) {', '.join(silent)} ended without a Python error (killed, out of memory or "
                         f"os._exit; once one rank dies, torchrun also terminates the others)")
@@ -239,6 +241,14 @@ class TorchDistributorResource(ConfigurableResource):
             raise RuntimeError(
                 f"distributed training failed: {causes or _summarize_failure(outcome['error'])}"
             ) from outcome["error"]
+        handed_over = Path(error_dir) / RESULT_FILE
+        if handed_over.exists():  # rank 0's result (see training/launch.py); a temp file this call created
+            import pickle
+
+            with open(handed_over, "rb") as fh:
+                result = pickle.load(fh)
+            shutil.rmtree(error_dir, ignore_errors=True)
+            return result
         return outcome["result"]
 
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 import traceback
 from pathlib import Path
 from typing import Any, Callable
+
+RESULT_FILE = "result.pkl"
 
 
 def run_with_consistent_local_ranks(single_machine_non_local: bool, error_dir: str | None,
@@ -15,14 +18,28 @@ def run_with_consistent_local_ranks(single_machine_non_local: bool, error_dir: s
     if single_machine_non_local:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("WORLD_SIZE", "1")
         os.environ["LOCAL_RANK"] = os.environ.get("RANK", "0")
-    if error_dir:  # lets the launcher name a rank that dies without a Python error (SIGKILL, OOM, os._exit)
-        Path(error_dir, f"started{os.environ.get('RANK', '?')}").touch()
+    rank = os.environ.get("RANK", "?")
+    # error_dir is the launcher's folder; on another machine of a cluster it does not exist: skip the markers
+    shared = bool(error_dir) and os.path.isdir(error_dir)
+    if shared:  # lets the launcher name a rank that dies without a Python error (SIGKILL, OOM, os._exit)
+        Path(error_dir, f"started{rank}").touch()
     try:
-        return fn(*args)
+        result = fn(*args)
+        if not shared:
+            return result
+        # TorchDistributor (local mode) has EVERY rank pickle its return value into one shared file: with large
+        # results (state dicts) the concurrent writes interleave and the file does not unpickle. Rank 0 hands
+        # its result over through its own file (written, then renamed), every rank returns None.
+        if rank == "0":
+            tmp = Path(error_dir, f".{RESULT_FILE}.tmp")
+            with open(tmp, "wb") as fh:
+                pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, Path(error_dir, RESULT_FILE))
+        Path(error_dir, f"done{rank}").touch()
+        return None
     except BaseException as exc:
         # TorchDistributor's own error only says "view stdout logs": leave the cause where the launcher reads it.
-        if error_dir:
-            rank = os.environ.get("RANK", "?")
+        if shared:
             tail = "".join(traceback.format_exception(exc)[-6:])
             Path(error_dir, f"rank{rank}.txt").write_text(f"rank {rank}: {type(exc).__name__}: {exc}\n{tail}")
         raise
