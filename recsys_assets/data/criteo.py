@@ -39,6 +39,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from recsys_assets.data import schema as S
 from recsys_assets.data.errors import DataValidationError
 
 NUM_INT = 13
@@ -46,8 +47,7 @@ NUM_CAT = 26
 NUM_FIELDS = 1 + NUM_INT + NUM_CAT
 INT_COLUMNS = [f"int_{i}" for i in range(NUM_INT)]
 CAT_COLUMNS = [f"cat_{i}" for i in range(NUM_CAT)]
-LABEL = "label"
-DENSE = "dense"
+LABEL, DENSE = S.LABEL, S.DENSE  # the DLRM's pair columns
 ROW_INDEX = "row_index"
 MISSING_ID = 0  # the embedding row of a missing categorical value
 DEFAULT_NUM_EMBEDDINGS = 100_000

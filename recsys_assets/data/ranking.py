@@ -50,9 +50,7 @@ DENSE_FEATURES = (
     "log_user_idle_days",
     "category_overlap",
 )
-LABEL = "label"
-DENSE = "dense"
-QUERY_ID = "query_id"
+LABEL, DENSE, QUERY_ID = S.LABEL, S.DENSE, S.QUERY_ID
 RETRIEVAL_SCORE = "retrieval_score"
 RETRIEVAL_RANK = "retrieval_rank"
 SOURCE = "source"  # retrieved | target | random

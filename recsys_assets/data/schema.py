@@ -29,6 +29,12 @@ PAD_ID = -1
 
 SPLITS = ("train", "validation", "test")
 
+# The ranker's pairs (data/ranking.py writes them, models/dlrm.py and training/dlrm.py read them): a 0/1 label,
+# the dense feature vector, and the id of the candidate list a pair belongs to.
+LABEL = "label"
+DENSE = "dense"
+QUERY_ID = "query_id"
+
 # Spark type names of the cleaned interactions table.
 INTERACTION_COLUMNS = {USER: "int", ITEM: "int", TIMESTAMP: "bigint", RATING: "float"}
 

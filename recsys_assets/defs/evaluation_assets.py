@@ -12,10 +12,10 @@ from pydantic import Field
 from recsys_assets.data import schema as S
 from recsys_assets.data.publish import publish_folder
 from recsys_assets.defs.data_assets import PublishedFolder
-from recsys_assets.defs.model_assets import TrainedModel, load_trained_two_tower, metrics_markdown, two_tower_model
+from recsys_assets.defs.model_assets import TrainedModel, metrics_markdown, two_tower_model
 from recsys_assets.defs.ranking_assets import RankingData, dlrm_model, ranking_dataset
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource
-from recsys_assets.defs.retrieval_assets import CandidateSet
+from recsys_assets.defs.retrieval_assets import CandidateSet, load_query_splits, serving_queries
 
 EVALUATION_GROUP = "evaluation"
 
@@ -31,10 +31,9 @@ class EvaluationConfig(dg.Config):
 
 
 def _splits_frame(mds_splits: PublishedFolder):
-    import pyarrow.parquet as pq
+    from recsys_assets.training.two_tower import load_splits_frame
 
-    return pq.read_table(S.DatasetPaths(Path(mds_splits.path)).splits,
-                         columns=[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]).to_pandas()
+    return load_splits_frame(mds_splits.path, [S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT])
 
 
 def _list_scores(frame, num_items: int, score_col: str):
@@ -80,13 +79,12 @@ def evaluation(
 
     from recsys_assets.evaluation.baselines import EASE, LastItemMarkov, MostPopular, SparkALS, tune
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
-    from recsys_assets.models.features import FeatureStore
     from recsys_assets.models.two_tower import ItemEncoder
-    from recsys_assets.serving.retrieval import query_states, query_vectors
 
     mlflow.check_reachable()
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(mds_splits.path)).meta)
-    frame = _splits_frame(mds_splits)
+    splits = load_query_splits(mds_splits)  # read once: the evaluator's columns + the query tower's history
+    frame = splits[[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]]
     n_users, n_items = meta.num_users, meta.num_items
     task = EvalTask.from_splits(frame, "test", num_users=n_users, num_items=n_items)
     rows: dict[str, dict[str, float]] = {}
@@ -100,13 +98,8 @@ def evaluation(
 
     # the Two Tower alone (the served model), full ranking
     def two_tower_alone():
-        model, spec = load_trained_two_tower(two_tower_model)
-        store = FeatureStore.load(mds_splits.path, spec)
-        full = pd.read_parquet(S.DatasetPaths(Path(mds_splits.path)).splits,
-                               columns=[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTORY_LEN])
-        states = query_states(full, "test", num_users=n_users, num_items=n_items, history_length=spec.history_length)
+        model, store, states, qv = serving_queries(two_tower_model, mds_splits, "test", all_users=False, splits=splits)
         with torch.no_grad():
-            qv = query_vectors(model, store, states)
             iv = ItemEncoder(model, store).encode_all()
         row_of = {int(u): i for i, u in enumerate(states.users)}
         return evaluate(lambda users: qv[torch.as_tensor([row_of[int(u)] for u in users])] @ iv.T, task).as_dict()
@@ -151,10 +144,8 @@ def evaluation(
         for m, v in metrics.items():
             flat[f"{key}_{m}"] = float(v)
     dest = state.asset_dir("evaluation", context.run_id)
-    run_id = mlflow.start_run(run_name=f"evaluation-{context.run_id[:8]}",
-                              tags={"dagster.run_id": context.run_id, "dagster.asset_key": "evaluation",
-                                    "two_tower_run_id": two_tower_model.mlflow_run_id,
-                                    "dlrm_run_id": str(recs["dlrm_run_id"].iloc[0]) if len(recs) else ""})
+    run_id = mlflow.start_asset_run(context, two_tower_run_id=two_tower_model.mlflow_run_id,
+                                    dlrm_run_id=recs["dlrm_run_id"].iloc[0] if len(recs) else "")
     try:
         client = mlflow.client()
         with publish_folder(dest) as tmp:

@@ -143,21 +143,14 @@ def two_tower_model(
 
     for split in ("train", "validation"):  # corrupt / truncated shards fail here, before MLflow and Spark
         validate_mds(S.DatasetPaths(Path(mds_splits.path)).mds(split), columns=TRAIN_MDS_COLUMNS)
-    # Checkpoints are keyed by the ROOT run: a retry (re-execution) of a failed run finds and resumes them.
-    root_run_id = context.run.root_run_id or context.run_id
-    checkpoints = state.resolved_root() / "checkpoints" / "two_tower_model" / root_run_id
-    run_id = mlflow.start_run(
-        run_name=f"two_tower_model-{context.run_id[:8]}",
-        tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
-              "model": "two_tower", "dagster.root_run_id": root_run_id, "checkpoint_dir": str(checkpoints)},
-    )
+    checkpoints = state.checkpoint_dir(context)
+    run_id = mlflow.start_asset_run(context, model="two_tower", checkpoint_dir=checkpoints)
     client = mlflow.client()
     dest = state.asset_dir("two_tower_model", context.run_id)
     try:
-        params = {**config.model_dump(), "num_processes": torch_distributor.num_processes,
-                  "use_gpu": torch_distributor.use_gpu, "data": mds_splits.path, **{f"data_{k}": v for k, v in meta.rows.items()}}
-        for k, v in params.items():
-            client.log_param(run_id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+        mlflow.log_params(run_id, {**config.model_dump(), "num_processes": torch_distributor.num_processes,
+                                   "use_gpu": torch_distributor.use_gpu, "data": mds_splits.path,
+                                   **{f"data_{k}": v for k, v in meta.rows.items()}})
         with publish_folder(dest) as tmp:
             common = dict(
                 use_gpu=torch_distributor.use_gpu,

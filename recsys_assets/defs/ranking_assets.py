@@ -4,6 +4,7 @@ Thin wiring: features in recsys_assets.data.ranking, the model in recsys_assets.
 recsys_assets.training.dlrm."""
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -129,19 +130,14 @@ def ranking_dataset(
         stats = R.feature_stats(train_raw)
         cols = dict(user_features=user_features, attribute_columns=attrs, history_length=meta.history_length,
                     max_categories=max_categories)
+        label_counts: dict[str, float] = {}
         for name in ("train", "holdout", "test"):
-            df = R.model_columns(session.read.parquet(str(raw / name)), stats, **cols)
-            df.write.parquet(str(tmp / f"{name}.parquet"))
-            counts[name] = session.read.parquet(str(tmp / f"{name}.parquet")).count()
+            R.model_columns(session.read.parquet(str(raw / name)), stats, **cols).write.parquet(str(tmp / f"{name}.parquet"))
+            row = session.read.parquet(str(tmp / f"{name}.parquet")).agg(F.count(F.lit(1)), F.sum(R.LABEL)).first()
+            counts[name], label_counts[name] = int(row[0]), float(row[1] or 0.0)
         R.write_pairs_to_mds(session.read.parquet(str(tmp / "train.parquet")), str(tmp / "mds" / "train"),
                              R.mds_columns(attrs), partitions=config.mds_partitions)
-        import shutil
-
         shutil.rmtree(raw)
-        label_counts = {
-            name: session.read.parquet(str(tmp / f"{name}.parquet")).agg(F.sum(R.LABEL)).collect()[0][0] or 0.0
-            for name in ("train", "holdout", "test")
-        }
         info = {
             "dense_features": list(R.DENSE_FEATURES),
             "feature_stats": stats,
@@ -236,23 +232,17 @@ def dlrm_model(
         use_gpu=torch_distributor.use_gpu,
         mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
     )
-    # keyed by the root run: a retry of a failed run (dagster/max_retries) resumes after the last finished epoch
-    root_run_id = context.run.root_run_id or context.run_id
-    checkpoints = state.resolved_root() / "checkpoints" / "dlrm_model" / root_run_id
+    # a retry of a failed run (dagster/max_retries) resumes after the last finished epoch
+    checkpoints = state.checkpoint_dir(context)
     train_cfg["checkpoint_dir"] = str(checkpoints)
     DLRMTrainConfig(**train_cfg)  # bad config fails here, before a run is opened or processes start
-    run_id = mlflow.start_run(
-        run_name=f"dlrm_model-{context.run_id[:8]}",
-        tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
-              "model": "dlrm", "two_tower_run_id": ranking_dataset.two_tower_run_id,
-              "dagster.root_run_id": root_run_id, "checkpoint_dir": str(checkpoints)},
-    )
+    run_id = mlflow.start_asset_run(context, model="dlrm", two_tower_run_id=ranking_dataset.two_tower_run_id,
+                                    checkpoint_dir=checkpoints)
     client = mlflow.client()
     dest = state.asset_dir("dlrm_model", context.run_id)
     try:
-        for k, v in {**config.model_dump(), "num_processes": torch_distributor.num_processes, "data": ranking_dataset.path,
-                     **{f"rows_{k}": v for k, v in info["rows"].items()}}.items():
-            client.log_param(run_id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+        mlflow.log_params(run_id, {**config.model_dump(), "num_processes": torch_distributor.num_processes,
+                                   "data": ranking_dataset.path, **{f"rows_{k}": v for k, v in info["rows"].items()}})
         with publish_folder(dest) as tmp:
             t0 = time.time()
             result = torch_distributor.run(
@@ -292,8 +282,6 @@ def dlrm_model(
         mlflow.end_run(run_id, failed=exc)
         raise
     mlflow.end_run(run_id)
-    import shutil
-
     shutil.rmtree(checkpoints, ignore_errors=True)  # published: nothing left to resume
     rows = {f"{name} pairs": m for name, m in result.final_metrics.items()}
     rows["holdout lists: Two Tower order"] = two_tower

@@ -66,6 +66,15 @@ class StateResource(ConfigurableResource):
     def asset_dir(self, asset_name: str, version: str) -> Path:
         return self.resolved_root() / "assets" / asset_name / version
 
+    def checkpoint_dir(self, context) -> Path:
+        """Training checkpoints of this asset, keyed by the root run: a retry of a failed run resumes from them."""
+        return self.resolved_root() / "checkpoints" / context.asset_key.to_user_string() / root_run_id(context)
+
+
+def root_run_id(context) -> str:
+    """The id shared by a run and its retries (re-executions)."""
+    return context.run.root_run_id or context.run_id
+
 
 def default_state_root() -> Path:
     return StateResource().resolved_root()
@@ -122,6 +131,24 @@ class MLflowResource(ConfigurableResource):
     def start_run(self, run_name: str, tags: dict[str, str]) -> str:
         run = self.client().create_run(self.experiment_id(), run_name=run_name, tags=tags)
         return run.info.run_id
+
+    def start_asset_run(self, context, **tags: Any) -> str:
+        """A run for this materialization: named after the asset, tagged with the asset key, the Dagster run and
+        its root run (shared by the retries of a run) plus `tags`."""
+        asset = context.asset_key.to_user_string()
+        return self.start_run(
+            run_name=f"{asset}-{context.run_id[:8]}",
+            tags={"dagster.run_id": context.run_id, "dagster.root_run_id": root_run_id(context),
+                  "dagster.asset_key": asset, **{k: str(v) for k, v in tags.items()}},
+        )
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params of any JSON-able value (lists and dicts as JSON text)."""
+        import json
+
+        client = self.client()
+        for k, v in params.items():
+            client.log_param(run_id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
 
     def end_run(self, run_id: str, *, failed: Optional[BaseException] = None) -> None:
         client = self.client()

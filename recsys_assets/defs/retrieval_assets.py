@@ -41,22 +41,29 @@ class RetrievalConfig(dg.Config):
     seed: int = 0
 
 
-def _load_splits(root: str):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(S.DatasetPaths(Path(root)).splits,
-                         columns=[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTORY_LEN]).to_pandas()
+QUERY_SPLIT_COLUMNS = (S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTORY_LEN)
 
 
-def _serving_queries(two_tower_model: TrainedModel, mds_splits: PublishedFolder, phase: str, all_users: bool):
+def load_query_splits(mds_splits: PublishedFolder):
+    """The splits table with what query states need (history included)."""
+    from recsys_assets.training.two_tower import load_splits_frame
+
+    return load_splits_frame(mds_splits.path, QUERY_SPLIT_COLUMNS)
+
+
+def serving_queries(two_tower_model: TrainedModel, mds_splits: PublishedFolder, phase: str, *, all_users: bool,
+                    splits=None):
+    """(model, feature store, query states, query vectors) of one cutoff with the fit of that phase; `splits`:
+    a `load_query_splits` frame already read (else read here)."""
     from recsys_assets.models.features import FeatureStore
     from recsys_assets.serving.retrieval import query_states, query_vectors
 
     model, spec = load_trained_two_tower(two_tower_model, phase=phase)
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(mds_splits.path)).meta)
     store = FeatureStore.load(mds_splits.path, spec)
-    states = query_states(_load_splits(mds_splits.path), phase, num_users=meta.num_users, num_items=meta.num_items,
-                          history_length=spec.history_length, all_users=all_users)
+    states = query_states(load_query_splits(mds_splits) if splits is None else splits, phase,
+                          num_users=meta.num_users, num_items=meta.num_items, history_length=spec.history_length,
+                          all_users=all_users)
     return model, store, states, query_vectors(model, store, states)
 
 
@@ -85,7 +92,7 @@ def item_index(
         raise ValueError(f"item_index: item_vectors.npy in {item_embeddings.path} is empty or not 2-D ({vectors.shape})")
     index, build_s = timed(HnswIndex.build, vectors, m=config.hnsw_m, ef_construction=config.ef_construction,
                            ef_search=config.ef_search)
-    _, _, states, qv = _serving_queries(two_tower_model, mds_splits, "test", all_users=True)
+    _, _, states, qv = serving_queries(two_tower_model, mds_splits, "test", all_users=True)
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(states.n, size=min(config.recall_sample_users, states.n), replace=False))
     q = qv[torch.as_tensor(sample)]
@@ -147,13 +154,14 @@ def retrieval_candidates(
         item_ranks,
         pairwise_scores,
         sample_random_items,
-        target_scores_and_ranks,
     )
 
     frames, pools, queries, stats = [], [], [], {}
+    splits = load_query_splits(mds_splits)
     for phase in ("validation", "test"):
         t0 = time.time()
-        model, store, states, qv = _serving_queries(two_tower_model, mds_splits, phase, all_users=phase == "test")
+        model, store, states, qv = serving_queries(two_tower_model, mds_splits, phase, all_users=phase == "test",
+                                                   splits=splits)
         if states.n == 0:
             raise ValueError(f"retrieval_candidates: no {phase} queries in {mds_splits.path}")
         if phase == "test":
@@ -186,7 +194,9 @@ def retrieval_candidates(
                         "seconds": time.time() - t0}
         if phase == "validation":
             # the ranker's extra pairs: the validation item when retrieval missed it, and random negatives
-            t_score, t_rank = target_scores_and_ranks(qv, vectors, states)
+            # the evaluator's rank of the target (fit items removed): the same feature the candidates carry
+            t_score = pairwise_scores(qv, vectors, states.targets[:, None])[:, 0]
+            t_rank = item_ranks(qv, vectors, states, states.targets[:, None])[:, 0]
             missed = has_target & ~hit
             pools.append(pd.DataFrame({
                 "phase": phase, S.USER: states.users[missed].astype(np.int32),

@@ -45,7 +45,7 @@ def _csr_from_pairs(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np
     return indptr, cols.astype(np.int64, copy=False)
 
 
-def _gather_csr(
+def gather_csr(
     indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sub-CSR made of `rows` (in that order) of a CSR matrix."""
@@ -160,7 +160,7 @@ class EvalTask:
 
         codes = np.unique(fit_users * n_items + fit_items)  # distinct (user, item), sorted by user then item
         ui_indptr, ui_indices = _csr_from_pairs(codes // n_items, codes % n_items, n_users)
-        ex_indptr, ex_indices = _gather_csr(ui_indptr, ui_indices, users)
+        ex_indptr, ex_indices = gather_csr(ui_indptr, ui_indices, users)
 
         return cls(
             phase=phase,

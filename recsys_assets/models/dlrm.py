@@ -25,8 +25,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-LABEL = "label"
-DENSE = "dense"
+from recsys_assets.data.schema import DENSE
+
 TRAIN_TASK_PREFIX = "dlrm."
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from recsys_assets.data.schema import HISTORY, HISTORY_LEN, ITEM, PAD_ID, SPLIT, TIMESTAMP, USER
-from recsys_assets.evaluation.protocol import EvalTask, _gather_csr, ranks_from_scores
+from recsys_assets.evaluation.protocol import EvalTask, gather_csr
 
 NO_TARGET = -1
 
@@ -94,7 +94,7 @@ def query_states(
             ts = np.concatenate([ts, e_ts])[order]
             hist = np.concatenate([hist, e_hist])[order]
             hlen = np.concatenate([hlen, e_len])[order]
-    ex_indptr, ex_indices = _gather_csr(task.user_items_indptr, task.user_items_indices, users)
+    ex_indptr, ex_indices = gather_csr(task.user_items_indptr, task.user_items_indices, users)
     return QueryStates(phase, users, targets, ts, hist, hlen, ex_indptr, ex_indices)
 
 
@@ -117,7 +117,11 @@ def query_vectors(two_tower, store, states: QueryStates, batch_size: int = 2048)
 
 
 def _masked_scores(qv: torch.Tensor, iv: torch.Tensor, indptr: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    scores = qv @ iv.T
+    return _mask_excluded(qv @ iv.T, indptr, indices)
+
+
+def _mask_excluded(scores: torch.Tensor, indptr: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """Excluded items (CSR window `indptr` over `indices`) set to -inf, in place."""
     counts = np.diff(indptr)
     if counts.sum():
         lo, hi = int(indptr[0]), int(indptr[-1])
@@ -156,31 +160,6 @@ def exact_top_k(
 
 
 @torch.no_grad()
-def target_scores_and_ranks(
-    qv: torch.Tensor, item_vectors: torch.Tensor, states: QueryStates, batch_size: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    """(score float32 [Q], rank int64 [Q]) of each query's target under the project's evaluator (excluded items
-    removed, strict comparison). Queries without a target get NaN / -1."""
-    q = states.n
-    out_s = np.full(q, np.nan, dtype=np.float32)
-    out_r = np.full(q, -1, dtype=np.int64)
-    iv = item_vectors.to(qv.device)
-    for s in range(0, q, batch_size):
-        e = min(s + batch_size, q)
-        t = states.targets[s:e]
-        has = t >= 0
-        if not has.any():
-            continue
-        sc = qv[s:e] @ iv.T
-        rows = np.flatnonzero(has)
-        ex_indptr, ex_indices = _gather_csr(states.exclude_indptr, states.exclude_indices, s + rows)
-        r = ranks_from_scores(sc[rows], t[rows], ex_indptr, ex_indices)
-        out_r[s + rows] = r.cpu().numpy()
-        out_s[s + rows] = sc[rows, torch.as_tensor(t[rows], device=sc.device)].float().cpu().numpy()
-    return out_s, out_r
-
-
-@torch.no_grad()
 def item_ranks(
     qv: torch.Tensor, item_vectors: torch.Tensor, states: QueryStates, items: np.ndarray, batch_size: int = 1024
 ) -> np.ndarray:
@@ -191,9 +170,12 @@ def item_ranks(
     iv = item_vectors.to(qv.device)
     for s in range(0, q, batch_size):
         e = min(s + batch_size, q)
-        sc = _masked_scores(qv[s:e], iv, states.exclude_indptr[s : e + 1], states.exclude_indices)
+        sc = qv[s:e] @ iv.T
         it = torch.as_tensor(np.maximum(items[s:e], 0), device=sc.device)
-        own = (qv[s:e][:, None, :] * iv[it]).sum(-1)  # the item's own score, even if it is excluded
+        # the item's own score taken from the same product (a separately computed dot product can differ in the
+        # last bit and count the item as beating itself); kept even if the item is excluded, like the evaluator
+        own = sc.gather(1, it)
+        sc = _mask_excluded(sc, states.exclude_indptr[s : e + 1], states.exclude_indices)
         ranks = (sc[:, None, :] > own[:, :, None]).sum(-1)
         out[s:e] = np.where(items[s:e] >= 0, ranks.cpu().numpy(), -1)
     return out

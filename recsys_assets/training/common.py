@@ -63,6 +63,44 @@ class JsonConfig:
         return cls.from_dict(json.loads(text))
 
 
+def run_trainer(config: Any, config_cls: type, train: Any) -> Any:
+    """What every trainer's public entry does: the config from a dict if needed, torch threads, the process group
+    (destroyed at the end if created here), then ``train(config, env, t_start)``."""
+    if not isinstance(config, config_cls):
+        config = config_cls.from_dict(config)
+    t_start = time.time()
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    env = init_distributed(config.use_gpu, single_node=config.single_node)
+    try:
+        return train(config, env, t_start)
+    finally:
+        shutdown_distributed(env)
+
+
+def trainer_cli(argv: Sequence[str] | None, *, description: str, config_cls: type, train: Any,
+                summary: Any = None) -> int:
+    """``--config cfg.json [--result out.pt]`` under torchrun: rank 0 writes the result with torch.save and prints
+    ``summary(result)`` as one JSON line."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help=f"JSON file of {config_cls.__name__} fields")
+    parser.add_argument("--result", default=None, help="where rank 0 writes the result (torch.save)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("recsys_assets").setLevel(logging.INFO)
+    result = train(config_cls.from_json(Path(args.config).read_text()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.result:
+            Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(result, args.result)
+        if summary is not None:
+            print(json.dumps(summary(result), default=_json_default), flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- process group
 @dataclasses.dataclass(frozen=True)
 class DistEnv:

@@ -21,10 +21,7 @@ Two ways in: ``train_dlrm(config)`` in every process of a launcher (TorchDistrib
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import logging
 import math
 import sys
 import time
@@ -35,12 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from recsys_assets.data.schema import DENSE, LABEL, QUERY_ID
 from recsys_assets.training import checkpoint, common
 from recsys_assets.training.common import DistEnv
 
-log = logging.getLogger(__name__)
 
-QUERY_ID = "query_id"
 
 
 @dataclasses.dataclass
@@ -91,7 +87,7 @@ class DLRMTrainConfig(common.JsonConfig):
     progress_file: str | None = None
 
     def __post_init__(self) -> None:
-        from recsys_assets.models.dlrm import DLRMModelConfig, layout_from_dicts, validate_layout
+        from recsys_assets.models.dlrm import layout_from_dicts, validate_layout
 
         self.train_mds = tuple(str(p) for p in ([self.train_mds] if isinstance(self.train_mds, (str, Path)) else self.train_mds))
         self.layout = tuple(dict(x) for x in self.layout)
@@ -192,12 +188,12 @@ def list_ranks(query_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) ->
     return ranks
 
 
-def pair_metrics(frame_labels: np.ndarray, logits: np.ndarray, query_ids: np.ndarray | None, ks: Sequence[int]) -> dict[str, float]:
+def pair_metrics(labels: np.ndarray, logits: np.ndarray, query_ids: np.ndarray | None, ks: Sequence[int]) -> dict[str, float]:
     from recsys_assets.evaluation.protocol import metrics_from_ranks
 
-    out = {"auroc": auroc(frame_labels, logits), "logloss": log_loss(frame_labels, logits)}
+    out = {"auroc": auroc(labels, logits), "logloss": log_loss(labels, logits)}
     if query_ids is not None:
-        out.update(metrics_from_ranks(list_ranks(query_ids, frame_labels, logits), ks))
+        out.update(metrics_from_ranks(list_ranks(query_ids, labels, logits), ks))
     return out
 
 
@@ -231,8 +227,6 @@ def _pad_lists(values: Sequence, fill: int = -1) -> np.ndarray:
 def load_pair_set(path: str | Path, layout: Sequence[Any], dense_in_features: int) -> PairSet:
     """Read a Parquet pairs table (file or folder) into a PairSet, checking the columns the model needs."""
     import pyarrow.parquet as pq
-
-    from recsys_assets.models.dlrm import DENSE, LABEL
 
     path = Path(path)
     if not path.exists():
@@ -273,12 +267,9 @@ def sharded_logits(dlrm, layout, config, data: PairSet, env: DistEnv, batch_size
     dlrm.eval()
     for i in range(n_calls):
         lo, hi = min(start + i * batch_size, end), min(start + (i + 1) * batch_size, end)
-        idx = torch.arange(lo, hi)
-        if hi - lo < batch_size:  # pad so every rank sends equally sized batches through the all-to-all
-            idx = torch.cat([idx, torch.zeros(batch_size - (hi - lo), dtype=torch.long)]) if n else torch.zeros(batch_size, dtype=torch.long)
-        batch = {k: v[idx] for k, v in data.columns.items()} if n else None
-        if batch is None:
-            raise ValueError("empty evaluation set")
+        # pad with row 0 so every rank sends equally sized batches through the all-to-all (sets are never empty)
+        idx = torch.cat([torch.arange(lo, hi), torch.zeros(batch_size - (hi - lo), dtype=torch.long)])
+        batch = {k: v[idx] for k, v in data.columns.items()}
         kjt = batch_to_kjt(batch, layout).to(env.device)
         logits = dlrm(dense_tensor(batch, config.dense_in_features).to(env.device), kjt).squeeze(-1)
         out.append(logits[: hi - lo].float())
@@ -290,22 +281,11 @@ def sharded_logits(dlrm, layout, config, data: PairSet, env: DistEnv, batch_size
 # --------------------------------------------------------------------------------------------------- train
 def train_dlrm(config: DLRMTrainConfig | Mapping[str, Any]) -> DLRMTrainResult:
     """Train on the MDS pairs; evaluate every eval set each epoch. Every rank returns the same result."""
-    if not isinstance(config, DLRMTrainConfig):
-        config = DLRMTrainConfig.from_dict(config)
-    t_start = time.time()
-    if config.num_threads:
-        torch.set_num_threads(int(config.num_threads))
-    env = common.init_distributed(config.use_gpu, single_node=config.single_node)
-    try:
-        return _train(config, env, t_start)
-    finally:
-        common.shutdown_distributed(env)
+    return common.run_trainer(config, DLRMTrainConfig, _train)
 
 
 def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainResult:
     from recsys_assets.models.dlrm import (
-        DENSE,
-        LABEL,
         DLRMTrainTask,
         batch_to_kjt,
         build_dlrm,
@@ -497,16 +477,11 @@ def _train(config: DLRMTrainConfig, env: DistEnv, t_start: float) -> DLRMTrainRe
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the DLRM ranker (run under torchrun).")
-    parser.add_argument("--config", required=True, help="JSON file of DLRMTrainConfig fields")
-    parser.add_argument("--result", default=None, help="where rank 0 writes the DLRMTrainResult (torch.save)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = DLRMTrainConfig.from_json(Path(args.config).read_text())
-    result = train_dlrm(config)
-    if args.result and int(__import__("os").environ.get("RANK", "0")) == 0:
-        torch.save(result, args.result)
-    return 0
+    return common.trainer_cli(
+        argv, description="Train the DLRM ranker (run under torchrun).", config_cls=DLRMTrainConfig, train=train_dlrm,
+        summary=lambda r: {"best_epoch": r.best_epoch, "final_metrics": r.final_metrics,
+                           "samples_per_second": r.samples_per_second, "world_size": r.world_size},
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ any number of processes) and reports it as `resumed_from_step`. Inputs are check
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -468,16 +466,7 @@ def train_two_tower(config: TwoTowerTrainConfig | Mapping[str, Any]) -> TwoTower
     Call in every process of a distributed launch (or alone: a one-process group is created). Every rank
     returns the same result. The process group is destroyed at the end if this call created it.
     """
-    if not isinstance(config, TwoTowerTrainConfig):
-        config = TwoTowerTrainConfig.from_dict(config)
-    t_start = time.time()
-    if config.num_threads:
-        torch.set_num_threads(int(config.num_threads))
-    env = common.init_distributed(config.use_gpu, single_node=config.single_node)
-    try:
-        return _train(config, env, t_start)
-    finally:
-        common.shutdown_distributed(env)
+    return common.run_trainer(config, TwoTowerTrainConfig, _train)
 
 
 def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowerTrainResult:
@@ -768,33 +757,13 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the Two Tower model (run under torchrun).")
-    parser.add_argument("--config", required=True, help="JSON file of TwoTowerTrainConfig fields")
-    parser.add_argument("--result", default=None, help="where rank 0 writes the TwoTowerTrainResult (torch.save)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("recsys_assets").setLevel(logging.INFO)
-    config = TwoTowerTrainConfig.from_json(Path(args.config).read_text())
-    result = train_two_tower(config)
-    import os
-
-    if args.result and int(os.environ.get("RANK", "0")) == 0:
-        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, args.result)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            json.dumps(
-                {
-                    "best_epoch": result.best_epoch,
-                    "final_metrics": result.final_metrics,
-                    "samples_per_second": result.samples_per_second,
-                    "world_size": result.world_size,
-                    "total_seconds": result.total_seconds,
-                }
-            ),
-            flush=True,
-        )
-    return 0
+    return common.trainer_cli(
+        argv, description="Train the Two Tower model (run under torchrun).", config_cls=TwoTowerTrainConfig,
+        train=train_two_tower,
+        summary=lambda r: {"best_epoch": r.best_epoch, "final_metrics": r.final_metrics,
+                           "samples_per_second": r.samples_per_second, "world_size": r.world_size,
+                           "total_seconds": r.total_seconds},
+    )
 
 
 if __name__ == "__main__":
