@@ -97,10 +97,10 @@ def reference(dataset, tmp_path_factory):
 
 def _descendants_alive() -> list[tuple[int, str]]:
     """Processes below this one (the Spark JVM and its Python workers excepted), zombies excluded."""
-    from recsys_assets.defs.resources import _process_table
+    from recsys_assets.training.launch import process_table
 
     children: dict[int, list[tuple[int, str]]] = {}
-    for pid, ppid, comm in _process_table():
+    for pid, ppid, comm in process_table():
         children.setdefault(ppid, []).append((pid, comm))
     alive, stack = [], [os.getpid()]
     while stack:

@@ -50,7 +50,7 @@ def _config(pairs: Path, **kw):
     settings = dict(train_mds=(str(pairs / "train"),), layout=LAYOUT, dense_in_features=3,
                     eval_sets={"validation": str(pairs / "validation.parquet")}, selection_set="validation",
                     early_stopping_metric="auroc", epochs=4, patience=4, embedding_dim=8, bottom_layer_sizes=(16, 8),
-                    dense_lr=3e-3, ks=(1, 3))
+                    dense_lr=3e-3, sparse_lr=0.05, batch_size=256, ks=(1, 3))
     settings.update(kw)
     return DLRMTrainConfig(**settings)
 
@@ -64,7 +64,7 @@ def test_dlrm_learns_a_planted_signal_and_reloads(pairs):
     model = result.load_model()
     # the reloaded unsharded model scores the validation pairs as the sharded one did
     from recsys_assets.models.dlrm import DLRMScorer, layout_from_dicts
-    from recsys_assets.training.dlrm import load_pair_set
+    from recsys_assets.data.pairs import load_pair_set
 
     layout = layout_from_dicts(LAYOUT)
     data = load_pair_set(pairs / "validation.parquet", layout, 3)

@@ -129,7 +129,7 @@ def test_ranker_training_data_has_no_test_period_rows(funnel):
 def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     from mlflow.tracking import MlflowClient
 
-    from recsys_assets.defs.model_assets import TrainedModel
+    from recsys_assets.defs.types import TrainedModel
     from recsys_assets.defs.ranking_assets import load_dlrm_model
 
     result, root = funnel

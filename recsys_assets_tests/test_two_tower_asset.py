@@ -95,7 +95,8 @@ def test_training_learns_the_planted_structure(materialized):
 def test_logged_model_loads_back_and_scores_the_same(materialized):
     import mlflow.pytorch
 
-    from recsys_assets.defs.model_assets import TrainedModel, load_trained_two_tower
+    from recsys_assets.defs.model_assets import load_trained_two_tower
+    from recsys_assets.defs.types import TrainedModel
     from recsys_assets.models.features import FeatureStore
     from recsys_assets.models.two_tower import ItemEncoder
 
@@ -145,7 +146,8 @@ def test_large_results_come_back_intact(spark):
 
 
 def test_timeout_kills_the_process_tree(spark):
-    from recsys_assets.defs.resources import SparkResource, TorchDistributorResource, _process_table
+    from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
+    from recsys_assets.training.launch import process_table
 
     resource = TorchDistributorResource(num_processes=2, timeout_seconds=15)
     start = time.monotonic()
@@ -154,7 +156,7 @@ def test_timeout_kills_the_process_tree(spark):
     assert time.monotonic() - start < 90
     time.sleep(2)
     children: dict[int, list[tuple[int, str]]] = {}
-    for pid, ppid, comm in _process_table():
+    for pid, ppid, comm in process_table():
         children.setdefault(ppid, []).append((pid, comm))
     leftover, stack = [], [os.getpid()]
     while stack:

@@ -35,7 +35,6 @@ from recsys_assets.data.errors import DataValidationError
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-FIT_SPLITS = {"validation": ("train",), "test": ("train", "validation")}
 DENSE_FEATURES = (
     "retrieval_score_gap",
     "log_retrieval_rank",
@@ -88,11 +87,11 @@ def phase_features(
     """
     from pyspark.sql import functions as F
 
-    if phase not in FIT_SPLITS:
+    if phase not in S.FIT_SPLITS_OF_PHASE:
         raise ValueError(f"unknown phase {phase!r}")
     _require(queries, QUERY_COLUMNS, "queries")
     _require(pairs, PAIR_COLUMNS, "candidate pairs")
-    fit = splits.filter(F.col(S.SPLIT).isin(list(FIT_SPLITS[phase])))
+    fit = splits.filter(F.col(S.SPLIT).isin(list(S.FIT_SPLITS_OF_PHASE[phase])))
 
     item_stats = fit.groupBy(S.ITEM).agg(
         F.count(F.lit(1)).alias("_n_item"), F.min(S.TIMESTAMP).alias("_first_ts"), F.max(S.TIMESTAMP).alias("_last_ts")

@@ -28,6 +28,8 @@ CATEGORIES = "categories"
 PAD_ID = -1
 
 SPLITS = ("train", "validation", "test")
+# The splits a model is fitted on before it is scored on a phase's held-out row (leave-last-out protocol).
+FIT_SPLITS_OF_PHASE = {"validation": ("train",), "test": ("train", "validation")}
 
 # The ranker's pairs (data/ranking.py writes them, models/dlrm.py and training/dlrm.py read them): a 0/1 label,
 # the dense feature vector, and the id of the candidate list a pair belongs to.
@@ -38,7 +40,7 @@ QUERY_ID = "query_id"
 # Spark type names of the cleaned interactions table.
 INTERACTION_COLUMNS = {USER: "int", ITEM: "int", TIMESTAMP: "bigint", RATING: "float"}
 
-# MDS column encodings. Spark int -> int32, bigint -> int64, float -> float32 (see STACK-NOTES).
+# MDS column encodings. Spark int -> int32, bigint -> int64, float -> float32 (MDS has no bool/date types).
 MDS_COLUMNS = {
     USER: "int32",
     ITEM: "int32",

@@ -38,11 +38,9 @@ from urllib.parse import urlparse
 import dagster as dg
 import yaml
 
+from recsys_assets.defs.constants import TRAINING_POOL
 from recsys_assets.defs.data_assets import RawInteractionsConfig
 
-# The name of the pool of the training assets (`pool=` on two_tower_model). Kept as a literal so that this module
-# does not import model_assets; the tests check that the two agree.
-TRAINING_POOL = "training"
 
 RETRAIN_CRON_ENV = "RECSYS_RETRAIN_CRON"
 RETRAIN_TIMEZONE_ENV = "RECSYS_RETRAIN_TIMEZONE"

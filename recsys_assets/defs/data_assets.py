@@ -19,10 +19,9 @@ from recsys_assets.data import sources, transforms
 from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.publish import hardlink_tree, publish_folder
 from recsys_assets.data.synthetic import SyntheticSpec
+from recsys_assets.defs.constants import DATA_GROUP
 from recsys_assets.defs.resources import SparkResource, StateResource
-
-DATA_GROUP = "data"
-
+from recsys_assets.defs.types import PublishedFolder
 
 # ------------------------------------------------------------------------------------------------ config
 class SyntheticSourceConfig(dg.Config):
@@ -78,13 +77,6 @@ class MdsConfig(dg.Config):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@dataclasses.dataclass(frozen=True)
-class PublishedFolder:
-    """What a data asset hands downstream: the folder of the version it published."""
-
-    path: str
-
-
 def _table_schema(df: DataFrame) -> dg.TableSchema:
     return dg.TableSchema(
         columns=[dg.TableColumn(name=f.name, type=f.dataType.simpleString()) for f in df.schema.fields]

@@ -7,7 +7,8 @@ from pyspark.sql import functions as F
 
 from recsys_assets.data import schema as S
 from recsys_assets.data.mds import summarize_mds
-from recsys_assets.defs.data_assets import PublishedFolder, interaction_splits, interactions, mds_splits
+from recsys_assets.defs.data_assets import interaction_splits, interactions, mds_splits
+from recsys_assets.defs.types import PublishedFolder
 from recsys_assets.defs.resources import SparkResource
 
 _EXPECTED_TYPES = {S.USER: "int", S.ITEM: "int", S.TIMESTAMP: "bigint", S.RATING: "float"}

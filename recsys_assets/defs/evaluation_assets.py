@@ -11,14 +11,12 @@ from pydantic import Field
 
 from recsys_assets.data import schema as S
 from recsys_assets.data.publish import publish_folder
-from recsys_assets.defs.data_assets import PublishedFolder
-from recsys_assets.defs.model_assets import TrainedModel, metrics_markdown, two_tower_model
-from recsys_assets.defs.ranking_assets import RankingData, dlrm_model, ranking_dataset
+from recsys_assets.defs.constants import EVALUATION_GROUP
+from recsys_assets.defs.model_assets import metrics_markdown, two_tower_model
+from recsys_assets.defs.ranking_assets import dlrm_model, ranking_dataset
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource
-from recsys_assets.defs.retrieval_assets import CandidateSet, load_query_splits, serving_queries
-
-EVALUATION_GROUP = "evaluation"
-
+from recsys_assets.defs.retrieval_assets import load_query_splits, serving_queries
+from recsys_assets.defs.types import CandidateSet, PublishedFolder, RankingData, TrainedModel
 
 class EvaluationConfig(dg.Config):
     ease_lambdas: list[float] = Field([50.0, 200.0, 500.0, 1000.0], description="EASE λ grid (chosen on validation).")
@@ -31,7 +29,7 @@ class EvaluationConfig(dg.Config):
 
 
 def _splits_frame(mds_splits: PublishedFolder):
-    from recsys_assets.training.two_tower import load_splits_frame
+    from recsys_assets.data.splits import load_splits_frame
 
     return load_splits_frame(mds_splits.path, [S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT])
 

@@ -13,47 +13,11 @@ from pydantic import Field
 
 from recsys_assets.data import schema as S
 from recsys_assets.data.publish import publish_folder
-from recsys_assets.defs.data_assets import PublishedFolder, mds_splits
 from recsys_assets.defs.plots import image_markdown, log_png_to_mlflow, training_curves_png
+from recsys_assets.defs.configs import TwoTowerConfig, train_config
+from recsys_assets.defs.constants import RETRIEVAL_GROUP, TRAINING_POOL
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
-
-RETRIEVAL_GROUP = "retrieval"
-TRAINING_POOL = "training"  # at most one training run at a time (see dagster.yaml / definitions)
-
-
-class TwoTowerConfig(dg.Config):
-    """Hyper-parameters; chosen on validation, then the model is refit on train + validation."""
-
-    embedding_dim: int = Field(32, ge=2)
-    layer_sizes: list[int] = Field([64, 32], description="Tower MLP sizes; the last is the vector size.")
-    temperature: float = Field(0.05, gt=0)
-    max_history: Optional[int] = Field(None, description="Recent items used by the query tower (≤ history_length).")
-    recent_items: int = Field(1, ge=0, description="Last k history items as their own query feature (0 = off).")
-    use_user_id: bool = Field(True, description="A per-user embedding in the query tower (overfits with few rows per user).")
-    logq_correction: bool = True
-    num_uniform_negatives: int = Field(0, ge=0)
-    epochs: int = Field(10, ge=1)
-    patience: int = Field(3, ge=1)
-    batch_size: int = Field(256, ge=2, description="Per process.")
-    sparse_lr: float = Field(0.05, gt=0, description="RowWiseAdagrad, fused into backward.")
-    dense_lr: float = Field(1e-3, gt=0, description="Adam on the MLPs.")
-    seed: int = 0
-    refit_on_validation: bool = Field(
-        True, description="Refit on train+validation for the best epoch count (the protocol's test report)."
-    )
-    checkpoint_every_n_steps: int = Field(
-        0, ge=0, description="Also checkpoint every N global steps (0: at epoch ends only). A retry of a failed "
-        "run resumes from the latest checkpoint of its root run; they are deleted once the asset succeeds.",
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-    """What a model asset hands downstream: its published folder and the MLflow run that recorded it."""
-
-    path: str
-    mlflow_run_id: str
-
+from recsys_assets.defs.types import PublishedFolder, TrainedModel
 
 def metrics_markdown(rows: dict[str, dict[str, float]]) -> str:
     keys = sorted({k for m in rows.values() for k in m})
@@ -83,26 +47,9 @@ def progress_logger(context: dg.AssetExecutionContext, model_name: str):
 def _train_config(config: TwoTowerConfig, data_root: str, **overrides):
     from recsys_assets.training.two_tower import TwoTowerTrainConfig
 
-    settings = dict(
-        data_root=data_root,
-        # MDS uploaded to object storage by mds_splits (MdsConfig.remote_root): stream it into a local cache
-        mds_remote=S.DatasetMeta.load(S.DatasetPaths(Path(data_root)).meta).mds_remote,
-        embedding_dim=config.embedding_dim,
-        layer_sizes=tuple(config.layer_sizes),
-        temperature=config.temperature,
-        max_history=config.max_history,
-        recent_items=config.recent_items,
-        use_user_id=config.use_user_id,
-        logq_correction=config.logq_correction,
-        num_uniform_negatives=config.num_uniform_negatives,
-        epochs=config.epochs,
-        patience=config.patience,
-        batch_size=config.batch_size,
-        sparse_lr=config.sparse_lr,
-        dense_lr=config.dense_lr,
-        seed=config.seed,
-    )
-    return TwoTowerTrainConfig(**{**settings, **overrides})
+    # MDS uploaded to object storage by mds_splits (MdsConfig.remote_root): stream it into a local cache
+    remote = S.DatasetMeta.load(S.DatasetPaths(Path(data_root)).meta).mds_remote
+    return train_config(TwoTowerTrainConfig, config, data_root=data_root, mds_remote=remote, **overrides)
 
 
 @dg.asset(
@@ -129,15 +76,8 @@ def two_tower_model(
     torch_distributor.validate()
     mlflow.check_reachable()
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(mds_splits.path)).meta)
-    if config.recent_items > meta.history_length:
-        raise ValueError(
-            f"two_tower_model: recent_items={config.recent_items} exceeds the dataset's history_length={meta.history_length}"
-        )
-    if config.max_history is not None and config.max_history > meta.history_length:
-        raise ValueError(
-            f"two_tower_model: max_history={config.max_history} exceeds the dataset's history_length="
-            f"{meta.history_length} (re-materialize interaction_splits with a longer history)"
-        )
+    # bad settings fail here, before MLflow, Spark or any process starts
+    _train_config(config, mds_splits.path).check_dataset(meta)
     from recsys_assets.data.mds import validate_mds
     from recsys_assets.training.two_tower import TRAIN_MDS_COLUMNS
 

@@ -14,22 +14,11 @@ from pydantic import Field
 from recsys_assets.data import schema as S
 from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.publish import publish_folder
-from recsys_assets.defs.data_assets import PublishedFolder
-from recsys_assets.defs.model_assets import TRAINING_POOL, TrainedModel, _log_model, metrics_markdown, progress_logger
+from recsys_assets.defs.configs import DLRMConfig, train_config
+from recsys_assets.defs.constants import RANKING_GROUP, TOP_K, TRAINING_POOL
+from recsys_assets.defs.model_assets import _log_model, metrics_markdown, progress_logger
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
-from recsys_assets.defs.retrieval_assets import CandidateSet
-
-RANKING_GROUP = "ranking"
-
-
-@dataclasses.dataclass(frozen=True)
-class RankingData:
-    """ranking_dataset's output: the folder (mds/train, holdout.parquet, test.parquet, meta.json) and the Two
-    Tower run whose candidates it holds."""
-
-    path: str
-    two_tower_run_id: str
-
+from recsys_assets.defs.types import CandidateSet, PublishedFolder, RankingData, TrainedModel
 
 class RankingDataConfig(dg.Config):
     num_hard_negatives: int = Field(30, ge=0, description="Retrieved-but-not-picked candidates per training query.")
@@ -38,33 +27,6 @@ class RankingDataConfig(dg.Config):
     recent_fraction: float = Field(0.1, gt=0, le=1, description="Latest share of fit time counted as 'recent' popularity.")
     seed: int = 0
     mds_partitions: int = Field(2, ge=1)
-
-
-class DLRMConfig(dg.Config):
-    """Defaults chosen on the holdout users' validation lists (ml-latest-small and synthetic data): with one
-    labelled list per user, id tables (user, item, history bag) memorize the few positives and lose on holdout
-    NDCG@10; the dense features + category / attribute bags generalize. The id features stay one switch away."""
-
-    embedding_dim: int = Field(16, ge=2)
-    bottom_layer_sizes: list[int] = Field([64, 16], description="Dense MLP; the last size must equal embedding_dim.")
-    top_layer_sizes: list[int] = Field([64, 32, 1], description="Over MLP; the last size must be 1.")
-    use_user_id: bool = Field(False, description="A user-id table (one positive per user in the ranker's data: overfits).")
-    use_item_id: bool = Field(False, description="An item-id table (always used when no other sparse feature exists).")
-    use_history: bool = Field(False, description="The user's history as a bag on the item table.")
-    use_categories: bool = True
-    use_user_attributes: bool = True
-    epochs: int = Field(15, ge=1)
-    patience: int = Field(4, ge=1)
-    early_stopping_metric: str = Field("ndcg@10", description="On the holdout users' candidate lists: ndcg@10 | hr@10 | auroc | logloss.")
-    batch_size: int = Field(128, ge=2, description="Per process (the global batch is this × processes; 2 × 128 "
-                            "chosen on the holdout lists: 2 × 256 halves the updates and stalled there).")
-    sparse_lr: float = Field(0.002, gt=0)
-    dense_lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = 0
-    gate_min_gain: float = Field(
-        0.0, description="Quality gate: holdout NDCG@10 of the DLRM order must be >= the Two Tower order's + this "
-        "(0 = at least as good; negative tolerates a loss; positive demands a gain).")
 
 
 def _ranking_meta(data: RankingData) -> dict:
@@ -205,37 +167,27 @@ def dlrm_model(
     import pandas as pd
     import torch
 
-    from recsys_assets.training.dlrm import DLRMTrainConfig, list_ranks, train_dlrm
+    from recsys_assets.evaluation.lists import compare_orders
+    from recsys_assets.training.dlrm import DLRMTrainConfig, train_dlrm
 
     torch_distributor.validate()
     mlflow.check_reachable()
     info = _ranking_meta(ranking_dataset)
     layout = sparse_layout(info, config)
     root = Path(ranking_dataset.path)
-    train_cfg = dict(
+    # a retry of a failed run (dagster/max_retries) resumes after the last finished epoch
+    checkpoints = state.checkpoint_dir(context)
+    run_settings = dict(
         train_mds=(str(root / "mds" / "train"),),
         layout=tuple(layout),
         dense_in_features=len(info["dense_features"]),
         eval_sets={"holdout": str(root / "holdout.parquet"), "test": str(root / "test.parquet")},
         selection_set="holdout",
-        early_stopping_metric=config.early_stopping_metric,
-        embedding_dim=config.embedding_dim,
-        bottom_layer_sizes=tuple(config.bottom_layer_sizes),
-        top_layer_sizes=tuple(config.top_layer_sizes),
-        epochs=config.epochs,
-        patience=config.patience,
-        batch_size=config.batch_size,
-        sparse_lr=config.sparse_lr,
-        dense_lr=config.dense_lr,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
         use_gpu=torch_distributor.use_gpu,
         mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+        checkpoint_dir=str(checkpoints),
     )
-    # a retry of a failed run (dagster/max_retries) resumes after the last finished epoch
-    checkpoints = state.checkpoint_dir(context)
-    train_cfg["checkpoint_dir"] = str(checkpoints)
-    DLRMTrainConfig(**train_cfg)  # bad config fails here, before a run is opened or processes start
+    train_config(DLRMTrainConfig, config, **run_settings)  # bad config fails here, before a run or processes start
     run_id = mlflow.start_asset_run(context, model="dlrm", two_tower_run_id=ranking_dataset.two_tower_run_id,
                                     checkpoint_dir=checkpoints)
     client = mlflow.client()
@@ -247,7 +199,8 @@ def dlrm_model(
             t0 = time.time()
             result = torch_distributor.run(
                 context, spark, train_dlrm,
-                DLRMTrainConfig(**train_cfg, mlflow_run_id=run_id, progress_file=str(tmp / "progress.jsonl")),
+                train_config(DLRMTrainConfig, config, **run_settings, mlflow_run_id=run_id,
+                             progress_file=str(tmp / "progress.jsonl")),
                 progress_file=tmp / "progress.jsonl", on_progress=progress_logger(context, "dlrm"),
             )
             train_seconds = time.time() - t0
@@ -256,10 +209,9 @@ def dlrm_model(
             # the gate's evidence: on the holdout lists, the DLRM order vs the Two Tower's own order
             holdout = pd.read_parquet(root / "holdout.parquet", columns=["query_id", "label", "retrieval_score"])
             labels, qids = holdout["label"].to_numpy(), holdout["query_id"].to_numpy()
-            from recsys_assets.evaluation.protocol import metrics_from_ranks
-
-            two_stage = metrics_from_ranks(list_ranks(qids, labels, result.eval_scores["holdout"]), (10,))
-            two_tower = metrics_from_ranks(list_ranks(qids, labels, holdout["retrieval_score"].to_numpy()), (10,))
+            orders = compare_orders(qids, labels, {"two_stage": result.eval_scores["holdout"],
+                                                   "two_tower": holdout["retrieval_score"].to_numpy()}, (TOP_K,))
+            two_stage, two_tower = orders["two_stage"], orders["two_tower"]
             gate = {"holdout_two_stage": two_stage, "holdout_two_tower": two_tower,
                     "holdout_queries": int(len(np.unique(qids))), "min_gain": config.gate_min_gain}
             (tmp / "result.json").write_text(json.dumps({
@@ -356,7 +308,7 @@ def recommendations(
     import torch
 
     from recsys_assets.models.dlrm import DLRMScorer
-    from recsys_assets.training.dlrm import load_pair_set
+    from recsys_assets.data.pairs import load_pair_set
 
     model, layout, cfg = load_dlrm_model(dlrm_model)
     root = Path(ranking_dataset.path)

@@ -202,7 +202,7 @@ class TorchDistributorResource(ConfigurableResource):
 
         from pyspark.ml.torch.distributor import TorchDistributor
 
-        from recsys_assets.training.launch import RESULT_FILE, run_with_consistent_local_ranks
+        from recsys_assets.training.launch import RESULT_FILE, kill_training_processes, run_with_consistent_local_ranks
 
         self.validate()
         session = spark.spark_session  # TorchDistributor needs an active session
@@ -277,43 +277,6 @@ class TorchDistributorResource(ConfigurableResource):
             shutil.rmtree(error_dir, ignore_errors=True)
             return result
         return outcome["result"]
-
-
-def _process_table() -> list[tuple[int, int, str]]:
-    import subprocess
-
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,comm="], capture_output=True, text=True, check=True).stdout
-    rows = []
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) >= 2:
-            rows.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else ""))
-    return rows
-
-
-def kill_training_processes(root_pid: Optional[int] = None) -> list[int]:
-    """SIGKILLs every descendant of this process except the Spark JVM (torchrun and its workers, which sit in
-    their own process groups, so killing one group is not enough). Returns the pids signalled."""
-    import signal
-
-    root_pid = root_pid or os.getpid()
-    table = _process_table()
-    children: dict[int, list[tuple[int, str]]] = {}
-    for pid, ppid, comm in table:
-        children.setdefault(ppid, []).append((pid, comm))
-    victims, stack = [], [root_pid]
-    while stack:
-        for pid, comm in children.get(stack.pop(), []):
-            if "java" in comm:
-                continue  # the Spark JVM stays
-            victims.append(pid)
-            stack.append(pid)
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return victims
 
 
 def _summarize_failure(exc: BaseException) -> str:

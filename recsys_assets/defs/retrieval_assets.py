@@ -12,18 +12,10 @@ from pydantic import Field
 
 from recsys_assets.data import schema as S
 from recsys_assets.data.publish import publish_folder
-from recsys_assets.defs.data_assets import PublishedFolder
-from recsys_assets.defs.model_assets import RETRIEVAL_GROUP, TrainedModel, load_trained_two_tower
+from recsys_assets.defs.constants import RETRIEVAL_GROUP
+from recsys_assets.defs.model_assets import load_trained_two_tower
 from recsys_assets.defs.resources import StateResource
-
-
-@dataclasses.dataclass(frozen=True)
-class CandidateSet:
-    """retrieval_candidates' output: its folder (candidates / training_pool / queries Parquet) and the Two Tower
-    MLflow run that produced it."""
-
-    path: str
-    two_tower_run_id: str
+from recsys_assets.defs.types import CandidateSet, PublishedFolder, TrainedModel
 
 
 class ItemIndexConfig(dg.Config):
@@ -46,7 +38,7 @@ QUERY_SPLIT_COLUMNS = (S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTOR
 
 def load_query_splits(mds_splits: PublishedFolder):
     """The splits table with what query states need (history included)."""
-    from recsys_assets.training.two_tower import load_splits_frame
+    from recsys_assets.data.splits import load_splits_frame
 
     return load_splits_frame(mds_splits.path, QUERY_SPLIT_COLUMNS)
 

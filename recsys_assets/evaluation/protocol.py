@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_assets.data.schema import ITEM, SPLIT, SPLITS, TIMESTAMP, USER
+from recsys_assets.data.schema import FIT_SPLITS_OF_PHASE, ITEM, SPLIT, SPLITS, TIMESTAMP, USER
 
 PHASES = ("validation", "test")
 DEFAULT_KS = (10, 100)
@@ -33,9 +33,6 @@ DEFAULT_KS = (10, 100)
 # What a scorer may return: one row of scores per requested user, one column per item.
 Scores = Union[torch.Tensor, np.ndarray]
 ScoreFn = Callable[[np.ndarray], Scores]
-
-_FIT_SPLITS = {"validation": ("train",), "test": ("train", "validation")}
-
 
 def _csr_from_pairs(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """indptr/indices of rows already sorted by row."""
@@ -141,7 +138,7 @@ class EvalTask:
             )
 
         fit = (
-            splits.loc[splits[SPLIT].isin(_FIT_SPLITS[phase])]
+            splits.loc[splits[SPLIT].isin(FIT_SPLITS_OF_PHASE[phase])]
             .drop(columns=[SPLIT])
             .sort_values([USER, TIMESTAMP, ITEM], kind="stable")
             .reset_index(drop=True)

@@ -78,7 +78,10 @@ class FeatureSpec:
             col = name if name.startswith(ATTR_PREFIX) else ATTR_PREFIX + name
             attrs.append((col, int(card)))
         h = int(meta.history_length)
-        m = h if max_history is None else max(0, min(int(max_history), h))
+        m = h if max_history is None else int(max_history)
+        if not 0 <= m <= h or not 0 <= recent_items <= h:
+            # the training config checks this first (TwoTowerTrainConfig.check_dataset), with the asset's words
+            raise ValueError(f"max_history={m} and recent_items={recent_items} must be within [0, history_length={h}]")
         return cls(
             num_users=int(meta.num_users),
             num_items=int(meta.num_items),
@@ -86,7 +89,7 @@ class FeatureSpec:
             user_attributes=tuple(attrs),
             history_length=h,
             max_history=m,
-            recent_items=max(0, min(int(recent_items), h)),
+            recent_items=int(recent_items),
             recent_slots=bool(recent_slots),
             use_user_id=bool(use_user_id),
         )

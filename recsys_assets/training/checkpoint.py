@@ -131,7 +131,7 @@ def init_optimizer_state(optimizer: Any) -> None:
     """Materialize lazy optimizer state (Adam's moments) so that DCP can load into it in place.
 
     Without this the dense Adam keys are missing from ``optimizer.state_dict()`` and are silently never
-    restored (STACK-NOTES). Fused (in-backward) embedding optimizers already have their state.
+    restored. Fused (in-backward) embedding optimizers already have their state.
     """
     from torchrec.optim.fused import FusedOptimizer
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer

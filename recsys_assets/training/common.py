@@ -40,6 +40,12 @@ GPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wis
 
 
 # ---------------------------------------------------------------------------------------------- configs
+def setting(default: Any, help: str) -> Any:
+    """A training-config field that the model's Dagster config exposes too, with this description
+    (recsys_assets.defs.configs derives the Dagster Config from these fields: one declaration)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class JsonConfig:
     """Mixin for the trainers' dataclass configs: JSON round trip (tuples as lists); unknown fields refused."""
 
@@ -299,7 +305,7 @@ def _is_dtensor(v: Any) -> bool:
 def gather_state_dict(state_dict: Mapping[str, Any], env: DistEnv, dst: int = 0) -> dict[str, torch.Tensor] | None:
     """Collective. The unsharded CPU state dict on rank `dst` (None elsewhere), keys in state-dict order.
 
-    ShardedTensors are gathered with ShardedTensor.gather on every rank (STACK-NOTES); DTensors with
+    ShardedTensors are gathered with ShardedTensor.gather on every rank; DTensors with
     full_tensor(); plain tensors (replicated dense parameters and buffers) are taken as they are.
     """
     out: dict[str, torch.Tensor] = {}

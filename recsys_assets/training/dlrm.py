@@ -32,9 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys_assets.data.schema import DENSE, LABEL, QUERY_ID
+from recsys_assets.data.pairs import PairSet, load_pair_set
+from recsys_assets.data.schema import LABEL
+from recsys_assets.evaluation.lists import pair_metrics
 from recsys_assets.training import checkpoint, common
-from recsys_assets.training.common import DistEnv
+from recsys_assets.training.common import DistEnv, setting
 
 
 
@@ -47,23 +49,26 @@ class DLRMTrainConfig(common.JsonConfig):
     eval_sets: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> Parquet path
     selection_set: str | None = None  # eval set for early stopping / best epoch (None: the last epoch)
 
-    # model
-    embedding_dim: int = 16
-    bottom_layer_sizes: tuple[int, ...] = (64, 16)
-    top_layer_sizes: tuple[int, ...] = (64, 32, 1)
+    # model. Defaults chosen on the holdout users' validation lists (ml-latest-small and synthetic data).
+    embedding_dim: int = setting(16, "Embedding width of every table; the bottom MLP's last size must equal it.")
+    bottom_layer_sizes: tuple[int, ...] = setting((64, 16), "Dense MLP; the last size must equal embedding_dim.")
+    top_layer_sizes: tuple[int, ...] = setting((64, 32, 1), "Over MLP; the last size must be 1.")
 
     # optimization
-    epochs: int = 5
-    batch_size: int = 256  # per rank
-    patience: int = 2
+    epochs: int = setting(15, "Most epochs; the best one on the selection set is returned.")
+    batch_size: int = setting(
+        128, "Per process (global batch = this x processes; 2 x 128 chosen on the holdout lists: 2 x 256 halves the "
+        "updates and stalled there).")
+    patience: int = setting(4, "Epochs without a gain on the early-stopping metric before stopping.")
     min_delta: float = 0.0
-    early_stopping_metric: str = "auroc"
+    early_stopping_metric: str = setting(
+        "ndcg@10", "On the selection set: ndcg@10 | hr@10 (need query ids) | auroc | logloss.")
     sparse_optimizer: str = "row_wise_adagrad"
-    sparse_lr: float = 0.05
-    dense_lr: float = 1e-3
-    weight_decay: float = 0.0
+    sparse_lr: float = setting(0.002, "RowWiseAdagrad on the tables, fused into backward.")
+    dense_lr: float = setting(3e-3, "Adam on the MLPs.")
+    weight_decay: float = setting(0.0, "Adam weight decay on the MLPs.")
     epoch_size: int | None = None
-    seed: int = 0
+    seed: int = setting(0, "Seeds the model and the data order.")
 
     # distributed / runtime
     use_gpu: bool = False
@@ -105,6 +110,12 @@ class DLRMTrainConfig(common.JsonConfig):
                 raise ValueError("selecting epochs on the test set would leak it: use a validation set")
         if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
             raise ValueError("batch_size, epochs and patience must be positive")
+        if self.sparse_lr <= 0 or self.dense_lr <= 0 or self.weight_decay < 0:
+            raise ValueError("sparse_lr and dense_lr must be > 0 and weight_decay >= 0")
+        list_metrics = {f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")}
+        if self.early_stopping_metric not in {"auroc", "logloss", *list_metrics}:
+            raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} is not auroc, logloss or one of "
+                             f"{sorted(list_metrics)}")
         if self.resume not in (True, False, "auto"):
             raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
         self.model_config()  # validates the MLP sizes
@@ -147,110 +158,6 @@ class DLRMTrainResult:
         from recsys_assets.models.dlrm import DLRMModelConfig, layout_from_dicts, load_dlrm
 
         return load_dlrm(self.state_dict, layout_from_dicts(self.layout), DLRMModelConfig.from_dict(self.model_config), device)
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN without both classes."""
-    import pandas as pd
-
-    y = np.asarray(labels, dtype=np.float64) > 0.5
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = pd.Series(np.asarray(scores, dtype=np.float64)).rank(method="average").to_numpy()
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
-    y = np.asarray(labels, dtype=np.float64)
-    z = np.asarray(logits, dtype=np.float64)
-    if len(y) == 0:
-        return float("nan")
-    # log(1 + exp(-|z|)) + max(z, 0) - y z : stable BCE with logits
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
-
-
-def list_ranks(query_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Per query (sorted by id): rank of its positive among the query's pairs (number of pairs with a strictly
-    higher score), or a large number (a miss) when the query has no positive."""
-    import pandas as pd
-
-    df = pd.DataFrame({"q": np.asarray(query_ids), "y": np.asarray(labels) > 0.5, "s": np.asarray(scores, dtype=np.float64)})
-    pos = df[df["y"]].groupby("q")["s"].max()
-    queries = np.unique(df["q"].to_numpy())
-    pos_score = pd.Series(pos).reindex(queries).to_numpy()
-    df["ps"] = pd.Series(pos_score, index=queries).reindex(df["q"]).to_numpy()
-    higher = (df["s"] > df["ps"]).groupby(df["q"]).sum().reindex(queries).to_numpy()
-    miss = np.isnan(pos_score)
-    ranks = higher.astype(np.int64)
-    ranks[miss] = np.iinfo(np.int32).max
-    return ranks
-
-
-def pair_metrics(labels: np.ndarray, logits: np.ndarray, query_ids: np.ndarray | None, ks: Sequence[int]) -> dict[str, float]:
-    from recsys_assets.evaluation.protocol import metrics_from_ranks
-
-    out = {"auroc": auroc(labels, logits), "logloss": log_loss(labels, logits)}
-    if query_ids is not None:
-        out.update(metrics_from_ranks(list_ranks(query_ids, labels, logits), ks))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- eval data
-@dataclasses.dataclass
-class PairSet:
-    """An evaluation set in memory: the columns as tensors (dense [n, D], bags [n, L] padded with -1)."""
-
-    columns: dict[str, torch.Tensor]
-    labels: np.ndarray
-    query_ids: np.ndarray | None
-
-    @property
-    def n(self) -> int:
-        return len(self.labels)
-
-    def rows(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        return {k: v[lo:hi] for k, v in self.columns.items()}
-
-
-def _pad_lists(values: Sequence, fill: int = -1) -> np.ndarray:
-    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
-    width = max(1, int(lengths.max()) if len(lengths) else 1)
-    out = np.full((len(values), width), fill, dtype=np.int64)
-    for i, v in enumerate(values):
-        if len(v):
-            out[i, : len(v)] = v
-    return out
-
-
-def load_pair_set(path: str | Path, layout: Sequence[Any], dense_in_features: int) -> PairSet:
-    """Read a Parquet pairs table (file or folder) into a PairSet, checking the columns the model needs."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluation pairs not found: {path}")
-    table = pq.read_table(path)
-    needed = [LABEL, DENSE] + [f.name for f in layout]
-    missing = [c for c in needed if c not in table.column_names]
-    if missing:
-        raise ValueError(f"evaluation pairs {path} lack columns {missing} (have {table.column_names})")
-    cols: dict[str, torch.Tensor] = {}
-    dense_lists = table.column(DENSE).to_pylist()
-    dense = np.asarray(dense_lists, dtype=np.float32).reshape(len(dense_lists), -1) if dense_lists else np.zeros((0, dense_in_features), np.float32)
-    if dense.shape[1] != dense_in_features:
-        raise ValueError(f"evaluation pairs {path}: dense has {dense.shape[1]} features, the model expects {dense_in_features}")
-    cols[DENSE] = torch.from_numpy(dense)
-    for f in layout:
-        col = table.column(f.name)
-        if f.multi_valued:
-            cols[f.name] = torch.from_numpy(_pad_lists(col.to_pylist()))
-        else:
-            cols[f.name] = torch.from_numpy(col.to_numpy().astype(np.int64))
-    labels = table.column(LABEL).to_numpy().astype(np.float32)
-    qids = table.column(QUERY_ID).to_numpy().astype(np.int64) if QUERY_ID in table.column_names else None
-    return PairSet(columns=cols, labels=labels, query_ids=qids)
 
 
 @torch.no_grad()

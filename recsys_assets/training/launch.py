@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import pickle
 import traceback
 from pathlib import Path
@@ -43,3 +45,36 @@ def run_with_consistent_local_ranks(single_machine_non_local: bool, error_dir: s
             tail = "".join(traceback.format_exception(exc)[-6:])
             Path(error_dir, f"rank{rank}.txt").write_text(f"rank {rank}: {type(exc).__name__}: {exc}\n{tail}")
         raise
+
+
+def process_table() -> list[tuple[int, int, str]]:
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,comm="], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2:
+            rows.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else ""))
+    return rows
+
+
+def kill_training_processes(root_pid: int | None = None) -> list[int]:
+    """SIGKILLs every descendant of this process except the Spark JVM (torchrun and its workers, which sit in
+    their own process groups, so killing one group is not enough). Returns the pids signalled."""
+    root_pid = root_pid or os.getpid()
+    table = process_table()
+    children: dict[int, list[tuple[int, str]]] = {}
+    for pid, ppid, comm in table:
+        children.setdefault(ppid, []).append((pid, comm))
+    victims, stack = [], [root_pid]
+    while stack:
+        for pid, comm in children.get(stack.pop(), []):
+            if "java" in comm:
+                continue  # the Spark JVM stays
+            victims.append(pid)
+            stack.append(pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return victims

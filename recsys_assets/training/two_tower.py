@@ -46,16 +46,15 @@ from recsys_assets.data.schema import (
     SPLITS,
     TIMESTAMP,
     USER,
+    FIT_SPLITS_OF_PHASE,
     DatasetMeta,
     DatasetPaths,
 )
+from recsys_assets.data.splits import load_splits_frame
 from recsys_assets.training import checkpoint, common
-from recsys_assets.training.common import DistEnv
+from recsys_assets.training.common import DistEnv, setting
 
 log = logging.getLogger(__name__)
-
-FIT_SPLITS_OF_PHASE = {"validation": ("train",), "test": ("train", "validation")}
-
 
 @dataclasses.dataclass
 class TwoTowerTrainConfig(common.JsonConfig):
@@ -66,38 +65,39 @@ class TwoTowerTrainConfig(common.JsonConfig):
     fit_splits: tuple[str, ...] | None = None  # default: FIT_SPLITS_OF_PHASE[eval_phase]
 
     # model
-    embedding_dim: int = 32
-    layer_sizes: tuple[int, ...] = (64, 32)
+    embedding_dim: int = setting(32, "Embedding width of every table.")
+    layer_sizes: tuple[int, ...] = setting((64, 32), "Tower MLP sizes; the last is the vector size.")
     normalize: bool = True
-    temperature: float = 0.05
+    temperature: float = setting(0.05, "Softmax temperature over dot products of normalized vectors.")
     learn_temperature: bool = False
-    max_history: int | None = None  # most recent history items in the mean-pooled history bag (default: all H)
-    # The last `recent_items` history items as their own query feature(s) on the shared item table (0 = off):
-    # the next item of a session depends most on the latest one, which a mean over H items dilutes.
-    recent_items: int = 1
+    max_history: int | None = setting(
+        None, "Most recent history items in the mean-pooled history bag (<= the splits' history_length; None: all).")
+    recent_items: int = setting(
+        1, "The last k history items as their own query feature on the shared item table (0 = off): the next "
+        "item depends most on the latest one, which a mean over the history dilutes.")
     recent_slots: bool = False  # one feature per recent position (recent_items_0 = latest) instead of one bag
-    # A per-user embedding in the query tower. Keep it where users have many rows (MovieLens: ~160 each); with
-    # ~25-40 rows per user (the synthetic sizes) it overfits, and False scores a little better there.
-    use_user_id: bool = True
+    use_user_id: bool = setting(
+        True, "A per-user embedding in the query tower: keep it where users have many rows (MovieLens ~160); with "
+        "25-40 rows per user (the synthetic sizes) it overfits.")
 
     # loss
-    logq_correction: bool = True
-    num_uniform_negatives: int = 0  # extra uniformly sampled negatives per batch (shared by its rows)
+    logq_correction: bool = setting(True, "Subtract log of each candidate's sampling probability (in-batch negatives).")
+    num_uniform_negatives: int = setting(0, "Extra uniformly sampled negatives per batch (shared by its rows).")
 
     # optimization
-    epochs: int = 10
-    batch_size: int = 256  # per rank
+    epochs: int = setting(10, "Most epochs of the validation fit; the refit runs the best epoch count.")
+    batch_size: int = setting(256, "Per process.")
     early_stopping: bool | None = None  # default: on for eval_phase "validation", OFF for "test" (see below)
     restore_best: bool | None = None  # return the best epoch's weights (default: = early_stopping), else the last
-    patience: int = 3
+    patience: int = setting(3, "Epochs without a gain on the early-stopping metric before stopping.")
     min_delta: float = 0.0
     early_stopping_metric: str = "ndcg@10"
     sparse_optimizer: str = "row_wise_adagrad"  # fused into backward: row_wise_adagrad | adagrad | sgd
-    sparse_lr: float = 0.05
-    dense_lr: float = 1e-3
-    weight_decay: float = 0.0
+    sparse_lr: float = setting(0.05, "RowWiseAdagrad on the tables, fused into backward.")
+    dense_lr: float = setting(1e-3, "Adam on the MLPs.")
+    weight_decay: float = setting(0.0, "Adam weight decay on the MLPs.")
     epoch_size: int | None = None  # samples per epoch over all ranks (Streaming epoch_size); None = all
-    seed: int = 0
+    seed: int = setting(0, "Seeds the model, the data order and the negatives.")
 
     # distributed / runtime
     use_gpu: bool = False
@@ -121,7 +121,9 @@ class TwoTowerTrainConfig(common.JsonConfig):
     # checkpoints / resume (recsys_assets.training.checkpoint): sharded DCP state + loader/RNG/trainer state,
     # written every `checkpoint_every_n_steps` global steps (0 = off) and at every epoch end.
     checkpoint_dir: str | None = None
-    checkpoint_every_n_steps: int = 0
+    checkpoint_every_n_steps: int = setting(
+        0, "Also checkpoint every N global steps (0: at epoch ends only). A retry of a failed run resumes from the "
+        "latest checkpoint of its root run; they are deleted once the asset succeeds.")
     checkpoint_keep: int = 2
     # True: resume from the latest checkpoint in checkpoint_dir, a clear error if there is none; "auto": resume
     # if there is one (a relaunch with the same checkpoint_dir continues where it stopped); False: start fresh.
@@ -155,6 +157,10 @@ class TwoTowerTrainConfig(common.JsonConfig):
             self.restore_best = bool(self.early_stopping)
         if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
             raise ValueError("batch_size, epochs and patience must be positive")
+        if self.embedding_dim < 2 or not self.layer_sizes or min(self.layer_sizes) < 1:
+            raise ValueError(f"embedding_dim must be >= 2 and layer_sizes positive, got {self.embedding_dim}, {self.layer_sizes}")
+        if self.temperature <= 0 or self.sparse_lr <= 0 or self.dense_lr <= 0 or self.weight_decay < 0:
+            raise ValueError("temperature, sparse_lr and dense_lr must be > 0 and weight_decay >= 0")
         if self.num_uniform_negatives < 0:
             raise ValueError("num_uniform_negatives must be >= 0")
         if self.recent_items < 0 or (self.max_history is not None and self.max_history < 0):
@@ -178,10 +184,20 @@ class TwoTowerTrainConfig(common.JsonConfig):
             learn_temperature=self.learn_temperature,
         )
 
+    def check_dataset(self, meta: DatasetMeta) -> None:
+        """The settings that depend on the dataset: the history features read at most its history_length."""
+        h = meta.history_length
+        for name in ("max_history", "recent_items"):
+            value = getattr(self, name)
+            if value is not None and value > h:
+                raise ValueError(f"{name}={value} exceeds the dataset's history_length={h}: re-materialize "
+                                 f"interaction_splits with a longer history_length or lower {name}")
+
     def feature_spec(self, meta: DatasetMeta):
-        """The FeatureSpec of this run on a dataset (max_history and recent_items are capped at its H)."""
+        """The FeatureSpec of this run on a dataset."""
         from recsys_assets.models.features import FeatureSpec
 
+        self.check_dataset(meta)
         return FeatureSpec.from_meta(
             meta,
             self.max_history,
@@ -265,12 +281,6 @@ class EvalData:
     history_len: torch.Tensor  # int32 [Q]
     exclude_indptr: np.ndarray  # int64 [Q + 1]
     exclude_indices: np.ndarray  # int64
-
-
-def load_splits_frame(root: str | Path, columns: Sequence[str]):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(DatasetPaths(Path(root)).splits, columns=list(columns)).to_pandas()
 
 
 def load_eval_data(root: str | Path, phase: str, meta: DatasetMeta, history_length: int):
@@ -417,11 +427,7 @@ def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, m
 
     for split in config.fit_splits if not config.mds_remote else ():  # remote shards: Streaming checks them
         validate_mds(paths.mds(split), columns=TRAIN_MDS_COLUMNS)
-    if config.max_history is not None and config.max_history > meta.history_length:
-        raise ValueError(
-            f"max_history={config.max_history} exceeds the dataset's history_length={meta.history_length} "
-            f"({paths.meta}); re-materialize the splits with a longer history or lower max_history"
-        )
+    config.check_dataset(meta)
     table = pq.read_table(paths.splits, columns=[USER, ITEM])
     for column, size, what in ((ITEM, meta.num_items, "num_items"), (USER, meta.num_users, "num_users")):
         values = table.column(column).to_numpy()

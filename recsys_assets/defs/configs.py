@@ -1,0 +1,88 @@
+"""The model assets' Dagster configs, derived from the training configs (the one declaration of each setting).
+
+A training config (`TwoTowerTrainConfig`, `DLRMTrainConfig`) marks the fields an asset exposes with
+`training.common.setting(default, help)`; `dagster_config` turns them into a `dg.Config` with the same names,
+types, defaults and descriptions, plus asset-only fields. Values are validated once, by the training config
+(`train_config`), before any process starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Optional, Union
+
+import dagster as dg
+import pydantic
+from pydantic import Field
+
+from recsys_assets.training.dlrm import DLRMTrainConfig
+from recsys_assets.training.two_tower import TwoTowerTrainConfig
+
+
+def exposed_fields(train_cls: type) -> list[dataclasses.Field]:
+    """The training-config fields declared with `setting` (those with a help text)."""
+    return [f for f in dataclasses.fields(train_cls) if "help" in f.metadata]
+
+
+def _config_type(hint: Any) -> Any:
+    """Dagster config types: tuples become lists (Dagster has no tuple config type)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return list[typing.get_args(hint)[0]]
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        inner = _config_type(args[0])
+        return Optional[inner] if len(args) < len(typing.get_args(hint)) else inner
+    return hint
+
+
+def dagster_config(name: str, train_cls: type, doc: str, **asset_fields: tuple[Any, Any]) -> type[dg.Config]:
+    """A dg.Config named `name` with the exposed fields of `train_cls` and `asset_fields` (name -> (type,
+    pydantic Field)), which are settings of the asset itself, not of the training run."""
+    hints = typing.get_type_hints(train_cls)
+    fields: dict[str, Any] = {}
+    for f in exposed_fields(train_cls):
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        fields[f.name] = (_config_type(hints[f.name]), Field(default, description=f.metadata["help"]))
+    overlap = set(fields) & set(asset_fields)
+    if overlap:
+        raise ValueError(f"{name}: asset fields {sorted(overlap)} are already training settings")
+    model = pydantic.create_model(name, __base__=dg.Config, **fields, **asset_fields)
+    model.__doc__ = doc
+    return model
+
+
+def train_config(train_cls: type, config: dg.Config, **run_settings: Any):
+    """The training config of an asset run: the asset config's training settings + `run_settings` (paths,
+    MLflow run, processes). Validates everything (the training config's __post_init__)."""
+    names = {f.name for f in exposed_fields(train_cls)}
+    values = {k: v for k, v in config.model_dump().items() if k in names}
+    return train_cls(**{**values, **run_settings})
+
+
+TwoTowerConfig = dagster_config(
+    "TwoTowerConfig",
+    TwoTowerTrainConfig,
+    "Two Tower settings (declared in TwoTowerTrainConfig); epochs chosen on validation, then refit on "
+    "train + validation.",
+    refit_on_validation=(bool, Field(True, description="Refit on train+validation for the best epoch count "
+                                     "(the protocol's test report).")),
+)
+
+DLRMConfig = dagster_config(
+    "DLRMConfig",
+    DLRMTrainConfig,
+    "DLRM settings (declared in DLRMTrainConfig) and its sparse features. With one labelled list per user, id "
+    "tables (user, item, history bag) memorize the few positives and lose on the holdout lists; the dense "
+    "features + category / attribute bags generalize. The id features stay one switch away.",
+    use_user_id=(bool, Field(False, description="A user-id table (one positive per user in the ranker's data: "
+                             "overfits).")),
+    use_item_id=(bool, Field(False, description="An item-id table (always used when no other sparse feature "
+                             "exists).")),
+    use_history=(bool, Field(False, description="The user's history as a bag on the item table.")),
+    use_categories=(bool, Field(True, description="The item's categories as a bag.")),
+    use_user_attributes=(bool, Field(True, description="One table per user attribute.")),
+    gate_min_gain=(float, Field(0.0, description="Quality gate: holdout NDCG@10 of the DLRM order must be >= the "
+                                "Two Tower order's + this (0 = at least as good; negative tolerates a loss).")),
+)

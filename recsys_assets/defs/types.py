@@ -1,0 +1,36 @@
+"""What assets hand each other (through the I/O manager): the published folder of a version, plus the MLflow run
+of the model that produced it where there is one."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedFolder:
+    """A data asset's output: the folder of the version it published."""
+
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A model asset's output: its published folder and the MLflow run that recorded it."""
+
+    path: str
+    mlflow_run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateSet:
+    """retrieval_candidates' output: candidates / training_pool / queries Parquet and the Two Tower run behind them."""
+
+    path: str
+    two_tower_run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingData:
+    """ranking_dataset's output: mds/train, holdout.parquet, test.parquet, meta.json and the Two Tower run."""
+
+    path: str
+    two_tower_run_id: str
