@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   materializes the whole asset graph on the embedded defaults
 #   make test   runs the test suite
+#   make test-fast  the tests without multi-process training or a Spark cluster (a few minutes)
+#   make lint       ruff lint + format check (part of make test)
 # Both create (or reuse) the virtual environment via scripts/bootstrap.sh; it is cached outside the clone
 # (~/.cache/recsys_assets/venv-<variant>-<hash of the dependency spec>). RECSYS_VARIANT=cuda selects the
 # CUDA fbgemm kernels for GPU machines.
@@ -17,7 +19,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(STATE)/mlflow/mlflow.db
 DEMO_CONFIG ?= $(ROOT)/recsys_assets/configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: env demo test ci-materialize ui benchmarks clean-state
+.PHONY: env demo test test-fast lint format ci-materialize ui benchmarks clean-state
 
 env:
 	@bash scripts/bootstrap.sh >/dev/null
@@ -42,9 +44,26 @@ demo:
 test:
 	VENV=$(venv)
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	$(MAKE) --no-print-directory lint
 	bash scripts/install_browser.sh || true  # chromium for test_ui_browser.py; never fails the tests
 	$$VENV/bin/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory ci-materialize
+
+# No multi-process training and no Spark cluster: the tier to run while editing.
+test-fast:
+	VENV=$(venv)
+	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
+	$$VENV/bin/python -m pytest -m "not multiprocess and not spark_cluster" $(PYTEST_ARGS)
+
+lint:
+	VENV=$(venv)
+	$$VENV/bin/ruff check .
+	$$VENV/bin/ruff format --check .
+
+format:
+	VENV=$(venv)
+	$$VENV/bin/ruff check --fix .
+	$$VENV/bin/ruff format .
 
 # "dagster asset materialize in CI": the whole graph on the demo config, against a fresh instance and state
 # folder (deleted afterwards), then the evaluation asset must carry its metrics.
@@ -60,13 +79,15 @@ ci-materialize:
 	$$VENV/bin/dagster asset materialize -m recsys_assets.definitions --select '*' -c $(DEMO_CONFIG)
 	$$VENV/bin/python -m recsys_assets.summary --require $(CI_REQUIRED)
 
+# Both servers on 127.0.0.1; Ctrl-C or SIGTERM stops both and every helper process (recsys_assets/ui.py).
+UI_PORT ?= 3000
+MLFLOW_UI_PORT ?= 5000
 ui:
 	VENV=$(venv)
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
 	$(instance)
-	$$VENV/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000 &
-	trap 'kill %1' EXIT
-	$$VENV/bin/dagster dev -w workspace.yaml --host 127.0.0.1 --port 3000
+	exec $$VENV/bin/python -m recsys_assets.ui --dagster-port $(UI_PORT) --mlflow-port $(MLFLOW_UI_PORT) \
+		--tracking-uri $(MLFLOW_TRACKING_URI) --workspace workspace.yaml
 
 benchmarks:
 	VENV=$(venv)

@@ -13,6 +13,7 @@ AUROC; the reported metrics are those of the chosen epoch. samples/s counts trai
 excluded). On the 900-line sample the validation and test parts have 90 rows each: their AUROC is noisy
 (± ~0.07); give the full Kaggle ``train.txt`` (or a longer head of it) with ``--input`` for meaningful numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ def build(input_path: str, out: Path, num_embeddings: int) -> dict:
 
     from recsys_assets.data.criteo import write_criteo_dataset
 
-    spark = (SparkSession.builder.master("local[2]").appName("criteo_bench").config("spark.ui.enabled", "false")
-             .config("spark.ui.showConsoleProgress", "false").config("spark.driver.memory", "4g").getOrCreate())
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .appName("criteo_bench")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", "4g")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     try:
         t0 = time.time()
@@ -51,8 +58,19 @@ def torchrun(config: dict, nproc: int, work: Path):
     cfg = work / f"cfg-{nproc}-{time.time_ns()}.json"
     out = cfg.with_suffix(".pt")
     cfg.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "recsys_assets.training.dlrm", "--config", str(cfg), "--result", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "recsys_assets.training.dlrm",
+        "--config",
+        str(cfg),
+        "--result",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -76,23 +94,35 @@ def main() -> None:
 
     from recsys_assets.training.criteo import criteo_train_config
 
-    base = dict(epochs=args.epochs, patience=args.patience, embedding_dim=args.embedding_dim,
-                bottom_layer_sizes=(64, args.embedding_dim), top_layer_sizes=(64, 32, 1), seed=0)
+    base = dict(
+        epochs=args.epochs,
+        patience=args.patience,
+        embedding_dim=args.embedding_dim,
+        bottom_layer_sizes=(64, args.embedding_dim),
+        top_layer_sizes=(64, 32, 1),
+        seed=0,
+    )
     one = torchrun(criteo_train_config(work / "ds", batch_size=args.batch_size, **base).to_dict(), 1, work)
     two = torchrun(criteo_train_config(work / "ds", batch_size=args.batch_size // 2, **base).to_dict(), 2, work)
 
     rows = meta["splits"]
-    print(f"\n## Criteo data: {Path(args.input).name}, {meta['lines']} lines ({meta['bad_lines_dropped']} dropped), "
-          f"train/validation/test = {rows['train']['rows']}/{rows['validation']['rows']}/{rows['test']['rows']} "
-          f"(row order), positive rate {rows['train']['positive_rate']:.3f}/{rows['validation']['positive_rate']:.3f}/"
-          f"{rows['test']['positive_rate']:.3f}; Spark → MDS/Parquet {meta['seconds']:.1f} s; "
-          f"26 tables × {args.num_embeddings} rows × dim {args.embedding_dim}")
-    print(f"\n## DLRM quality (epoch chosen on validation AUROC, max {args.epochs} epochs, global batch {args.batch_size})")
+    print(
+        f"\n## Criteo data: {Path(args.input).name}, {meta['lines']} lines ({meta['bad_lines_dropped']} dropped), "
+        f"train/validation/test = {rows['train']['rows']}/{rows['validation']['rows']}/{rows['test']['rows']} "
+        f"(row order), positive rate {rows['train']['positive_rate']:.3f}/{rows['validation']['positive_rate']:.3f}/"
+        f"{rows['test']['positive_rate']:.3f}; Spark → MDS/Parquet {meta['seconds']:.1f} s; "
+        f"26 tables × {args.num_embeddings} rows × dim {args.embedding_dim}"
+    )
+    print(
+        f"\n## DLRM quality (epoch chosen on validation AUROC, max {args.epochs} epochs, global batch {args.batch_size})"
+    )
     print("| processes | best epoch | val AUROC | val logloss | test AUROC | test logloss |")
     print("|---|---|---|---|---|---|")
     for r in (one, two):
         v, t = r.final_metrics["validation"], r.final_metrics["test"]
-        print(f"| {r.world_size} | {r.best_epoch} | {v['auroc']:.4f} | {v['logloss']:.4f} | {t['auroc']:.4f} | {t['logloss']:.4f} |")
+        print(
+            f"| {r.world_size} | {r.best_epoch} | {v['auroc']:.4f} | {v['logloss']:.4f} | {t['auroc']:.4f} | {t['logloss']:.4f} |"
+        )
     print(f"\n## DLRM training throughput (training only; {one.history[0]['samples']} samples per epoch)")
     print("| processes | epochs run | samples/s (train) | peak RSS per process (MiB) | total s |")
     print("|---|---|---|---|---|")

@@ -11,6 +11,7 @@ Measured side by side in one run:
 2. Reading the train split of the largest size into torch tensors: StreamingDataLoader over MDS vs. pyarrow
    Parquet → torch, rows/s and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,7 +94,9 @@ def read_speed(root: Path, batch_size: int = 1024) -> dict:
     t_mds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    table = pq.read_table(root / "splits" / "split=train", columns=["user", "item", "timestamp", "rating", "history", "history_len"])
+    table = pq.read_table(
+        root / "splits" / "split=train", columns=["user", "item", "timestamp", "rating", "history", "history_len"]
+    )
     n_pq = 0
     for rb in table.to_batches(max_chunksize=batch_size):
         users = torch.from_numpy(rb.column("user").to_numpy().astype(np.int64))
@@ -118,13 +121,17 @@ def main() -> None:
             root = work / size
             r = run_pipeline(spark, size, root, args.history_length)
             results.append(r)
-            print(f"[{size}] {r['rows']} rows: generate {r['gen_s']:.1f}s, spark raw→MDS {r['spark_s']:.1f}s", flush=True)
+            print(
+                f"[{size}] {r['rows']} rows: generate {r['gen_s']:.1f}s, spark raw→MDS {r['spark_s']:.1f}s", flush=True
+            )
         reads = read_speed(work / results[-1]["size"])
     finally:
         spark.stop()
 
     print("\n## raw → MDS (local[2], 2 cores)")
-    print("| size | rows | generate s | Spark raw→MDS s | rows/s (Spark) | time growth | rows growth | time/rows growth |")
+    print(
+        "| size | rows | generate s | Spark raw→MDS s | rows/s (Spark) | time growth | rows growth | time/rows growth |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     prev = None
     for r in results:
@@ -134,7 +141,9 @@ def main() -> None:
             growth = f"{tg:.2f}x | {rg:.2f}x | {tg / rg:.2f}"
         else:
             growth = " | | "
-        print(f"| {r['size']} | {r['rows']:,} | {r['gen_s']:.1f} | {r['spark_s']:.1f} | {r['rows'] / r['spark_s']:,.0f} | {growth} |")
+        print(
+            f"| {r['size']} | {r['rows']:,} | {r['gen_s']:.1f} | {r['spark_s']:.1f} | {r['rows'] / r['spark_s']:,.0f} | {growth} |"
+        )
         prev = r
     print(f"\n## reading the {results[-1]['size']} train split into tensors (1 process, batch 1024)")
     print("| reader | rows | rows/s |")
@@ -143,9 +152,11 @@ def main() -> None:
     print(f"| pyarrow Parquet → torch | {reads['rows_parquet']:,} | {reads['parquet_rows_s']:,.0f} |")
     ratio = reads["mds_rows_s"] / reads["parquet_rows_s"]
     print(f"| ratio MDS / Parquet | | {ratio:.4f} (Parquet {1 / ratio:.0f}x faster) |")
-    print("\nMDS is read sample by sample (decode + collate per row); Parquet → torch here is a columnar batch copy "
-          "with no shuffling, no rank partitioning and no resumable state. Compare the MDS rate with what training "
-          "consumes in benchmarks/train_two_tower.py.")
+    print(
+        "\nMDS is read sample by sample (decode + collate per row); Parquet → torch here is a columnar batch copy "
+        "with no shuffling, no rank partitioning and no resumable state. Compare the MDS rate with what training "
+        "consumes in benchmarks/train_two_tower.py."
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ checked against the CPU ones (ranks equal; top-k lists equal up to ties).
 
 Without a GPU it prints the CPU column and says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,24 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--excluded", type=int, default=30, help="mean excluded (already seen) items per query")
-    p.add_argument("--max-score-elements", type=int, default=1 << 27,
-                   help="cap on one [batch, items] score matrix (memory); sets the query batch")
+    p.add_argument(
+        "--max-score-elements",
+        type=int,
+        default=1 << 27,
+        help="cap on one [batch, items] score matrix (memory); sets the query batch",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--accel-device", default=None,
-                   help="device of the second column (default: cuda where available; 'cpu' only exercises the "
-                   "comparison code on a machine without a GPU)")
+    p.add_argument(
+        "--accel-device",
+        default=None,
+        help="device of the second column (default: cuda where available; 'cpu' only exercises the "
+        "comparison code on a machine without a GPU)",
+    )
     args = p.parse_args(argv)
 
     if args.accel_device:
         cuda = torch.device(args.accel_device)
     else:
         cuda = torch.device("cuda") if torch.cuda.is_available() else None
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
-          f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
-          + (f", second column on {cuda}" if cuda is not None and cuda.type != "cuda" else ""))
-    print(f"{args.queries} queries, dim {args.dim}, k {args.k}, ~{args.excluded} excluded items per query, "
-          f"median of {args.repeats} runs after a warm-up")
+    print(
+        f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
+        f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
+        + (f", second column on {cuda}" if cuda is not None and cuda.type != "cuda" else "")
+    )
+    print(
+        f"{args.queries} queries, dim {args.dim}, k {args.k}, ~{args.excluded} excluded items per query, "
+        f"median of {args.repeats} runs after a warm-up"
+    )
     header = f"{'operation':<26}{'items':>10}{'batch':>7}{'CPU ms':>11}{'CUDA ms':>11}{'CPU/CUDA':>10}  check"
     print(header)
     print("-" * len(header))
@@ -122,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     diff = (cpu_out - cuda_out).abs()
                     check = f"ranks equal {float((diff == 0).float().mean()):.4f}, max |diff| {int(diff.max())}"
-                print(f"{name:<26}{n:>10,}{batch:>7}{cpu_s * 1e3:>11.1f}{cuda_s * 1e3:>11.1f}"
-                      f"{cpu_s / cuda_s:>9.1f}x  {check}")
+                print(
+                    f"{name:<26}{n:>10,}{batch:>7}{cpu_s * 1e3:>11.1f}{cuda_s * 1e3:>11.1f}"
+                    f"{cpu_s / cuda_s:>9.1f}x  {check}"
+                )
             else:
                 print(f"{name:<26}{n:>10,}{batch:>7}{cpu_s * 1e3:>11.1f}{'-':>11}{'-':>10}  -")
     if cuda is None:

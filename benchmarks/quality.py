@@ -15,6 +15,7 @@ on a SQLite file under --work) with the MovieLens source, then prints
 Settings are chosen on validation only (epochs by early stopping; EASE λ and ALS by `tune`); test is reported
 once per run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ def run(movielens: Path, work: Path, extra: dict) -> dict:
     from recsys_assets.definitions import defs
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
-    ops = _merge(DEFAULT_RUN_CONFIG, {"raw_interactions": {"config": {"source": "movielens",
-                                                                        "movielens_path": str(movielens)}}})
+    ops = _merge(
+        DEFAULT_RUN_CONFIG, {"raw_interactions": {"config": {"source": "movielens", "movielens_path": str(movielens)}}}
+    )
     ops = _merge(ops, extra.get("ops", {}))
     t0 = time.time()
     result = dg.materialize(
@@ -54,8 +56,9 @@ def run(movielens: Path, work: Path, extra: dict) -> dict:
             "spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
             "state": StateResource(root=str(work / "state")),
             "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=3600),
-            "mlflow": MLflowResource(tracking_uri=f"sqlite:///{work}/mlflow.db",
-                                     artifact_location=(work / "artifacts").as_uri()),
+            "mlflow": MLflowResource(
+                tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_location=(work / "artifacts").as_uri()
+            ),
         },
         run_config={"ops": ops},
         raise_on_error=False,
@@ -91,8 +94,10 @@ def main() -> int:
     for name, (passed, why) in sorted(out["checks"].items()):
         print(f"  check {name}: {'passed' if passed else 'FAILED'}{'' if passed else ' — ' + str(why)}")
     tt = md.get("two_tower_model", {})
-    print(f"\nTwo Tower validation (fit train): HR@10 {tt.get('validation_hr@10', float('nan')):.4f} "
-          f"NDCG@10 {tt.get('validation_ndcg@10', float('nan')):.4f} (best epoch {tt.get('best_epoch')})")
+    print(
+        f"\nTwo Tower validation (fit train): HR@10 {tt.get('validation_hr@10', float('nan')):.4f} "
+        f"NDCG@10 {tt.get('validation_ndcg@10', float('nan')):.4f} (best epoch {tt.get('best_epoch')})"
+    )
     d = md.get("dlrm_model", {})
     if d:
         print("\nDLRM ranker (pairs):")
@@ -106,13 +111,17 @@ def main() -> int:
     baselines = {k: v for k, v in ev.items() if isinstance(v, float) and not k.startswith(("two_stage", "two_tower"))}
     best_hr = max(v for k, v in baselines.items() if k.endswith("_hr@10"))
     best_ndcg = max(v for k, v in baselines.items() if k.endswith("_ndcg@10"))
-    print(f"\n| | two-stage | best baseline | target (1.5x) | ratio |\n|---|---|---|---|---|")
+    print("\n| | two-stage | best baseline | target (1.5x) | ratio |\n|---|---|---|---|---|")
     for m, best in (("hr@10", best_hr), ("ndcg@10", best_ndcg)):
         v = ev[f"two_stage_{m}"]
         print(f"| {m.upper()} | {v:.4f} | {best:.4f} | {1.5 * best:.4f} | {v / best:.2f}x |")
-    print(f"| NDCG@10 two-stage vs Two Tower alone | {ev['two_stage_ndcg@10']:.4f} | {ev['two_tower_ndcg@10']:.4f} | | "
-          f"{ev['two_stage_ndcg@10'] / ev['two_tower_ndcg@10']:.2f}x |")
-    (work / "quality.json").write_text(json.dumps({k: v for k, v in ev.items() if isinstance(v, (int, float))}, indent=2))
+    print(
+        f"| NDCG@10 two-stage vs Two Tower alone | {ev['two_stage_ndcg@10']:.4f} | {ev['two_tower_ndcg@10']:.4f} | | "
+        f"{ev['two_stage_ndcg@10'] / ev['two_tower_ndcg@10']:.2f}x |"
+    )
+    (work / "quality.json").write_text(
+        json.dumps({k: v for k, v in ev.items() if isinstance(v, (int, float))}, indent=2)
+    )
     return 0
 
 

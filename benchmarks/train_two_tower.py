@@ -14,6 +14,7 @@ Measured side by side in one run, on 2 CPU cores:
    LastItemMarkov, EASE (λ tuned on validation) and Spark ALS (implicit; the reference setting), all from the
    one evaluator.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ def build_dataset(source: dict, root: Path) -> Path:
 
     result = dg.materialize(
         data_assets,
-        resources={"spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
-                   "state": StateResource(root=str(root))},
+        resources={
+            "spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
+            "state": StateResource(root=str(root)),
+        },
         run_config={"ops": {"raw_interactions": {"config": source}}},
     )
     assert result.success
@@ -54,8 +57,19 @@ def torchrun(config: dict, nproc: int, work: Path) -> dict:
     cfg = work / f"cfg-{nproc}-{time.time_ns()}.json"
     out = cfg.with_suffix(".pt")
     cfg.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "recsys_assets.training.two_tower", "--config", str(cfg), "--result", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "recsys_assets.training.two_tower",
+        "--config",
+        str(cfg),
+        "--result",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -94,7 +108,10 @@ def quality(movielens: Path, work: Path, epochs: int) -> list[tuple[str, dict]]:
     selection = torchrun({**base, "eval_phase": "validation"}, 2, work)
     refit = torchrun({**base, "eval_phase": "test", "epochs": selection.best_epoch + 1}, 2, work)
     rows = [("Two Tower (val-selected epochs, refit train+val)", refit.final_metrics)]
-    print(f"two tower: validation {selection.final_metrics} (best epoch {selection.best_epoch}); test {refit.final_metrics}", flush=True)
+    print(
+        f"two tower: validation {selection.final_metrics} (best epoch {selection.best_epoch}); test {refit.final_metrics}",
+        flush=True,
+    )
 
     splits = pd.read_parquet(data_root / "splits", columns=["user", "item", "timestamp", "split"])
     test = EvalTask.from_splits(splits, "test")
@@ -123,14 +140,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="recsys-bench-tt-"))
 
     data_root = build_dataset({"synthetic": {"size": args.size}}, work / "synthetic")
-    cfg = {"data_root": str(data_root), "epochs": args.epochs, "patience": args.epochs,
-           "batch_size": args.batch_size, "eval_phase": "validation"}
+    cfg = {
+        "data_root": str(data_root),
+        "epochs": args.epochs,
+        "patience": args.epochs,
+        "batch_size": args.batch_size,
+        "eval_phase": "validation",
+    }
     one = torchrun(cfg, 1, work)
     # Same global batch with 2 processes: each takes half.
     two = torchrun({**cfg, "batch_size": args.batch_size // 2}, 2, work)
     loader = loader_rows_per_second(data_root, args.batch_size)
 
-    print(f"\n## Two Tower training throughput, synthetic {args.size} ({args.epochs} epochs, global batch {args.batch_size})")
+    print(
+        f"\n## Two Tower training throughput, synthetic {args.size} ({args.epochs} epochs, global batch {args.batch_size})"
+    )
     print("| processes | samples/s (train) | peak RSS per process (MiB) | total s |")
     print("|---|---|---|---|")
     for r in (one, two):

@@ -1,4 +1,5 @@
 """The code location: every asset, check, resource, job and schedule of recsys_assets."""
+
 import dagster as dg
 
 from recsys_assets.defs.automation import jobs, schedules, sensors

@@ -3,6 +3,7 @@
 Reads the persistent Dagster instance at $DAGSTER_HOME, so it shows exactly what the UI shows.
 ``--require ASSET:KEY,KEY`` (repeatable) exits 1 unless those metadata entries exist as finite numbers: CI uses
 it to check that the evaluation asset has its metrics after `dagster asset materialize --select '*'`."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         shown = {
             k: v.value
             for k, v in md.items()
-            if isinstance(v.value, (int, float, str)) and k != "path" and not k.startswith("dagster/") and len(str(v.value)) < 120
+            if isinstance(v.value, (int, float, str))
+            and k != "path"
+            and not k.startswith("dagster/")
+            and len(str(v.value)) < 120
         }
         print(f"== {key.to_user_string()}")
         for k, v in shown.items():

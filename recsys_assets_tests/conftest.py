@@ -1,5 +1,6 @@
 """Shared fixtures: one SparkSession for the whole test session, the shared data folder, MovieLens inputs,
 and the Dagster resources the data assets need."""
+
 from __future__ import annotations
 
 import os

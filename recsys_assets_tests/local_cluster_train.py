@@ -10,6 +10,7 @@ use. Running here leaves that session untouched.
 Writes JSON: master, local_mode, executors (executor JVMs registered), seconds (the distributed run),
 final_metrics, best_epoch, world_size, history (epoch, loss, metrics), progress_events.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         num_processes=args.num_processes, local_mode=args.local_mode == "true", timeout_seconds=600
     )
     t0 = time.monotonic()
-    result = resource.run(dg.build_asset_context(), spark, train_two_tower, config,
-                          progress_file=config.progress_file, on_progress=events.append)
+    result = resource.run(
+        dg.build_asset_context(),
+        spark,
+        train_two_tower,
+        config,
+        progress_file=config.progress_file,
+        on_progress=events.append,
+    )
     seconds = time.monotonic() - t0
     out = {
         "master": sc.master,

@@ -15,6 +15,7 @@ Leave-last-out per user: the last interaction is ``test``, the second to last ``
 
 Usage: ``data = write_synthetic_dataset(tmp_path / "ds")``; ``data.meta``, ``data.splits`` (pandas).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,6 +1,7 @@
 """The operations layer (recsys_assets/defs/automation.py): retrain_all job, its schedule, the new_source_data
 sensor, the training pool limit and the proposed dagster.yaml. Fast: no Spark session, no training, no run is
 executed (schedules and sensors are evaluated, not launched)."""
+
 from __future__ import annotations
 
 import datetime
@@ -55,9 +56,7 @@ def test_objects_load_with_the_project_assets():
     defs = _defs()
     dg.Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("retrain_all")
-    assert set(job.asset_layer.asset_graph.get_all_asset_keys()) >= {
-        a.key for a in [*data_assets, *model_assets]
-    }
+    assert set(job.asset_layer.asset_graph.get_all_asset_keys()) >= {a.key for a in [*data_assets, *model_assets]}
     # blocking data checks run inside the job too
     assert len(job.asset_layer.asset_graph.asset_check_keys) == len(data_checks)
     assert [s.name for s in A.schedules] == ["retrain_all_schedule"]
@@ -101,7 +100,7 @@ def test_schedule_refuses_an_invalid_cron(monkeypatch):
 
 def test_schedule_evaluation_requests_retrain_all_with_the_demo_run_config():
     schedule = A.retrain_schedule()
-    when = datetime.datetime(2025, 1, 6, 3, 0, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2025, 1, 6, 3, 0, tzinfo=datetime.UTC)
     data = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when))
     assert len(data.run_requests) == 1
     request = data.run_requests[0]
@@ -113,12 +112,16 @@ def test_schedule_evaluation_requests_retrain_all_with_the_demo_run_config():
 def test_run_config_file_from_env(tmp_path, monkeypatch):
     data = _movielens_folder(tmp_path)
     config_file = tmp_path / "prod.yaml"
-    config_file.write_text(yaml.safe_dump({
-        "ops": {
-            "raw_interactions": {"config": {"source": "movielens", "movielens_path": str(data)}},
-            "two_tower_model": {"config": {"epochs": 3}},
-        }
-    }))
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "ops": {
+                    "raw_interactions": {"config": {"source": "movielens", "movielens_path": str(data)}},
+                    "two_tower_model": {"config": {"epochs": 3}},
+                }
+            }
+        )
+    )
     monkeypatch.setenv(A.RUN_CONFIG_ENV, str(config_file))
     request = A.retrain_schedule().evaluate_tick(dg.build_schedule_context()).run_requests[0]
     assert request.run_config["ops"]["raw_interactions"]["config"]["movielens_path"] == str(data)
@@ -167,8 +170,15 @@ def test_sensor_first_tick_records_then_skips_then_requests_on_change(tmp_path):
     assert changed.cursor != first.cursor
     assert request.run_key == f"source-{changed.cursor}"
     assert request.run_config == {
-        "ops": {"raw_interactions": {"config": {"source": "movielens", "movielens_path": str(folder),
-                                                "synthetic": {"size": "small", "seed": 0}}}}
+        "ops": {
+            "raw_interactions": {
+                "config": {
+                    "source": "movielens",
+                    "movielens_path": str(folder),
+                    "synthetic": {"size": "small", "seed": 0},
+                }
+            }
+        }
     }
     assert request.tags["recsys/source_fingerprint"] == changed.cursor
     dg.validate_run_config(_defs(sensors=[sensor]).resolve_job_def("retrain_all"), request.run_config)

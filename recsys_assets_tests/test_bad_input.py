@@ -1,5 +1,6 @@
 """Bad input is refused early with a `DataValidationError` (or Dagster's config error) that names the problem,
 and a failed run publishes nothing downstream."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -137,9 +138,7 @@ def test_null_ids_fail_or_drop(spark):
     assert {r.user for r in cleaned.collect()} == {"a", "c"}
 
 
-@pytest.mark.parametrize(
-    "bad_rating, what", [(float("nan"), "null or NaN"), (None, "null or NaN"), (-1.0, "negative")]
-)
+@pytest.mark.parametrize("bad_rating, what", [(float("nan"), "null or NaN"), (None, "null or NaN"), (-1.0, "negative")])
 def test_bad_ratings_with_require_rating(spark, bad_rating, what):
     rows = [("a", "x", 1, 4.0), ("a", "y", 2, bad_rating), ("b", "x", 3, 5.0)]
     with pytest.raises(DataValidationError, match=rf"column 'rating' has 1 {what} value") as e:
@@ -254,5 +253,7 @@ def test_failure_inside_publish_leaves_no_version_and_no_temp_folder(spark, tmp_
     assert not result.success
     assert "empty (0 rows)" in _failure_text(result)
     state_root = Path(data_resources["state"].root)
-    _assert_not_materialized(result, state_root, ["raw_interactions", "interactions", "interaction_splits", "mds_splits"])
+    _assert_not_materialized(
+        result, state_root, ["raw_interactions", "interactions", "interaction_splits", "mds_splits"]
+    )
     assert not any(".tmp-" in p.name for p in state_root.rglob("*"))

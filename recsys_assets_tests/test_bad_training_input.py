@@ -2,6 +2,7 @@
 launched: corrupt / truncated / missing MDS shards, a split whose columns do not match what the model reads,
 a history setting beyond the data's history length, embedding tables smaller than the largest id, an
 unreachable MLflow server. (A missing checkpoint on an explicit resume: test_checkpoint_resume.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def _train_fails(root: Path, tmp_path: Path, error, match: str, **config):
     from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_two_tower
 
     progress = tmp_path / "progress.jsonl"
-    cfg = TwoTowerTrainConfig(data_root=str(root), epochs=1, batch_size=64, num_threads=1,
-                              progress_file=str(progress), **config)
+    cfg = TwoTowerTrainConfig(
+        data_root=str(root), epochs=1, batch_size=64, num_threads=1, progress_file=str(progress), **config
+    )
     start = time.monotonic()
     with pytest.raises(error, match=match) as err:
         train_two_tower(cfg)
@@ -108,8 +110,9 @@ def test_split_without_the_history_column(data, tmp_path):
 
 def test_max_history_beyond_the_data_history_length(data, tmp_path, clean_dataset):
     h = clean_dataset.meta.history_length
-    _train_fails(data, tmp_path, ValueError, rf"max_history={h + 4} exceeds the dataset's history_length={h}",
-                 max_history=h + 4)
+    _train_fails(
+        data, tmp_path, ValueError, rf"max_history={h + 4} exceeds the dataset's history_length={h}", max_history=h + 4
+    )
 
 
 @pytest.mark.parametrize("field, column", [("num_items", "item"), ("num_users", "user")])

@@ -4,6 +4,7 @@ fails the launcher fast and a relaunch continues from the last checkpoint; check
 
 One small synthetic dataset (300 users, 200 items, ~3250 train rows: 13 steps per epoch with 2 x 128 rows).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR))
+from fault_injection import train_two_tower_exiting  # noqa: E402
 from synthetic_mds import write_synthetic_dataset  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
@@ -57,9 +60,16 @@ def _elastic(config, nproc: int, tmp: Path):
     from recsys_assets.training.two_tower import train_two_tower
 
     lc = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-        rdzv_endpoint=str(tmp / f"rdzv-{uuid.uuid4().hex[:8]}"), rdzv_configs={"store_type": "file"},
-        start_method="spawn", monitor_interval=1, max_restarts=0,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint=str(tmp / f"rdzv-{uuid.uuid4().hex[:8]}"),
+        rdzv_configs={"store_type": "file"},
+        start_method="spawn",
+        monitor_interval=1,
+        max_restarts=0,
     )
     return elastic_launch(config=lc, entrypoint=train_two_tower)(config)[0]
 
@@ -118,6 +128,7 @@ def _descendants_alive() -> list[tuple[int, str]]:
 
 
 # --------------------------------------------------------------------------------------------------- tests
+@pytest.mark.multiprocess
 def test_checkpoint_folder_layout(reference, dataset):
     """Epoch-end and every-N-step checkpoints, atomic (no temp folder left), the newest `keep` kept, a
     `latest` pointer at the last one, each with one state file per rank."""
@@ -135,12 +146,13 @@ def test_checkpoint_folder_layout(reference, dataset):
     assert len(list(last.glob("*.distcp"))) == 2  # each rank wrote its own shards
 
 
+@pytest.mark.multiprocess
 def test_killed_rank_fails_fast_and_relaunch_resumes_mid_epoch(reference, dataset, spark, tmp_path, monkeypatch):
     """Rank 1 dies (os._exit) mid-epoch 1: TorchDistributorResource raises quickly, no process is left behind;
     the relaunch with the same checkpoint_dir resumes at the last checkpoint's step, covers every epoch
     exactly once and ends within noise of the uninterrupted run on the same seed."""
     from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
-    from recsys_assets.training.two_tower import FAULT_ENV, train_two_tower
+    from recsys_assets.training.two_tower import train_two_tower
 
     ref, _ = reference
     spe = _steps_per_epoch(dataset, 2)
@@ -151,11 +163,12 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_mid_epoch(reference, datase
     resource = TorchDistributorResource(num_processes=2, timeout_seconds=300)
     session = SparkResource(master="local[2]")
 
-    monkeypatch.setenv(FAULT_ENV, f"1:{kill_at}")
+    # torchrun's processes unpickle train_two_tower_exiting by reference: they import fault_injection from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
     before = {pid for pid, _ in _descendants_alive()}  # e.g. multiprocessing's resource tracker, long-lived
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="distributed training failed") as err:
-        resource.run(None, session, train_two_tower, config, on_progress=lambda rec: None)
+        resource.run(None, session, train_two_tower_exiting, config, 1, kill_at, on_progress=lambda rec: None)
     elapsed = time.monotonic() - start
     print(f"\nkilled run failed after {elapsed:.1f}s: {str(err.value)[:600]}")
     assert elapsed < 150
@@ -164,21 +177,27 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_mid_epoch(reference, datase
     time.sleep(2)
     assert [p for p in _descendants_alive() if p[0] not in before] == []  # torchrun and both ranks are gone
 
-    monkeypatch.delenv(FAULT_ENV)
     t0 = time.monotonic()
     resumed = resource.run(None, session, train_two_tower, config, on_progress=lambda rec: None)
-    print(f"relaunch: {time.monotonic() - t0:.1f}s, resumed from step {resumed.resumed_from_step}, "
-          f"{resumed.final_metrics} vs uninterrupted {ref.final_metrics}")
+    print(
+        f"relaunch: {time.monotonic() - t0:.1f}s, resumed from step {resumed.resumed_from_step}, "
+        f"{resumed.final_metrics} vs uninterrupted {ref.final_metrics}"
+    )
     assert resumed.resumed_from_step == expected
     assert resumed.global_steps == ref.global_steps == 3 * spe
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert all(h["samples"] == dataset.meta.rows["train"] for h in resumed.history)  # exactly once per epoch
     assert resumed.history[0]["metrics"] == pytest.approx(ref.history[0]["metrics"], abs=1e-6)
     for k in ("hr@10", "ndcg@10", "hr@100"):
-        assert abs(resumed.final_metrics[k] - ref.final_metrics[k]) <= 0.02, (k, resumed.final_metrics, ref.final_metrics)
+        assert abs(resumed.final_metrics[k] - ref.final_metrics[k]) <= 0.02, (
+            k,
+            resumed.final_metrics,
+            ref.final_metrics,
+        )
     assert abs(resumed.history[-1]["loss"] - ref.history[-1]["loss"]) <= 0.02 * ref.history[-1]["loss"]
 
 
+@pytest.mark.multiprocess
 def test_two_process_checkpoint_resumes_in_one_process(reference, dataset, tmp_path):
     """2 -> 1: the last checkpoint of the 2-process run loads into one process (DCP reshards), the tables equal
     the saved ones right after loading, and training continues for a 4th epoch."""
@@ -198,6 +217,7 @@ def test_two_process_checkpoint_resumes_in_one_process(reference, dataset, tmp_p
     assert math.isfinite(result.history[3]["loss"]) and result.history[3]["loss"] < result.history[0]["loss"]
 
 
+@pytest.mark.multiprocess
 def test_one_process_checkpoint_resumes_in_two_processes(dataset, tmp_path):
     """1 -> 2: a checkpoint written by one process loads into two, equal right after loading; training goes on."""
     from recsys_assets.training.checkpoint import latest_checkpoint

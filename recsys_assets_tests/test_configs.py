@@ -9,8 +9,13 @@ from recsys_assets.defs.configs import DLRMConfig, TwoTowerConfig, exposed_field
 from recsys_assets.training.dlrm import DLRMTrainConfig
 from recsys_assets.training.two_tower import TwoTowerTrainConfig
 
-DLRM_RUN = dict(train_mds=["/data/pairs/mds/train"], layout=[{"name": "item", "table": "item", "num_embeddings": 5}],
-                dense_in_features=3, eval_sets={"holdout": "/data/pairs/holdout.parquet"}, selection_set="holdout")
+DLRM_RUN = dict(
+    train_mds=["/data/pairs/mds/train"],
+    layout=[{"name": "item", "table": "item", "num_embeddings": 5}],
+    dense_in_features=3,
+    eval_sets={"holdout": "/data/pairs/holdout.parquet"},
+    selection_set="holdout",
+)
 TWO_TOWER_RUN = dict(data_root="/data/mds_splits")
 
 
@@ -34,7 +39,9 @@ def test_dlrm_defaults_are_the_chosen_ones():
     assert DLRMConfig().epochs == 15 and DLRMConfig().early_stopping_metric == "ndcg@10"
 
 
-@pytest.mark.parametrize(("train_cls", "dagster_cls"), [(DLRMTrainConfig, DLRMConfig), (TwoTowerTrainConfig, TwoTowerConfig)])
+@pytest.mark.parametrize(
+    ("train_cls", "dagster_cls"), [(DLRMTrainConfig, DLRMConfig), (TwoTowerTrainConfig, TwoTowerConfig)]
+)
 def test_dagster_config_fields_are_the_training_settings(train_cls, dagster_cls):
     exposed = {f.name: f for f in exposed_fields(train_cls)}
     fields = dagster_cls.model_fields
@@ -57,8 +64,14 @@ def test_a_bad_setting_is_refused_by_the_one_validator():
 def test_history_settings_beyond_the_dataset_are_refused_not_clamped():
     from recsys_assets.data.schema import DatasetMeta
 
-    meta = DatasetMeta(num_users=3, num_items=4, num_categories=0, user_attribute_cardinalities={},
-                       history_length=5, rows={"train": 1, "validation": 1, "test": 1})
+    meta = DatasetMeta(
+        num_users=3,
+        num_items=4,
+        num_categories=0,
+        user_attribute_cardinalities={},
+        history_length=5,
+        rows={"train": 1, "validation": 1, "test": 1},
+    )
     cfg = train_config(TwoTowerTrainConfig, TwoTowerConfig(max_history=8), **TWO_TOWER_RUN)
     with pytest.raises(ValueError, match="max_history=8 exceeds the dataset's history_length=5"):
         cfg.feature_spec(meta)

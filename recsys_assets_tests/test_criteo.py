@@ -2,6 +2,7 @@
 
 Oracle for the parser: the same file split by plain Python (``line.split("\\t")``), independent of Spark.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,9 +75,7 @@ def test_features(spark, sample, lines):
     df = feats.orderBy(C.ROW_INDEX).toPandas()
     dense = np.stack(df[C.DENSE].to_numpy())
     assert dense.shape == (900, 13) and dense.dtype == np.float32
-    expected = np.array(
-        [[math.log1p(max(int(v), 0)) if v else 0.0 for v in f[1:14]] for f in lines], dtype=np.float32
-    )
+    expected = np.array([[math.log1p(max(int(v), 0)) if v else 0.0 for v in f[1:14]] for f in lines], dtype=np.float32)
     np.testing.assert_allclose(dense, expected, rtol=1e-6)
     assert dense[4, 1] == 0.0  # int_1 = -1 → log(1 + max(-1, 0)) = 0
     for j, col in enumerate(C.CAT_COLUMNS, start=14):
@@ -144,8 +143,15 @@ def test_dlrm_trains_on_criteo(dataset):
     from recsys_assets.training.dlrm import train_dlrm
 
     config = criteo_train_config(
-        dataset, epochs=4, patience=4, batch_size=64, embedding_dim=8, bottom_layer_sizes=(32, 8),
-        top_layer_sizes=(32, 1), num_threads=2, seed=0,
+        dataset,
+        epochs=4,
+        patience=4,
+        batch_size=64,
+        embedding_dim=8,
+        bottom_layer_sizes=(32, 8),
+        top_layer_sizes=(32, 1),
+        num_threads=2,
+        seed=0,
     )
     assert config.dense_in_features == 13 and len(config.layout) == 26
     result = train_dlrm(config)

@@ -1,4 +1,5 @@
 """The data asset graph end to end (tiny synthetic source), and the code location's definitions."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def test_materialize_tiny_synthetic_succeeds_and_checks_pass(tiny_run):
     result, _ = tiny_run
     assert result.success
     materialized = {
-        e.asset_key.to_user_string() for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION
+        e.asset_key.to_user_string()
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION
     }
     assert materialized == DATA_ASSETS
     evaluations = result.get_asset_check_evaluations()

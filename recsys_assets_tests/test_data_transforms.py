@@ -1,4 +1,5 @@
 """Unit tests of the Spark transforms (clean, index, temporal_split) on small hand-built DataFrames."""
+
 from __future__ import annotations
 
 import random
@@ -153,7 +154,9 @@ def test_item_categories_and_user_attributes_are_indexed(spark):
     assert uf[user_map["u2"]] == (1, 0)
     assert uf[user_map["u9"]] == (0, 0)
     assert {f.name: f.dataType.simpleString() for f in idx.user_features.schema.fields} == {
-        "user": "int", "attr_age": "int", "attr_region": "int"
+        "user": "int",
+        "attr_age": "int",
+        "attr_region": "int",
     }
 
 
@@ -177,14 +180,25 @@ def test_temporal_split_leave_last_out_with_timestamp_tie(spark):
     df = temporal_split(spark.createDataFrame(rows, INDEXED_SCHEMA), history_length=3)
     got = {(r.user, r.item): r.split for r in df.collect()}
     assert got == {
-        (0, 7): "train", (0, 3): "train", (0, 2): "validation", (0, 9): "test",
-        (1, 0): "train", (1, 4): "validation", (1, 1): "test",
-        (2, 5): "train", (2, 6): "train",
+        (0, 7): "train",
+        (0, 3): "train",
+        (0, 2): "validation",
+        (0, 9): "test",
+        (1, 0): "train",
+        (1, 4): "validation",
+        (1, 1): "test",
+        (2, 5): "train",
+        (2, 6): "train",
         (3, 0): "train",
     }
     assert {f.name: f.dataType.simpleString() for f in df.schema.fields} == {
-        "user": "int", "item": "int", "timestamp": "bigint", "rating": "float",
-        "history": "array<int>", "history_len": "int", "split": "string",
+        "user": "int",
+        "item": "int",
+        "timestamp": "bigint",
+        "rating": "float",
+        "history": "array<int>",
+        "history_len": "int",
+        "split": "string",
     }
     hist = {(r.user, r.item): (list(r.history), r.history_len) for r in df.collect()}
     assert hist[(0, 9)] == ([2, 3, 7], 3)  # the tie partner 2 comes before 9 in (timestamp, item) order

@@ -1,5 +1,6 @@
 """The DLRM trainer alone (one gloo process, in this process): learning a planted signal, id handling in the
 KJT, and epoch checkpoints with resume. The 2-process path runs in test_funnel.py through TorchDistributor."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,24 +34,58 @@ def pairs(tmp_path_factory) -> Path:
     dense = rng.normal(size=(n, 3)).astype(np.float32)
     label = ((item % 2 == 0) ^ (dense[:, 0] > 1)).astype(np.float32)
     cut = 2400
-    with MDSWriter(out=str(root / "train"), columns={"label": "float32", "dense": "ndarray:float32", "user": "int32",
-                                                      "item": "int32", "history": "ndarray:int32"}) as w:
+    with MDSWriter(
+        out=str(root / "train"),
+        columns={
+            "label": "float32",
+            "dense": "ndarray:float32",
+            "user": "int32",
+            "item": "int32",
+            "history": "ndarray:int32",
+        },
+    ) as w:
         for i in range(cut):
-            w.write({"label": label[i], "dense": dense[i], "user": np.int32(user[i]), "item": np.int32(item[i]),
-                     "history": hist[i]})
-    pd.DataFrame({"label": label[cut:], "dense": list(dense[cut:]), "user": user[cut:], "item": item[cut:],
-                  "history": [h[h >= 0].tolist() for h in hist[cut:]], "query_id": np.arange(n - cut) // 10}
-                 ).to_parquet(root / "validation.parquet")
+            w.write(
+                {
+                    "label": label[i],
+                    "dense": dense[i],
+                    "user": np.int32(user[i]),
+                    "item": np.int32(item[i]),
+                    "history": hist[i],
+                }
+            )
+    pd.DataFrame(
+        {
+            "label": label[cut:],
+            "dense": list(dense[cut:]),
+            "user": user[cut:],
+            "item": item[cut:],
+            "history": [h[h >= 0].tolist() for h in hist[cut:]],
+            "query_id": np.arange(n - cut) // 10,
+        }
+    ).to_parquet(root / "validation.parquet")
     return root
 
 
 def _config(pairs: Path, **kw):
     from recsys_assets.training.dlrm import DLRMTrainConfig
 
-    settings = dict(train_mds=(str(pairs / "train"),), layout=LAYOUT, dense_in_features=3,
-                    eval_sets={"validation": str(pairs / "validation.parquet")}, selection_set="validation",
-                    early_stopping_metric="auroc", epochs=4, patience=4, embedding_dim=8, bottom_layer_sizes=(16, 8),
-                    dense_lr=3e-3, sparse_lr=0.05, batch_size=256, ks=(1, 3))
+    settings = dict(
+        train_mds=(str(pairs / "train"),),
+        layout=LAYOUT,
+        dense_in_features=3,
+        eval_sets={"validation": str(pairs / "validation.parquet")},
+        selection_set="validation",
+        early_stopping_metric="auroc",
+        epochs=4,
+        patience=4,
+        embedding_dim=8,
+        bottom_layer_sizes=(16, 8),
+        dense_lr=3e-3,
+        sparse_lr=0.05,
+        batch_size=256,
+        ks=(1, 3),
+    )
     settings.update(kw)
     return DLRMTrainConfig(**settings)
 
@@ -63,8 +98,8 @@ def test_dlrm_learns_a_planted_signal_and_reloads(pairs):
     assert result.final_metrics["validation"]["auroc"] > 0.75
     model = result.load_model()
     # the reloaded unsharded model scores the validation pairs as the sharded one did
-    from recsys_assets.models.dlrm import DLRMScorer, layout_from_dicts
     from recsys_assets.data.pairs import load_pair_set
+    from recsys_assets.models.dlrm import DLRMScorer, layout_from_dicts
 
     layout = layout_from_dicts(LAYOUT)
     data = load_pair_set(pairs / "validation.parquet", layout, 3)
@@ -82,8 +117,11 @@ def test_kjt_keeps_id_zero_and_refuses_ids_beyond_the_table():
     from recsys_assets.models.dlrm import batch_to_kjt, layout_from_dicts
 
     layout = layout_from_dicts(LAYOUT)
-    batch = {"user": torch.tensor([0, 1]), "item": torch.tensor([0, 0]),
-             "history": torch.tensor([[0, -1, -1], [3, 0, -1]], dtype=torch.int32)}
+    batch = {
+        "user": torch.tensor([0, 1]),
+        "item": torch.tensor([0, 0]),
+        "history": torch.tensor([[0, -1, -1], [3, 0, -1]], dtype=torch.int32),
+    }
     kjt = batch_to_kjt(batch, layout).to_dict()
     assert kjt["item"].values().tolist() == [0, 0]
     assert kjt["history"].values().tolist() == [0, 3, 0] and kjt["history"].lengths().tolist() == [1, 2]

@@ -1,4 +1,5 @@
 """Tests of the evaluation protocol (recsys_assets.evaluation) and its reference baselines."""
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,17 @@ def small_splits() -> pd.DataFrame:
     """3 users, 30 items. user 2 has no held-out rows (all train)."""
     return _splits(
         [
-            (0, 0, 1, "train"), (0, 1, 2, "train"), (0, 2, 3, "train"), (0, 3, 4, "validation"), (0, 4, 5, "test"),
-            (1, 5, 1, "train"), (1, 0, 2, "train"), (1, 6, 3, "validation"), (1, 7, 4, "test"),
-            (2, 1, 1, "train"), (2, 0, 1, "train"),  # tied timestamps, listed out of item order
+            (0, 0, 1, "train"),
+            (0, 1, 2, "train"),
+            (0, 2, 3, "train"),
+            (0, 3, 4, "validation"),
+            (0, 4, 5, "test"),
+            (1, 5, 1, "train"),
+            (1, 0, 2, "train"),
+            (1, 6, 3, "validation"),
+            (1, 7, 4, "test"),
+            (2, 1, 1, "train"),
+            (2, 0, 1, "train"),  # tied timestamps, listed out of item order
         ]
     )
 
@@ -261,8 +270,10 @@ def test_tune_picks_the_best_validation_setting_then_refits(small_splits: pd.Dat
     assert [p for p, _ in result.trials] == [{"sign": -1.0}, {"sign": 1.0}]
     assert result.trials[1][1]["ndcg@10"] > result.trials[0][1]["ndcg@10"]
     assert result.validation.phase == "validation" and result.test.phase == "test"
-    direct = evaluate(MostPopular().fit(EvalTask.from_splits(splits, "test", num_users=40, num_items=25)).score,
-                      EvalTask.from_splits(splits, "test", num_users=40, num_items=25))
+    direct = evaluate(
+        MostPopular().fit(EvalTask.from_splits(splits, "test", num_users=40, num_items=25)).score,
+        EvalTask.from_splits(splits, "test", num_users=40, num_items=25),
+    )
     assert dict(result.test) == dict(direct)
     # a list-of-dicts grid works too, and ties keep the first setting
     tied = tune(SignedPopularity, [{"sign": 2.0}, {"sign": 1.0}], splits)

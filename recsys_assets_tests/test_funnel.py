@@ -1,6 +1,7 @@
 """The whole two-stage funnel through Dagster on tiny synthetic data (real Spark, 2-process gloo TorchRec
 training via TorchDistributor, a real MLflow SQLite store): candidates, ranker data, DLRM, recommendations,
 evaluation, and the quality gates."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess  # TorchDistributor with 2 processes
 
 
 def _resources(root: Path) -> dict:
@@ -22,8 +23,9 @@ def _resources(root: Path) -> dict:
         "spark": SparkResource(master="local[2]", shuffle_partitions=4),
         "state": StateResource(root=str(root / "state")),
         "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=600),
-        "mlflow": MLflowResource(tracking_uri=f"sqlite:///{root}/mlflow.db",
-                                 artifact_location=(root / "artifacts").as_uri()),
+        "mlflow": MLflowResource(
+            tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_location=(root / "artifacts").as_uri()
+        ),
         # on disk, so a later run of a subset loads the upstream values of this one
         "io_manager": dg.FilesystemIOManager(base_dir=str(root / "io")),
     }
@@ -111,8 +113,10 @@ def test_ranker_training_data_has_no_test_period_rows(funnel):
     # every query time is the validation time, strictly before the same user's test row
     assert (train["query_timestamp"].to_numpy() == val.loc[train["user"], "timestamp"].to_numpy()).all()
     has_test = train["user"].isin(test.index)
-    assert (train.loc[has_test, "query_timestamp"].to_numpy()
-            <= test.loc[train.loc[has_test, "user"], "timestamp"].to_numpy()).all()
+    assert (
+        train.loc[has_test, "query_timestamp"].to_numpy()
+        <= test.loc[train.loc[has_test, "user"], "timestamp"].to_numpy()
+    ).all()
     # hard negatives come from retrieval, and are not the validation item
     assert {"retrieved", "random"} <= set(train["source"])
     assert (train.loc[train["source"] == "random", "label"] == 0).all()
@@ -130,7 +134,7 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     from mlflow.tracking import MlflowClient
 
     from recsys_assets.defs.types import TrainedModel
-    from recsys_assets.defs.ranking_assets import load_dlrm_model
+    from recsys_assets.serving.models import load_dlrm_model
 
     result, root = funnel
     md = _md(result, "dlrm_model")
@@ -171,9 +175,17 @@ def test_evaluation_reports_every_model_through_one_evaluator(funnel):
 
     result, root = funnel
     md = _md(result, "evaluation")
-    for key in ("two_tower_hr@10", "two_tower_ndcg@10", "two_stage_hr@10", "two_stage_ndcg@10",
-                "two_stage_retrieval_hr@50", "mostpopular_hr@10", "lastitemmarkov_ndcg@10", "ease_hr@10",
-                "spark_als_ndcg@10"):
+    for key in (
+        "two_tower_hr@10",
+        "two_tower_ndcg@10",
+        "two_stage_hr@10",
+        "two_stage_ndcg@10",
+        "two_stage_retrieval_hr@50",
+        "mostpopular_hr@10",
+        "lastitemmarkov_ndcg@10",
+        "ease_hr@10",
+        "spark_als_ndcg@10",
+    ):
         assert key in md and 0.0 <= md[key] <= 1.0, key
     assert "| Two-stage (Two Tower → DLRM) |" in md["metrics"]
     assert md["chart"].startswith("![")
@@ -208,8 +220,11 @@ def test_failed_gate_stops_recommendations_and_says_why(funnel):
         [*assets, *checks],
         selection=dg.AssetSelection.assets("dlrm_model", "recommendations", "evaluation"),
         resources=_resources(root),
-        run_config={"ops": {k: v for k, v in _run_config(1.0)["ops"].items()
-                            if k in ("dlrm_model", "recommendations", "evaluation")}},
+        run_config={
+            "ops": {
+                k: v for k, v in _run_config(1.0)["ops"].items() if k in ("dlrm_model", "recommendations", "evaluation")
+            }
+        },
         raise_on_error=False,
     )
     assert not failed.success

@@ -6,6 +6,7 @@ on the driver) on the same seed and data.
 Each run happens in a subprocess (`local_cluster_train.py`) with its own SparkSession: a local-cluster master
 needs a fresh SparkContext, and the pytest process keeps its shared ``local[2]`` session for the other tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_mds import write_synthetic_dataset  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.spark_cluster, pytest.mark.timeout(600)]
 
 HELPER = Path(__file__).resolve().parent / "local_cluster_train.py"
 SETTINGS = dict(
@@ -41,14 +42,28 @@ def _train(tmp: Path, data_root: Path, name: str, master: str, local_mode: bool,
     cfg = TwoTowerTrainConfig(data_root=str(data_root), progress_file=str(tmp / f"{name}.progress.jsonl"), **SETTINGS)
     cfg_file, out = tmp / f"{name}.config.json", tmp / f"{name}.result.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
-    cmd = [sys.executable, str(HELPER), "--master", master, "--local-mode", str(local_mode).lower(),
-           "--expect-executors", str(executors), "--config", str(cfg_file), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(HELPER),
+        "--master",
+        master,
+        "--local-mode",
+        str(local_mode).lower(),
+        "--expect-executors",
+        str(executors),
+        "--config",
+        str(cfg_file),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=tmp)
     if proc.returncode != 0:
         raise AssertionError(f"{name} run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     result = json.loads(out.read_text())
-    print(f"\n{name}: master {result['master']}, executors {result['executors']}, {result['seconds']:.1f}s, "
-          f"final {result['final_metrics']}, losses {[round(h['loss'], 4) for h in result['history']]}")
+    print(
+        f"\n{name}: master {result['master']}, executors {result['executors']}, {result['seconds']:.1f}s, "
+        f"final {result['final_metrics']}, losses {[round(h['loss'], 4) for h in result['history']]}"
+    )
     return result
 
 

@@ -1,4 +1,5 @@
 """MDS round trips (one process and two ranks) and the atomicity of `publish_folder`."""
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,11 @@ def test_mds_round_trip_one_process(splits, tmp_path: Path):
         assert isinstance(s[S.TIMESTAMP], np.int64)
         assert isinstance(s[S.RATING], np.float32)
         assert s[S.HISTORY].dtype == np.int32 and s[S.HISTORY].shape == (H,)
-        got[_key(s[S.USER], s[S.ITEM], s[S.TIMESTAMP])] = (float(s[S.RATING]), s[S.HISTORY].tolist(), int(s[S.HISTORY_LEN]))
+        got[_key(s[S.USER], s[S.ITEM], s[S.TIMESTAMP])] = (
+            float(s[S.RATING]),
+            s[S.HISTORY].tolist(),
+            int(s[S.HISTORY_LEN]),
+        )
     assert got.keys() == expected.keys()
     for key, (rating, history, history_len) in expected.items():
         g_rating, g_history, g_len = got[key]
@@ -118,6 +123,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_mds_two_ranks_get_disjoint_partitions(splits, tmp_path: Path):
     out = tmp_path / "train"
     write_split_to_mds(splits, "train", out, partitions=2)
@@ -132,13 +138,21 @@ def test_mds_two_ranks_get_disjoint_partitions(splits, tmp_path: Path):
     for rank in range(2):
         env = {
             **os.environ,
-            "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
         }
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(script), str(out), str(tmp_path / f"rank{rank}.json")],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
         )
     deadline = time.monotonic() + 180

@@ -2,6 +2,7 @@
 Streaming's uploader copies it to the remote; `StreamingDataset(remote=..., local=cache)` reads the same rows
 back with the local copy deleted; the `mds_splits` asset records the remote in meta.json; the Two Tower trainer
 streams its fit splits from a remote into a cache folder."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,13 @@ def test_remote_uris_as_streaming_takes_them():
 
 def _rows(samples) -> list[tuple]:
     return sorted(
-        (int(s[S.USER]), int(s[S.ITEM]), int(s[S.TIMESTAMP]), tuple(int(x) for x in s[S.HISTORY]), int(s[S.HISTORY_LEN]))
+        (
+            int(s[S.USER]),
+            int(s[S.ITEM]),
+            int(s[S.TIMESTAMP]),
+            tuple(int(x) for x in s[S.HISTORY]),
+            int(s[S.HISTORY_LEN]),
+        )
         for s in samples
     )
 
@@ -49,7 +56,8 @@ def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path
     rows = [(u, (u * 3 + k) % 11, 1000 + 10 * k, float(1 + k)) for u in range(7) for k in range(5)]
     splits = temporal_split(spark.createDataFrame(rows, "user int, item int, timestamp bigint, rating float"), H)
     expected = sorted(
-        (r.user, r.item, r.timestamp, tuple(r.history), r.history_len) for r in splits.filter("split = 'train'").collect()
+        (r.user, r.item, r.timestamp, tuple(r.history), r.history_len)
+        for r in splits.filter("split = 'train'").collect()
     )
     local, remote_dir = tmp_path / "local" / "train", tmp_path / "bucket" / "mds" / "train"
     remote = remote_dir.as_uri()  # file:///.../bucket/mds/train
@@ -89,10 +97,12 @@ def test_mds_splits_asset_uploads_to_remote_root_and_records_it(spark, tmp_path:
     bucket = tmp_path / "bucket"
     result = dg.materialize(
         data_assets,
-        run_config={"ops": {
-            "raw_interactions": {"config": {"synthetic": {"size": "tiny"}}},
-            "mds_splits": {"config": {"remote_root": bucket.as_uri(), "partitions": 2}},
-        }},
+        run_config={
+            "ops": {
+                "raw_interactions": {"config": {"synthetic": {"size": "tiny"}}},
+                "mds_splits": {"config": {"remote_root": bucket.as_uri(), "partitions": 2}},
+            }
+        },
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=4),
             "state": StateResource(root=str(tmp_path / "state")),
@@ -118,8 +128,15 @@ def test_two_tower_trains_from_a_remote_into_a_cache(tmp_path: Path):
     shutil.rmtree(data.root / "mds")
     cache = tmp_path / "cache"
     config = TwoTowerTrainConfig(
-        data_root=str(data.root), mds_remote=bucket.as_uri(), mds_cache_dir=str(cache), epochs=1,
-        batch_size=64, embedding_dim=8, layer_sizes=(16, 8), num_threads=1, seed=0,
+        data_root=str(data.root),
+        mds_remote=bucket.as_uri(),
+        mds_cache_dir=str(cache),
+        epochs=1,
+        batch_size=64,
+        embedding_dim=8,
+        layer_sizes=(16, 8),
+        num_threads=1,
+        seed=0,
     )
     result = train_two_tower(config)
     assert result.history[0]["samples"] == data.meta.rows["train"]

@@ -1,4 +1,5 @@
 """Tests of the source readers: the synthetic generator, MovieLens layouts and the generic table reader."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -152,7 +153,9 @@ def test_movielens_100k_layout(spark, tmp_path: Path):
     assert _schema(raw.interactions) == RAW_TYPES
     got = sorted(tuple(r) for r in raw.interactions.collect())
     assert got == [
-        ("1", "10", 881250949, 4.0), ("1", "20", 881250950, 3.0), ("2", "10", 881250951, 5.0),
+        ("1", "10", 881250949, 4.0),
+        ("1", "20", 881250950, 3.0),
+        ("2", "10", 881250951, 5.0),
         ("3", "30", 881250952, 1.0),
     ]
     cats = {r.item: list(r.categories) for r in raw.items.collect()}
@@ -205,7 +208,11 @@ def test_table_reader_parquet_with_column_mapping(spark, tmp_path: Path):
     path = tmp_path / "events.parquet"
     df.to_parquet(path, coerce_timestamps="us")  # Spark cannot read nanosecond Parquet timestamps
     mapping = ColumnMapping(
-        user="customer", item="product", timestamp="when", rating="score", item_categories="tags",
+        user="customer",
+        item="product",
+        timestamp="when",
+        rating="score",
+        item_categories="tags",
         user_features=("country",),
     )
     raw = read_table(spark, str(path), mapping)
@@ -219,12 +226,7 @@ def test_table_reader_parquet_with_column_mapping(spark, tmp_path: Path):
 
 def test_table_reader_csv_with_column_mapping(spark, tmp_path: Path):
     path = tmp_path / "events.csv"
-    path.write_text(
-        "uid,iid,ts,genres,stars\n"
-        "u1,10,1000,Action|Drama,4\n"
-        "u1,11,1001,,5\n"
-        "u2,10,1002,Action|Drama,\n"
-    )
+    path.write_text("uid,iid,ts,genres,stars\nu1,10,1000,Action|Drama,4\nu1,11,1001,,5\nu2,10,1002,Action|Drama,\n")
     mapping = ColumnMapping(user="uid", item="iid", timestamp="ts", item_categories="genres")
     raw = read_table(spark, str(path), mapping)
     assert "csv" in raw.description
@@ -238,5 +240,6 @@ def test_table_reader_csv_with_column_mapping(spark, tmp_path: Path):
 
     rated = read_table(spark, str(path), ColumnMapping(user="uid", item="iid", timestamp="ts", rating="stars"))
     assert sorted((r.item, r.rating) for r in rated.interactions.collect() if r.user == "u1") == [
-        ("10", 4.0), ("11", 5.0)
+        ("10", 4.0),
+        ("11", 5.0),
     ]

@@ -1,5 +1,6 @@
 """The retrieval half through Dagster: two_tower_model trained by TorchDistributorResource (2 gloo processes,
 local_mode=True) on tiny synthetic data, recorded in a real MLflow SQLite store, then item_embeddings."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess  # TorchDistributor with 2 processes
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +96,10 @@ def test_training_learns_the_planted_structure(materialized):
 def test_logged_model_loads_back_and_scores_the_same(materialized):
     import mlflow.pytorch
 
-    from recsys_assets.defs.model_assets import load_trained_two_tower
     from recsys_assets.defs.types import TrainedModel
     from recsys_assets.models.features import FeatureStore
     from recsys_assets.models.two_tower import ItemEncoder
+    from recsys_assets.serving.models import load_trained_two_tower
 
     result, tracking = materialized
     md = _metadata(result, "two_tower_model")

@@ -3,6 +3,7 @@
 The data is the planted-structure fixture of `synthetic_mds` (items in clusters, next item mostly from the
 cluster of the previous one, long-tailed popularity), small enough that a 2-process run takes ~15 s.
 """
+
 from __future__ import annotations
 
 import json
@@ -219,8 +220,11 @@ def test_recent_items_carry_the_most_recent_history_item(dataset):
     assert d["recent_items_1"].lengths().tolist() == [1, 1, 0, 0, 0]
     assert d["recent_items_2"].values().tolist() == [3]
     assert d["recent_items_2"].lengths().tolist() == [1, 0, 0, 0, 0]
-    # k is capped at the data's history length
-    assert FeatureSpec.from_meta(dataset.meta, recent_items=99).recent_items == dataset.meta.history_length
+    # k beyond the data's history length is refused, not silently capped
+    h = dataset.meta.history_length
+    assert FeatureSpec.from_meta(dataset.meta, recent_items=h).recent_items == h
+    with pytest.raises(ValueError, match=rf"recent_items=99 must be within \[0, history_length={h}\]"):
+        FeatureSpec.from_meta(dataset.meta, recent_items=99)
 
 
 def test_recent_items_share_the_item_table_with_history_and_candidates(dataset):
@@ -248,8 +252,12 @@ def test_recent_items_share_the_item_table_with_history_and_candidates(dataset):
     other = history.clone()
     other[0, 0] = 1
     with torch.no_grad():
-        q = model.query(build_kjt(spec, store, stride=5, users=torch.arange(5), history=history, history_len=history_len))
-        q2 = model.query(build_kjt(spec, store, stride=5, users=torch.arange(5), history=other, history_len=history_len))
+        q = model.query(
+            build_kjt(spec, store, stride=5, users=torch.arange(5), history=history, history_len=history_len)
+        )
+        q2 = model.query(
+            build_kjt(spec, store, stride=5, users=torch.arange(5), history=other, history_len=history_len)
+        )
     assert not torch.allclose(q[0], q2[0]) and torch.allclose(q[1:], q2[1:])
 
 
@@ -257,8 +265,14 @@ def test_feature_spec_of_a_model_saved_before_recent_items_loads_unchanged():
     """A feature_spec dict written before recent_items / use_user_id existed means: user id, no recent items."""
     from recsys_assets.models.features import FeatureSpec
 
-    old = dict(num_users=5, num_items=9, num_categories=3, user_attributes=(("attr_group", 4),),
-               history_length=8, max_history=8)
+    old = dict(
+        num_users=5,
+        num_items=9,
+        num_categories=3,
+        user_attributes=(("attr_group", 4),),
+        history_length=8,
+        max_history=8,
+    )
     spec = FeatureSpec(**old)
     assert spec.query_keys == ["user_id", "history", "attr_group"]
     assert spec.recent_items == 0 and spec.use_user_id
@@ -284,6 +298,7 @@ def test_sampled_softmax_masks_duplicates_and_applies_logq():
 
 
 # ------------------------------------------------------------------------------------- distributed run
+@pytest.mark.multiprocess
 def test_two_process_training_learns_and_beats_most_popular(run, dataset):
     results, config = run
     assert sorted(results) == [0, 1]
@@ -331,6 +346,7 @@ def test_two_process_training_learns_and_beats_most_popular(run, dataset):
     assert lines[-1]["event"] == "end" and lines[-1]["best_epoch"] == r0.best_epoch
 
 
+@pytest.mark.multiprocess
 def test_sharded_lookups_equal_gathered_tables(run, dataset):
     results, _ = run
     r = results[0]
@@ -355,6 +371,7 @@ def test_sharded_lookups_equal_gathered_tables(run, dataset):
     assert w_item.abs().max() > 1.5 / np.sqrt(spec.num_items)
 
 
+@pytest.mark.multiprocess
 def test_unsharded_encoders_reproduce_reported_metrics(run, dataset):
     from recsys_assets.models.features import FeatureStore
     from recsys_assets.models.two_tower import ItemEncoder, QueryEncoder, TwoTowerTrainTask, build_two_tower
@@ -383,6 +400,7 @@ def test_unsharded_encoders_reproduce_reported_metrics(run, dataset):
     assert torch.allclose(items.norm(dim=1), torch.ones(len(items)), atol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_torchrun_cli_refit_on_train_and_validation_logs_to_mlflow(dataset, tmp_path):
     """`torchrun -m recsys_assets.training.two_tower`: test phase (fit on two MDS streams), MLflow + result."""
     from mlflow.tracking import MlflowClient
@@ -411,9 +429,23 @@ def test_torchrun_cli_refit_on_train_and_validation_logs_to_mlflow(dataset, tmp_
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     t0 = time.time()
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "recsys_assets.training.two_tower",
-         "--config", str(cfg), "--result", str(out)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "recsys_assets.training.two_tower",
+            "--config",
+            str(cfg),
+            "--result",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     print(f"\ntorchrun CLI run: {time.time() - t0:.1f}s")

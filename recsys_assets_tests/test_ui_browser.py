@@ -10,6 +10,7 @@ Chromium (Debian's `chromium`, installed by scripts/install_browser.sh, driven b
 
 Screenshots go to $RECSYS_TEST_ARTIFACTS (default: test-artifacts/ in the repository, git-ignored).
 The server runs in its own process group, killed at the end."""
+
 import json
 import os
 import shutil
@@ -85,7 +86,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from recsys_assets.defs.plots import image_markdown, training_curves_png
+from recsys_assets.evaluation.plots import image_markdown, training_curves_png
 
 
 @dg.asset(group_name="evaluation", kinds={{"python"}}, tags={{"stage": "test"}}, description="UI test probe.")
@@ -102,7 +103,8 @@ defs = dg.Definitions(assets=[{PROBE_ASSET}])
 
 def _graphql(port: int, query: str) -> dict:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
@@ -141,26 +143,48 @@ def webserver(tmp_path_factory):
     home.mkdir()
     probe = tmp / "ui_probe.py"
     probe.write_text(PROBE_CODE)
-    (tmp / "workspace.yaml").write_text(textwrap.dedent(f"""\
+    (tmp / "workspace.yaml").write_text(
+        textwrap.dedent(f"""\
         load_from:
           - python_module: {{module_name: recsys_assets.definitions, location_name: recsys_assets}}
           - python_file: {{relative_path: {probe}, location_name: ui_probe}}
-        """))
-    env = {**os.environ, "DAGSTER_HOME": str(home), "RECSYS_STATE_DIR": str(tmp / "state"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+        """)
+    )
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RECSYS_STATE_DIR": str(tmp / "state"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "PYTHONPATH": str(REPO),
+    }
     # One materialization of the probe in that instance (in a child: this process's DAGSTER_HOME stays as is).
     done = subprocess.run(
         [sys.executable, "-m", "dagster", "asset", "materialize", "-f", str(probe), "--select", PROBE_ASSET],
-        env=env, cwd=tmp, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, f"materializing the probe failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     port = _free_port()
     log = tmp / "webserver.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(tmp / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(port)],
-            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(Path(sys.executable).parent / "dagster-webserver"),
+                "-w",
+                str(tmp / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_for_locations(port, proc, log)
@@ -184,8 +208,9 @@ def browser():
     except ImportError:
         pytest.skip("the playwright python package is not installed")
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, headless=True,
-                               args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        b = pw.chromium.launch(
+            executable_path=executable, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         try:
             yield b
         finally:
@@ -208,9 +233,13 @@ def _wait_for_asset_links(page, names: list[str], timeout_s: float) -> list[str]
     deadline = time.monotonic() + timeout_s
     missing = names
     while time.monotonic() < deadline:
-        shown = set(page.eval_on_selector_all(
-            "a[href]", "els => els.filter(e => e.offsetParent !== null && e.innerText.trim())"
-                       ".map(e => decodeURIComponent(new URL(e.href).pathname) + '|' + e.innerText.trim().split('\\n')[0])"))
+        shown = set(
+            page.eval_on_selector_all(
+                "a[href]",
+                "els => els.filter(e => e.offsetParent !== null && e.innerText.trim())"
+                ".map(e => decodeURIComponent(new URL(e.href).pathname) + '|' + e.innerText.trim().split('\\n')[0])",
+            )
+        )
         missing = [n for n in names if f"/assets/{n}|{n}" not in shown]
         if not missing:
             return []

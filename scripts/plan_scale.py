@@ -11,6 +11,7 @@ W GPUs (8 per host). Prints, per model and world size, every table's size, the c
 
 Planning needs no GPU (it is arithmetic over table shapes); it also runs with the CPU build of fbgemm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GB = 1024**3
 
 
-def two_tower_module(num_users: int, num_items: int, num_categories: int, attrs: dict[str, int], dim: int,
-                     history_length: int):
+def two_tower_module(
+    num_users: int, num_items: int, num_categories: int, attrs: dict[str, int], dim: int, history_length: int
+):
     from recsys_assets.data.schema import DatasetMeta
     from recsys_assets.models.two_tower import TwoTowerTrainTask, build_two_tower, embedding_bag_configs
     from recsys_assets.training.two_tower import TwoTowerTrainConfig
 
-    meta = DatasetMeta(num_users=num_users, num_items=num_items, num_categories=num_categories,
-                       user_attribute_cardinalities=attrs, history_length=history_length, rows={})
+    meta = DatasetMeta(
+        num_users=num_users,
+        num_items=num_items,
+        num_categories=num_categories,
+        user_attribute_cardinalities=attrs,
+        history_length=history_length,
+        rows={},
+    )
     cfg = TwoTowerTrainConfig(data_root="-", embedding_dim=dim, layer_sizes=(2 * dim, dim), use_user_id=True)
     spec = cfg.feature_spec(meta)
     tower = build_two_tower(spec, cfg.model_config(), device="cpu", table_device="meta")
@@ -42,7 +50,11 @@ def two_tower_module(num_users: int, num_items: int, num_categories: int, attrs:
 def dlrm_module(num_users: int, num_items: int, num_categories: int, attrs: dict[str, int], dim: int):
     from recsys_assets.data.ranking import DENSE_FEATURES
     from recsys_assets.models.dlrm import (
-        DLRMModelConfig, DLRMTrainTask, build_dlrm, embedding_bag_configs, layout_from_dicts,
+        DLRMModelConfig,
+        DLRMTrainTask,
+        build_dlrm,
+        embedding_bag_configs,
+        layout_from_dicts,
     )
 
     # every sparse feature switched on (ranking_assets.sparse_layout with use_user_id/use_item_id/use_history):
@@ -55,15 +67,27 @@ def dlrm_module(num_users: int, num_items: int, num_categories: int, attrs: dict
         *[dict(name=f"attr_{k}", table=f"attr_{k}", num_embeddings=v) for k, v in attrs.items()],
     ]
     layout = layout_from_dicts(layout)
-    config = DLRMModelConfig(dense_in_features=len(DENSE_FEATURES), embedding_dim=dim,
-                             bottom_layer_sizes=(64, dim), top_layer_sizes=(256, 64, 1))
+    config = DLRMModelConfig(
+        dense_in_features=len(DENSE_FEATURES),
+        embedding_dim=dim,
+        bottom_layer_sizes=(64, dim),
+        top_layer_sizes=(256, 64, 1),
+    )
     dlrm = build_dlrm(layout, config, device="cpu", table_device="meta")
     return DLRMTrainTask(dlrm), [dlrm.sparse_arch.embedding_bag_collection], embedding_bag_configs(layout, dim)
 
 
-def plan(module, ebcs, tables, world_size: int, local_world_size: int, hbm_gb: float, ddr_gb: float,
-         batch_size: int, sharding_types):
-    import torch
+def plan(
+    module,
+    ebcs,
+    tables,
+    world_size: int,
+    local_world_size: int,
+    hbm_gb: float,
+    ddr_gb: float,
+    batch_size: int,
+    sharding_types,
+):
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -74,26 +98,36 @@ def plan(module, ebcs, tables, world_size: int, local_world_size: int, hbm_gb: f
     for ebc in ebcs:  # as common.shard_model: the planner sizes optimizer state from the fused optimizer
         if not any(hasattr(p, "_optimizer_classes") for p in ebc.parameters()):
             _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05, "eps": 1e-8})
-    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device="cuda",
-                        hbm_cap=int(hbm_gb * GB), ddr_cap=int(ddr_gb * GB))
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
-                                       constraints=sharding_constraints(tables, sharding_types))
+    topology = Topology(
+        world_size=world_size,
+        local_world_size=local_world_size,
+        compute_device="cuda",
+        hbm_cap=int(hbm_gb * GB),
+        ddr_cap=int(ddr_gb * GB),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=sharding_constraints(tables, sharding_types)
+    )
     sharding_plan = planner.plan(module, [EmbeddingBagCollectionSharder()])
     return planner, sharding_plan, topology
 
 
 def report(name: str, tables, planner, topology, world_size: int, hbm_gb: float, ddr_gb: float) -> None:
     options = planner.get_selected_options()
-    print(f"\n=== {name}: world_size={world_size} (cuda, {topology.local_world_size} GPUs/host), "
-          f"hbm_cap={hbm_gb:g} GiB, ddr_cap={ddr_gb:g} GiB per rank ===")
+    print(
+        f"\n=== {name}: world_size={world_size} (cuda, {topology.local_world_size} GPUs/host), "
+        f"hbm_cap={hbm_gb:g} GiB, ddr_cap={ddr_gb:g} GiB per rank ==="
+    )
     dims = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
     print(f"{'table':<22}{'rows':>13}{'dim':>5}{'fp32 GiB':>10}  {'sharding':<17}{'kernel':<10}{'shards':>7}  ranks")
     for opt in sorted(options, key=lambda o: -dims.get(o.name, (0, 0))[0]):
         rows, dim = dims.get(opt.name, (0, 0))
         ranks = sorted({s.rank for s in opt.shards})
         rank_text = f"{ranks[0]}..{ranks[-1]}" if len(ranks) > 4 else ",".join(map(str, ranks))
-        print(f"{opt.name:<22}{rows:>13,}{dim:>5}{rows * dim * 4 / GB:>10.2f}  {opt.sharding_type:<17}"
-              f"{opt.compute_kernel:<10}{len(opt.shards):>7}  {rank_text}")
+        print(
+            f"{opt.name:<22}{rows:>13,}{dim:>5}{rows * dim * 4 / GB:>10.2f}  {opt.sharding_type:<17}"
+            f"{opt.compute_kernel:<10}{len(opt.shards):>7}  {rank_text}"
+        )
     hbm, ddr = defaultdict(int), defaultdict(int)
     for opt in options:
         for s in opt.shards:
@@ -104,8 +138,10 @@ def report(name: str, tables, planner, topology, world_size: int, hbm_gb: float,
     print(f"{'rank':>5}{'HBM GiB':>10}{'of cap':>8}{'DDR GiB':>10}")
     for r in range(world_size):
         print(f"{r:>5}{hbm[r] / GB:>10.2f}{100 * hbm[r] / (hbm_gb * GB):>7.1f}%{ddr[r] / GB:>10.2f}")
-    print(f"total HBM {total_hbm / GB:.2f} GiB; max rank {max(hbm.values()) / GB:.2f} GiB, "
-          f"min rank {min(hbm.get(r, 0) for r in range(world_size)) / GB:.2f} GiB")
+    print(
+        f"total HBM {total_hbm / GB:.2f} GiB; max rank {max(hbm.values()) / GB:.2f} GiB, "
+        f"min rank {min(hbm.get(r, 0) for r in range(world_size)) / GB:.2f} GiB"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ddr-gb", type=float, default=128.0, help="host memory the planner may use per rank")
     p.add_argument("--batch-size", type=int, default=4096, help="per-rank batch (the planner sizes lookup I/O)")
     p.add_argument("--models", nargs="+", default=["two_tower", "dlrm"], choices=["two_tower", "dlrm"])
-    p.add_argument("--sharding-types", nargs="+", default=None,
-                   help="allowed ShardingType values (default: training's GPU set, common.GPU_SHARDING_TYPES)")
+    p.add_argument(
+        "--sharding-types",
+        nargs="+",
+        default=None,
+        help="allowed ShardingType values (default: training's GPU set, common.GPU_SHARDING_TYPES)",
+    )
     p.add_argument("--planner-stats", action="store_true", help="also print the planner's own stats table")
     args = p.parse_args(argv)
 
@@ -133,17 +173,29 @@ def main(argv: list[str] | None = None) -> int:
     sharding_types = tuple(args.sharding_types or GPU_SHARDING_TYPES)
     users, items = int(args.users), int(args.items)
     attrs = {"age_group": 8, "region": 250}
-    print(f"users={users:,} items={items:,} categories={args.categories:,} dim={args.dim} "
-          f"allowed sharding types={list(sharding_types)} per-rank batch={args.batch_size}")
+    print(
+        f"users={users:,} items={items:,} categories={args.categories:,} dim={args.dim} "
+        f"allowed sharding types={list(sharding_types)} per-rank batch={args.batch_size}"
+    )
     for model in args.models:
         for w in args.world_sizes:
             if model == "two_tower":
-                module, ebcs, tables = two_tower_module(users, items, args.categories, attrs, args.dim,
-                                                        args.history_length)
+                module, ebcs, tables = two_tower_module(
+                    users, items, args.categories, attrs, args.dim, args.history_length
+                )
             else:
                 module, ebcs, tables = dlrm_module(users, items, args.categories, attrs, args.dim)
-            planner, _, topology = plan(module, ebcs, tables, w, min(w, args.gpus_per_host), args.hbm_gb,
-                                        args.ddr_gb, args.batch_size, sharding_types)
+            planner, _, topology = plan(
+                module,
+                ebcs,
+                tables,
+                w,
+                min(w, args.gpus_per_host),
+                args.hbm_gb,
+                args.ddr_gb,
+                args.batch_size,
+                sharding_types,
+            )
             report(model, tables, planner, topology, w, args.hbm_gb, args.ddr_gb)
     return 0
 

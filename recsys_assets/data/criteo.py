@@ -25,6 +25,7 @@ Steps (Spark only, no torch):
 
 CLI: ``python -m recsys_assets.data.criteo --input train.txt --out DIR [--num-embeddings 100000]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -88,13 +89,14 @@ def _problem(fields: F.Column) -> F.Column:
     """Null for a good line, else a short description of what is wrong with it."""
     n = F.size(fields)
     label = fields.getItem(0)
-    bad_int = F.filter(
-        F.slice(fields, 2, NUM_INT), lambda v: (v != F.lit("")) & ~v.rlike(_INT_RE)
-    )
+    bad_int = F.filter(F.slice(fields, 2, NUM_INT), lambda v: (v != F.lit("")) & ~v.rlike(_INT_RE))
     return (
         F.when(n != NUM_FIELDS, F.format_string(f"%d tab-separated fields, expected {NUM_FIELDS}", n))
         .when(~label.isin("0", "1"), F.format_string("label %s is not 0 or 1", F.substring(label, 1, 20)))
-        .when(F.size(bad_int) > 0, F.format_string("integer field %s is not an integer", F.substring(bad_int.getItem(0), 1, 20)))
+        .when(
+            F.size(bad_int) > 0,
+            F.format_string("integer field %s is not an integer", F.substring(bad_int.getItem(0), 1, 20)),
+        )
     )
 
 
@@ -126,7 +128,7 @@ def read_criteo_report(
         local = b["_file"].removeprefix("file://").removeprefix("file:")
         file_order[b["_file"]] = files.index(local) if local in files else len(files) + len(file_order)
     blocks = sorted(blocks, key=lambda b: (file_order[b["_file"]], b["_block"]))
-    offsets, seen_in_file, total, lines_per_file = [], {}, 0, {}
+    offsets, seen_in_file, total = [], {}, 0
     for b in blocks:
         line0 = seen_in_file.get(b["_file"], 0)
         offsets.append((b["_file"], int(b["_block"]), int(b["mid0"]), total, line0))
@@ -137,15 +139,21 @@ def read_criteo_report(
         raise DataValidationError(f"criteo source: {files} hold no lines")
     offsets_df = spark.createDataFrame(
         offsets,
-        T.StructType([
-            T.StructField("_file", T.StringType()), T.StructField("_block", T.LongType()),
-            T.StructField("_mid0", T.LongType()), T.StructField("_row0", T.LongType()),
-            T.StructField("_line0", T.LongType()),
-        ]),
+        T.StructType(
+            [
+                T.StructField("_file", T.StringType()),
+                T.StructField("_block", T.LongType()),
+                T.StructField("_mid0", T.LongType()),
+                T.StructField("_row0", T.LongType()),
+                T.StructField("_line0", T.LongType()),
+            ]
+        ),
     )
-    indexed = raw.join(F.broadcast(offsets_df), ["_file", "_block"]).withColumn(
-        ROW_INDEX, F.col("_row0") + F.col("_mid") - F.col("_mid0")
-    ).withColumn("_line", F.col("_line0") + F.col("_mid") - F.col("_mid0") + 1)
+    indexed = (
+        raw.join(F.broadcast(offsets_df), ["_file", "_block"])
+        .withColumn(ROW_INDEX, F.col("_row0") + F.col("_mid") - F.col("_mid0"))
+        .withColumn("_line", F.col("_line0") + F.col("_mid") - F.col("_mid0") + 1)
+    )
 
     examples: list[str] = []
     if n_bad:
@@ -191,32 +199,49 @@ def _table_sizes(num_embeddings_per_feature: int | Sequence[int]) -> list[int]:
     if len(sizes) != NUM_CAT:
         raise DataValidationError(f"criteo: need {NUM_CAT} table sizes, got {len(sizes)}")
     if any(s < 2 for s in sizes):
-        raise DataValidationError(f"criteo: every table needs >= 2 rows (row {MISSING_ID} is for missing values), got {sizes}")
+        raise DataValidationError(
+            f"criteo: every table needs >= 2 rows (row {MISSING_ID} is for missing values), got {sizes}"
+        )
     return sizes
 
 
-def criteo_features(df: DataFrame, *, num_embeddings_per_feature: int | Sequence[int] = DEFAULT_NUM_EMBEDDINGS) -> DataFrame:
+def criteo_features(
+    df: DataFrame, *, num_embeddings_per_feature: int | Sequence[int] = DEFAULT_NUM_EMBEDDINGS
+) -> DataFrame:
     """label (float), dense (array<float>[13] = log1p(max(x, 0)), missing → 0), cat_i (int in [0, n_i):
     1 + pmod(xxhash64(value), n_i - 1), missing → 0), plus row_index when `df` has it."""
     sizes = _table_sizes(num_embeddings_per_feature)
-    dense = F.array(*[F.log1p(F.greatest(F.coalesce(F.col(c), F.lit(0)), F.lit(0)).cast("double")).cast("float")
-                      for c in INT_COLUMNS])
+    dense = F.array(
+        *[
+            F.log1p(F.greatest(F.coalesce(F.col(c), F.lit(0)), F.lit(0)).cast("double")).cast("float")
+            for c in INT_COLUMNS
+        ]
+    )
     cats = [
-        F.when(F.col(c).isNull(), F.lit(MISSING_ID)).otherwise(
-            F.pmod(F.xxhash64(F.col(c)), F.lit(n - 1).cast("bigint")) + 1
-        ).cast("int").alias(c)
+        F.when(F.col(c).isNull(), F.lit(MISSING_ID))
+        .otherwise(F.pmod(F.xxhash64(F.col(c)), F.lit(n - 1).cast("bigint")) + 1)
+        .cast("int")
+        .alias(c)
         for c, n in zip(CAT_COLUMNS, sizes)
     ]
     extra = [F.col(ROW_INDEX)] if ROW_INDEX in df.columns else []
     return df.select(F.col(LABEL).cast("float").alias(LABEL), dense.alias(DENSE), *cats, *extra)
 
 
-def split_criteo(df: DataFrame, total_rows: int, *, fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                 method: str = "row_order", seed: int = 0) -> dict[str, DataFrame]:
+def split_criteo(
+    df: DataFrame,
+    total_rows: int,
+    *,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    method: str = "row_order",
+    seed: int = 0,
+) -> dict[str, DataFrame]:
     """{train, validation, test}. ``row_order``: contiguous parts in input order (needs row_index; the Kaggle
     file is time-ordered, so this validates forward in time); ``random``: each row independently (seeded)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise DataValidationError(f"criteo: split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+        raise DataValidationError(
+            f"criteo: split fractions must be 3 non-negative numbers summing to 1, got {fractions}"
+        )
     if method == "row_order":
         if ROW_INDEX not in df.columns:
             raise DataValidationError("criteo: a row_order split needs the row_index column")
@@ -275,7 +300,9 @@ def write_criteo_dataset(
         mds_kwargs = {"out": str(tmp.resolve() / "train"), "columns": dict(MDS_COLUMNS), "size_limit": size_limit}
         if compression:
             mds_kwargs["compression"] = compression
-        dataframe_to_mds(parts["train"].select(*columns).repartition(partitions), merge_index=True, mds_kwargs=mds_kwargs)
+        dataframe_to_mds(
+            parts["train"].select(*columns).repartition(partitions), merge_index=True, mds_kwargs=mds_kwargs
+        )
         train_summary = summarize_mds(tmp / "train")
         stats = {"train": {"rows": train_summary["rows"]}}
         for name in ("validation", "test"):
@@ -283,12 +310,19 @@ def write_criteo_dataset(
         for name in SPLITS:
             p = spark.read.parquet(str(tmp / f"{name}.parquet")) if name != "train" else parts["train"]
             row = p.agg(F.count(F.lit(1)).alias("n"), F.avg(LABEL).alias("pos")).first()
-            stats[name] = {"rows": int(row["n"]), "positive_rate": float(row["pos"]) if row["pos"] is not None else None}
+            stats[name] = {
+                "rows": int(row["n"]),
+                "positive_rate": float(row["pos"]) if row["pos"] is not None else None,
+            }
         if stats["train"]["rows"] != train_summary["rows"]:
-            raise RuntimeError(f"criteo: MDS train has {train_summary['rows']} rows, the split {stats['train']['rows']}")
+            raise RuntimeError(
+                f"criteo: MDS train has {train_summary['rows']} rows, the split {stats['train']['rows']}"
+            )
         if min(s["rows"] for s in stats.values()) == 0:
-            raise DataValidationError(f"criteo: an empty split ({ {k: v['rows'] for k, v in stats.items()} }): "
-                                      "more input rows or other fractions are needed")
+            raise DataValidationError(
+                f"criteo: an empty split ({ {k: v['rows'] for k, v in stats.items()} }): "
+                "more input rows or other fractions are needed"
+            )
         meta = {
             "format": "criteo",
             "source": read.files,
@@ -305,7 +339,7 @@ def write_criteo_dataset(
             "dense_transform": "log(1 + max(x, 0)), missing -> 0",
             "layout": sparse_layout(sizes),
             "categorical_hashing": f"1 + pmod(xxhash64(value), num_embeddings - 1) (Spark xxhash64, seed 42); "
-                                   f"missing -> {MISSING_ID}",
+            f"missing -> {MISSING_ID}",
             "missing_id": MISSING_ID,
             "mds_columns": dict(MDS_COLUMNS),
             "mds_bytes": train_summary["bytes"],
@@ -329,22 +363,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--driver-memory", default="4g")
     args = ap.parse_args(argv)
     spark = (
-        SparkSession.builder.master(args.master).appName("criteo_to_mds")
-        .config("spark.ui.enabled", "false").config("spark.driver.memory", args.driver_memory)
+        SparkSession.builder.master(args.master)
+        .appName("criteo_to_mds")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.memory", args.driver_memory)
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
     try:
         meta = write_criteo_dataset(
-            spark, args.input, args.out, num_embeddings_per_feature=args.num_embeddings, fractions=args.fractions,
-            split=args.split, seed=args.seed, bad_lines=args.bad_lines, partitions=args.partitions,
+            spark,
+            args.input,
+            args.out,
+            num_embeddings_per_feature=args.num_embeddings,
+            fractions=args.fractions,
+            split=args.split,
+            seed=args.seed,
+            bad_lines=args.bad_lines,
+            partitions=args.partitions,
         )
     except DataValidationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         spark.stop()
-    print(json.dumps({k: meta[k] for k in ("lines", "rows", "bad_lines_dropped", "splits", "dense_in_features")}, indent=2))
+    print(
+        json.dumps(
+            {k: meta[k] for k in ("lines", "rows", "bad_lines_dropped", "splits", "dense_in_features")}, indent=2
+        )
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -1,4 +1,5 @@
 """Writing the splits to Mosaic Streaming MDS with Spark, and reading their index back."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,16 @@ if TYPE_CHECKING:  # Spark / the converter are imported where used: training val
     from pyspark.sql import DataFrame
 
 
-def write_split_to_mds(splits: DataFrame, split: str, out: str | Path, *, partitions: int = 2,
-                       compression: str | None = "zstd", size_limit: str = "64mb",
-                       remote: str | None = None) -> dict:
+def write_split_to_mds(
+    splits: DataFrame,
+    split: str,
+    out: str | Path,
+    *,
+    partitions: int = 2,
+    compression: str | None = "zstd",
+    size_limit: str = "64mb",
+    remote: str | None = None,
+) -> dict:
     """Writes the rows of one split (MDS_COLUMNS, explicit types) and returns its index summary.
 
     Nullable ratings (implicit data) are written as NaN: MDS float columns have no null.
@@ -114,9 +122,7 @@ def validate_mds(path: str | Path, *, columns: Mapping[str, str] | None = None, 
                 )
             wrong = {c: (names[c], enc) for c, enc in columns.items() if names[c] != enc}
             if wrong:
-                raise CorruptMDSError(
-                    f"MDS folder {path}: shard {i} column encodings (found, expected) {wrong}"
-                )
+                raise CorruptMDSError(f"MDS folder {path}: shard {i} column encodings (found, expected) {wrong}")
         candidates = [d for d in (shard.get("zip_data"), shard.get("raw_data")) if d]
         present = [(d, path / d["basename"]) for d in candidates if (path / d["basename"]).is_file()]
         if not present:

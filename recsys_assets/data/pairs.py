@@ -1,5 +1,6 @@
 """The ranker's labelled pairs in memory: a Parquet pairs table (``label``, ``dense``, sparse columns and an
 optional ``query_id``) as tensors, with the columns the model's layout needs checked on read."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,9 +54,15 @@ def load_pair_set(path: str | Path, layout: Sequence[Any], dense_in_features: in
         raise ValueError(f"evaluation pairs {path} lack columns {missing} (have {table.column_names})")
     cols: dict[str, torch.Tensor] = {}
     dense_lists = table.column(DENSE).to_pylist()
-    dense = np.asarray(dense_lists, dtype=np.float32).reshape(len(dense_lists), -1) if dense_lists else np.zeros((0, dense_in_features), np.float32)
+    dense = (
+        np.asarray(dense_lists, dtype=np.float32).reshape(len(dense_lists), -1)
+        if dense_lists
+        else np.zeros((0, dense_in_features), np.float32)
+    )
     if dense.shape[1] != dense_in_features:
-        raise ValueError(f"evaluation pairs {path}: dense has {dense.shape[1]} features, the model expects {dense_in_features}")
+        raise ValueError(
+            f"evaluation pairs {path}: dense has {dense.shape[1]} features, the model expects {dense_in_features}"
+        )
     cols[DENSE] = torch.from_numpy(dense)
     for f in layout:
         col = table.column(f.name)

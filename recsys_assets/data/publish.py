@@ -6,14 +6,15 @@ table: either the previous version or the complete new one. Each materialization
 (downstream assets take that exact folder as their input); ``latest`` is a symlink swapped with
 ``os.replace`` for humans and tools outside Dagster.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager

@@ -24,10 +24,15 @@ Dense features (``DENSE_FEATURES``, in this order; standardized with the trainin
 Sequence order carries much of the signal in interaction logs: the transition / co-occurrence features are
 the recency-aware history features; the history bag itself is a sparse DLRM feature.
 """
+
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from recsys_assets.data import schema as S
 from recsys_assets.data.errors import DataValidationError
@@ -57,9 +62,19 @@ PHASE = "phase"
 QUERY_TIMESTAMP = "query_timestamp"
 
 QUERY_COLUMNS = {PHASE: "string", S.USER: "int", "target": "int", S.TIMESTAMP: "bigint", S.HISTORY: "array<int>"}
-PAIR_COLUMNS = {PHASE: "string", S.USER: "int", S.ITEM: "int", RETRIEVAL_SCORE: "float", RETRIEVAL_RANK: "int",
-                SOURCE: "string"}
+PAIR_COLUMNS = {
+    PHASE: "string",
+    S.USER: "int",
+    S.ITEM: "int",
+    RETRIEVAL_SCORE: "float",
+    RETRIEVAL_RANK: "int",
+    SOURCE: "string",
+}
 SECONDS_PER_DAY = 86400.0
+# Holdout users are drawn by hashing the user id into this many buckets (holdout_fraction of them).
+HOLDOUT_HASH_BUCKETS = 10_000
+# The pair tables of a ranking dataset folder: train (→ mds/train), holdout and test (Parquet, for scoring).
+PAIR_TABLES = ("train", "holdout", "test")
 
 
 def _require(df: DataFrame, columns: dict[str, str], what: str) -> None:
@@ -98,7 +113,9 @@ def phase_features(
     )
     cutoff = fit.approxQuantile(S.TIMESTAMP, [1.0 - recent_fraction], 0.001)
     cutoff_ts = cutoff[0] if cutoff else 0
-    recent = fit.filter(F.col(S.TIMESTAMP) >= F.lit(cutoff_ts)).groupBy(S.ITEM).agg(F.count(F.lit(1)).alias("_n_recent"))
+    recent = (
+        fit.filter(F.col(S.TIMESTAMP) >= F.lit(cutoff_ts)).groupBy(S.ITEM).agg(F.count(F.lit(1)).alias("_n_recent"))
+    )
     user_stats = fit.groupBy(S.USER).agg(F.count(F.lit(1)).alias("_n_user"), F.max(S.TIMESTAMP).alias("_user_last_ts"))
     prev = fit.select(F.col(S.HISTORY).getItem(0).alias("_prev"), F.col(S.ITEM)).filter(F.col("_prev") >= 0)
     transitions = prev.groupBy("_prev", S.ITEM).agg(F.count(F.lit(1)).alias("_n_trans"))
@@ -136,9 +153,7 @@ def phase_features(
         .groupBy(S.USER)
         .agg(F.collect_set("_c").alias("_hist_cats"))
     )
-    best = (
-        p.filter(F.col(SOURCE) == "retrieved").groupBy(S.USER).agg(F.max(RETRIEVAL_SCORE).alias("_best_score"))
-    )
+    best = p.filter(F.col(SOURCE) == "retrieved").groupBy(S.USER).agg(F.max(RETRIEVAL_SCORE).alias("_best_score"))
     days = lambda a, b: F.log1p(F.greatest(F.col(a) - F.col(b), F.lit(0)).cast("double") / SECONDS_PER_DAY)  # noqa: E731
     out = (
         p.join(item_stats, S.ITEM, "left")
@@ -161,8 +176,9 @@ def phase_features(
             F.coalesce("_cats", F.array().cast("array<int>")).alias(S.CATEGORIES),
             F.col(S.HISTORY),
             F.col(RETRIEVAL_SCORE).cast("double").alias(RETRIEVAL_SCORE),
-            (F.col(RETRIEVAL_SCORE) - F.coalesce("_best_score", F.col(RETRIEVAL_SCORE))).cast("double").alias(
-                "retrieval_score_gap"),
+            (F.col(RETRIEVAL_SCORE) - F.coalesce("_best_score", F.col(RETRIEVAL_SCORE)))
+            .cast("double")
+            .alias("retrieval_score_gap"),
             F.log1p(F.greatest(F.col(RETRIEVAL_RANK), F.lit(0)).cast("double")).alias("log_retrieval_rank"),
             F.log1p(F.coalesce("_n_item", F.lit(0))).alias("log_item_count"),
             F.log1p(F.coalesce("_n_recent", F.lit(0))).alias("log_item_recent_count"),
@@ -179,7 +195,9 @@ def phase_features(
                 F.size(F.array_intersect("_cats", F.coalesce("_hist_cats", F.array().cast("array<int>"))))
                 / F.greatest(F.size(F.coalesce("_cats", F.array().cast("array<int>"))), F.lit(1)),
                 F.lit(0.0),
-            ).cast("double").alias("category_overlap"),
+            )
+            .cast("double")
+            .alias("category_overlap"),
         )
     )
     return out
@@ -239,8 +257,14 @@ def model_columns(
 
 
 def mds_columns(attribute_columns: Sequence[str]) -> dict[str, str]:
-    cols = {LABEL: "float32", DENSE: "ndarray:float32", S.USER: "int32", S.ITEM: "int32",
-            S.HISTORY: "ndarray:int32", S.CATEGORIES: "ndarray:int32"}
+    cols = {
+        LABEL: "float32",
+        DENSE: "ndarray:float32",
+        S.USER: "int32",
+        S.ITEM: "int32",
+        S.HISTORY: "ndarray:int32",
+        S.CATEGORIES: "ndarray:int32",
+    }
     cols.update({a: "int32" for a in attribute_columns})
     cols[QUERY_ID] = "int64"
     return cols
@@ -267,3 +291,142 @@ def write_pairs_to_mds(df: DataFrame, out: str, columns: dict[str, str], partiti
         merge_index=True,
         mds_kwargs={"out": str(out), "columns": dict(columns), "compression": "zstd", "size_limit": "64mb"},
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingDataSettings:
+    """How `build_ranking_dataset` samples and splits the ranker's pairs (defaults and descriptions: the
+    ranking_dataset asset's config)."""
+
+    num_hard_negatives: int
+    holdout_fraction: float
+    cooccurrence_window: int
+    recent_fraction: float
+    seed: int
+    mds_partitions: int
+
+
+def build_ranking_dataset(
+    session,
+    dataset_root: str | Path,
+    candidates_root: str | Path,
+    out_dir: Path,
+    settings: RankingDataSettings,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ranker's labelled pairs from a dataset folder and a candidates folder (queries, candidates,
+    training_pool Parquet) into `out_dir`: train.parquet + mds/train (validation phase, holdout users left out,
+    hard negatives sampled), holdout.parquet (the holdout users' retrieved lists), test.parquet (test-phase
+    candidates, features from train + validation) and meta.json (returned; `provenance` is added to it)."""
+    from pyspark.sql import functions as F
+
+    from recsys_assets.models.features import FeatureSpec
+
+    paths = S.DatasetPaths(Path(dataset_root))
+    meta = S.DatasetMeta.load(paths.meta)
+    spec = FeatureSpec.from_meta(meta)
+    cand_dir = Path(candidates_root)
+    splits = session.read.parquet(str(paths.splits))
+    queries = session.read.parquet(str(cand_dir / "queries.parquet"))
+    pairs = session.read.parquet(str(cand_dir / "candidates.parquet")).unionByName(
+        session.read.parquet(str(cand_dir / "training_pool.parquet"))
+    )
+    item_features = session.read.parquet(str(paths.item_features))
+    max_categories = int(item_features.select(F.max(F.size(S.CATEGORIES))).collect()[0][0] or 0)
+    kw = dict(window=settings.cooccurrence_window, recent_fraction=settings.recent_fraction)
+    validation = phase_features(splits, queries, pairs, item_features, "validation", **kw)
+    test = phase_features(splits, queries, pairs, item_features, "test", **kw).filter(F.col(SOURCE) == "retrieved")
+    bucket = F.abs(F.xxhash64(F.col(S.USER), F.lit(settings.seed))) % HOLDOUT_HASH_BUCKETS
+    holdout = bucket < int(settings.holdout_fraction * HOLDOUT_HASH_BUCKETS)
+    raw = out_dir / "_raw"
+    # materialize the sampled training pairs once: the seeded shuffle must not be recomputed per read
+    sample_training_pairs(validation.filter(~holdout), settings.num_hard_negatives, settings.seed).write.parquet(
+        str(raw / "train")
+    )
+    validation.filter(holdout & (F.col(SOURCE) == "retrieved")).write.parquet(str(raw / "holdout"))
+    test.write.parquet(str(raw / "test"))
+    train_raw = session.read.parquet(str(raw / "train"))
+    if train_raw.filter(F.col(LABEL) > 0.5).count() == 0:
+        raise DataValidationError(
+            "ranking_dataset: no positive training pairs (no validation rows outside the holdout?)"
+        )
+    stats = feature_stats(train_raw)
+    counts, positives = _write_model_tables(
+        session,
+        raw,
+        out_dir,
+        stats,
+        user_features=session.read.parquet(str(paths.user_features)),
+        attribute_columns=spec.attribute_keys,
+        history_length=meta.history_length,
+        max_categories=max_categories,
+    )
+    write_pairs_to_mds(
+        session.read.parquet(str(out_dir / "train.parquet")),
+        str(out_dir / "mds" / "train"),
+        mds_columns(spec.attribute_keys),
+        partitions=settings.mds_partitions,
+    )
+    shutil.rmtree(raw)
+    info = {
+        "dense_features": list(DENSE_FEATURES),
+        "feature_stats": stats,
+        "attribute_columns": spec.attribute_keys,
+        "attribute_cardinalities": dict(spec.user_attributes),
+        "num_users": meta.num_users,
+        "num_items": meta.num_items,
+        "num_categories": meta.num_categories,
+        "history_length": meta.history_length,
+        "max_categories": max(1, max_categories),
+        "rows": counts,
+        "positives": positives,
+        **(provenance or {}),
+        "config": dataclasses.asdict(settings),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _write_model_tables(session, raw: Path, out_dir: Path, stats, **columns) -> tuple[dict[str, int], dict[str, int]]:
+    """`<name>.parquet` (model_columns) of each raw pair table; (rows, positives) per table."""
+    from pyspark.sql import functions as F
+
+    counts, positives = {}, {}
+    for name in PAIR_TABLES:
+        model_columns(session.read.parquet(str(raw / name)), stats, **columns).write.parquet(
+            str(out_dir / f"{name}.parquet")
+        )
+        row = session.read.parquet(str(out_dir / f"{name}.parquet")).agg(F.count(F.lit(1)), F.sum(LABEL)).first()
+        counts[name], positives[name] = int(row[0]), int(float(row[1] or 0.0))
+    return counts, positives
+
+
+def sparse_layout(
+    info: dict[str, Any],
+    *,
+    use_user_id: bool,
+    use_item_id: bool,
+    use_history: bool,
+    use_categories: bool,
+    use_user_attributes: bool,
+) -> list[dict]:
+    """The DLRM's sparse features over a ranking dataset's columns (`info`: its meta.json; item and history
+    share the item table)."""
+    layout = []
+    if use_user_id:
+        layout.append(dict(name=S.USER, table="user", num_embeddings=int(info["num_users"])))
+    if use_item_id:
+        layout.append(dict(name=S.ITEM, table="item", num_embeddings=int(info["num_items"])))
+    if use_history:
+        layout.append(dict(name=S.HISTORY, table="item", num_embeddings=int(info["num_items"]), multi_valued=True))
+    if use_categories and int(info["num_categories"]) > 0:
+        layout.append(
+            dict(name=S.CATEGORIES, table="category", num_embeddings=int(info["num_categories"]), multi_valued=True)
+        )
+    if use_user_attributes:
+        for col in info["attribute_columns"]:
+            layout.append(dict(name=col, table=col, num_embeddings=int(info["attribute_cardinalities"][col])))
+    if not layout:
+        # a DLRM needs one sparse feature: the item id is the one every dataset has
+        layout.append(dict(name=S.ITEM, table="item", num_embeddings=int(info["num_items"])))
+    return layout

@@ -11,6 +11,7 @@ On disk (under a dataset folder, see `DatasetPaths`):
 - ``mds/<split>/``    MDS: MDS_COLUMNS, one folder per split, with a merged index.json
 - ``meta.json``       DatasetMeta as JSON (cardinalities the models need to size their tables)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ USER = "user"
 ITEM = "item"
 TIMESTAMP = "timestamp"
 RATING = "rating"
-HISTORY = "history"          # fixed length, most recent first, padded with PAD_ID
+HISTORY = "history"  # fixed length, most recent first, padded with PAD_ID
 HISTORY_LEN = "history_len"  # number of real ids in HISTORY
 SPLIT = "split"
 CATEGORIES = "categories"
@@ -67,11 +68,11 @@ class DatasetMeta:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "DatasetMeta":
+    def from_json(cls, text: str) -> DatasetMeta:
         return cls(**json.loads(text))
 
     @classmethod
-    def load(cls, path: str | Path) -> "DatasetMeta":
+    def load(cls, path: str | Path) -> DatasetMeta:
         return cls.from_json(Path(path).read_text())
 
 

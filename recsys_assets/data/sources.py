@@ -6,11 +6,12 @@ Every reader returns `RawTables` with one normalized raw schema, so cleaning and
 - users (optional): user (string) + one string column per user attribute, named ``attr_<name>``
 Schema problems are raised as `DataValidationError` here, before any full pass over the data.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -53,8 +54,25 @@ def read_synthetic(spark: SparkSession, spec: SyntheticSpec) -> RawTables:
 
 # ----------------------------------------------------------------------------------------------- movielens
 ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 
 
@@ -96,8 +114,11 @@ def read_movielens(spark: SparkSession, path: str | Path) -> RawTables:
         _require_columns(ratings, ["userId", "movieId", "rating", "timestamp"], f"{path}/ratings.csv")
         interactions = _normalize(ratings, "userId", "movieId", "timestamp", "rating", source=str(path))
         if (path / "movies.csv").is_file():
-            movies = spark.read.option("header", True).option("quote", '"').option("escape", '"').csv(
-                str(path / "movies.csv")
+            movies = (
+                spark.read.option("header", True)
+                .option("quote", '"')
+                .option("escape", '"')
+                .csv(str(path / "movies.csv"))
             )
             items = _genres_from_pipe(movies, "movieId", "genres")
     elif layout in ("dat", "dat-file"):
@@ -118,14 +139,18 @@ def read_movielens(spark: SparkSession, path: str | Path) -> RawTables:
         interactions = _normalize(ratings, "user", "item", "timestamp", "rating", source=str(path / "u.data"))
         if (path / "u.item").is_file():
             raw = spark.read.option("sep", "|").option("encoding", "ISO-8859-1").csv(str(path / "u.item"))
-            flags = raw.columns[-len(ML100K_GENRES):]
+            flags = raw.columns[-len(ML100K_GENRES) :]
             genres = F.filter(
                 F.array(*[F.when(F.col(c) == "1", F.lit(g)) for c, g in zip(flags, ML100K_GENRES)]),
                 lambda g: g.isNotNull(),
             )
             items = raw.select(F.col("_c0").cast("string").alias("item"), genres.alias("categories"))
         if (path / "u.user").is_file():
-            u = spark.read.option("sep", "|").csv(str(path / "u.user")).toDF("user", "age", "gender", "occupation", "zip")
+            u = (
+                spark.read.option("sep", "|")
+                .csv(str(path / "u.user"))
+                .toDF("user", "age", "gender", "occupation", "zip")
+            )
             users = u.select(
                 F.col("user").cast("string").alias("user"),
                 (F.floor(F.col("age").cast("int") / 10) * 10).cast("string").alias("attr_age_decade"),
@@ -147,7 +172,7 @@ class ColumnMapping:
     item: str = "item"
     timestamp: str = "timestamp"
     rating: str | None = None
-    item_categories: str | None = None     # array<string> or a delimited string
+    item_categories: str | None = None  # array<string> or a delimited string
     category_separator: str = "|"
     user_features: tuple[str, ...] = ()
 
@@ -185,7 +210,9 @@ def read_table(spark: SparkSession, path: str, mapping: ColumnMapping, fmt: str 
                 f"table source: item category column {mapping.item_categories!r} has type {cat.simpleString()}; "
                 "expected array<string> or a delimited string"
             )
-        items = df.select(F.col(mapping.item).cast("string").alias("item"), cats.alias("categories")).dropDuplicates(["item"])
+        items = df.select(F.col(mapping.item).cast("string").alias("item"), cats.alias("categories")).dropDuplicates(
+            ["item"]
+        )
     if mapping.user_features:
         users = df.select(
             F.col(mapping.user).cast("string").alias("user"),
@@ -202,9 +229,7 @@ def _regex_escape(sep: str) -> str:
 def _require_columns(df: DataFrame, columns: Sequence[str], where: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataValidationError(
-            f"{where}: missing column(s) {missing}; the table has {df.columns}"
-        )
+        raise DataValidationError(f"{where}: missing column(s) {missing}; the table has {df.columns}")
 
 
 _ID_TYPES = (T.StringType, T.IntegerType, T.LongType, T.ShortType, T.ByteType)

@@ -1,4 +1,5 @@
 """Reading the published splits table (``splits/`` of a dataset folder) into pandas."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

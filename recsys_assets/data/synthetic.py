@@ -10,6 +10,7 @@ What is planted, so models have something to learn and tests can check that they
 - user attributes that follow the user factors.
 Pure numpy/pandas: the Spark side turns the frames into DataFrames.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,15 +35,15 @@ class SyntheticSpec:
     mean_interactions_per_user: int = 40
     num_categories: int = 12
     latent_dim: int = 8
-    sequence_strength: float = 4.0   # β: weight of the previous item's similarity
-    taste_strength: float = 1.5      # weight of u·v
+    sequence_strength: float = 4.0  # β: weight of the previous item's similarity
+    taste_strength: float = 1.5  # weight of u·v
     popularity_exponent: float = 1.0  # Zipf exponent of the popularity bias
     start_timestamp: int = 1_600_000_000
     duration_seconds: int = 365 * 24 * 3600
     seed: int = 0
 
     @classmethod
-    def of_size(cls, size: str, **overrides) -> "SyntheticSpec":
+    def of_size(cls, size: str, **overrides) -> SyntheticSpec:
         if size not in SIZES:
             raise ValueError(f"unknown synthetic size {size!r}; expected one of {sorted(SIZES)}")
         users, items, per_user = SIZES[size]
@@ -51,9 +52,9 @@ class SyntheticSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
-    interactions: pd.DataFrame   # user, item, timestamp, rating (raw ids: int64, not contiguous)
-    items: pd.DataFrame          # item, categories (list[str])
-    users: pd.DataFrame          # user, age_group, region
+    interactions: pd.DataFrame  # user, item, timestamp, rating (raw ids: int64, not contiguous)
+    items: pd.DataFrame  # item, categories (list[str])
+    users: pd.DataFrame  # user, age_group, region
 
 
 # Raw ids are offset and strided so that the indexing step has real work to do (and id 0 is not special).
@@ -132,9 +133,7 @@ def generate(spec: SyntheticSpec) -> SyntheticData:
     prototypes = rng.normal(size=(spec.num_categories, d))
     nearest = np.argsort(-(item_f @ prototypes.T), axis=1)
     extra = rng.integers(0, 3, n_i)  # 0..2 further categories, like multi-genre movies
-    categories = [
-        [f"genre_{c}" for c in nearest[i, : 1 + extra[i]]] for i in range(n_i)
-    ]
+    categories = [[f"genre_{c}" for c in nearest[i, : 1 + extra[i]]] for i in range(n_i)]
     items_df = pd.DataFrame(
         {"item": np.arange(n_i, dtype=np.int64) * ITEM_ID_STRIDE + ITEM_ID_OFFSET, "categories": categories}
     )

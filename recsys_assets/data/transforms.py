@@ -1,4 +1,5 @@
 """Spark transforms: cleaning, contiguous id indexing, temporal leave-last-out splits with history."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,8 @@ MIN_INTERACTIONS_FOR_HOLDOUT = 3
 @dataclasses.dataclass(frozen=True)
 class CleanReport:
     rows_in: int
-    null_key_rows: int        # rows dropped for a null user, item or timestamp
-    duplicate_rows: int       # exact duplicates dropped
+    null_key_rows: int  # rows dropped for a null user, item or timestamp
+    duplicate_rows: int  # exact duplicates dropped
     rows_out: int
     users: int
     items: int
@@ -91,12 +92,12 @@ def clean(
 # ------------------------------------------------------------------------------------------------ indexing
 @dataclasses.dataclass
 class IndexedTables:
-    interactions: DataFrame      # user int, item int, timestamp bigint, rating float
-    item_features: DataFrame     # item int, categories array<int>
-    user_features: DataFrame     # user int, attr_* int (0 = unknown)
-    user_index: DataFrame        # raw_user string, user int
-    item_index: DataFrame        # raw_item string, item int
-    category_index: DataFrame    # category string, category int
+    interactions: DataFrame  # user int, item int, timestamp bigint, rating float
+    item_features: DataFrame  # item int, categories array<int>
+    user_features: DataFrame  # user int, attr_* int (0 = unknown)
+    user_index: DataFrame  # raw_user string, user int
+    item_index: DataFrame  # raw_item string, item int
+    category_index: DataFrame  # category string, category int
     user_attribute_cardinalities: dict[str, int]
 
 
@@ -104,8 +105,10 @@ def _contiguous_index(values: DataFrame, raw_col: str, idx_col: str) -> DataFram
     """0-based contiguous ids in the order of the raw id — numeric order for integer-like ids (so "10" follows
     "9", and the protocol's (timestamp, item) tie-break matches the raw ids), string order for the rest;
     zipWithIndex avoids a one-partition window."""
-    distinct = values.select(F.col(raw_col)).distinct().orderBy(
-        F.expr(f"try_cast(`{raw_col}` AS BIGINT)").asc_nulls_last(), F.col(raw_col)
+    distinct = (
+        values.select(F.col(raw_col))
+        .distinct()
+        .orderBy(F.expr(f"try_cast(`{raw_col}` AS BIGINT)").asc_nulls_last(), F.col(raw_col))
     )
     spark = values.sparkSession
     rdd = distinct.rdd.zipWithIndex().map(lambda row_i: (row_i[0][0], int(row_i[1])))
@@ -132,9 +135,7 @@ def index(cleaned: DataFrame, raw: RawTables) -> IndexedTables:
     if raw.items is not None:
         items_raw = raw.items.dropDuplicates(["item"])
         exploded = items_raw.select(F.col("item"), F.explode_outer("categories").alias("category"))
-        category_index = _contiguous_index(
-            exploded.filter(F.col("category").isNotNull()), "category", "category_id"
-        )
+        category_index = _contiguous_index(exploded.filter(F.col("category").isNotNull()), "category", "category_id")
         per_item = (
             exploded.join(F.broadcast(category_index), "category", "left")
             .groupBy("item")
@@ -144,12 +145,9 @@ def index(cleaned: DataFrame, raw: RawTables) -> IndexedTables:
         spark = cleaned.sparkSession
         category_index = spark.createDataFrame([], "category string, category_id int")
         per_item = spark.createDataFrame([], "item string, categories array<int>")
-    item_features = (
-        item_index.join(per_item, item_index["raw_item"] == per_item["item"], "left")
-        .select(
-            F.col("_i").alias(S.ITEM),
-            F.coalesce(F.col(S.CATEGORIES), F.array().cast("array<int>")).alias(S.CATEGORIES),
-        )
+    item_features = item_index.join(per_item, item_index["raw_item"] == per_item["item"], "left").select(
+        F.col("_i").alias(S.ITEM),
+        F.coalesce(F.col(S.CATEGORIES), F.array().cast("array<int>")).alias(S.CATEGORIES),
     )
 
     # Users: each attribute indexed 1..k; 0 means unknown (user missing from the attribute table, or null).
@@ -217,12 +215,7 @@ def temporal_split(interactions: DataFrame, history_length: int) -> DataFrame:
 
 def require_holdout_users(interactions: DataFrame) -> int:
     """Number of users with at least 3 interactions; refuses a table where there are none."""
-    n = (
-        interactions.groupBy(S.USER)
-        .count()
-        .filter(F.col("count") >= MIN_INTERACTIONS_FOR_HOLDOUT)
-        .count()
-    )
+    n = interactions.groupBy(S.USER).count().filter(F.col("count") >= MIN_INTERACTIONS_FOR_HOLDOUT).count()
     if n == 0:
         raise DataValidationError(
             f"interactions: every user has fewer than {MIN_INTERACTIONS_FOR_HOLDOUT} interactions, so no "

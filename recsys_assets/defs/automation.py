@@ -1,30 +1,15 @@
-"""Operations: the `retrain_all` job, its retraining schedule, the `new_source_data` sensor, the training pool
-limit and run retries.
+"""Operations: the `retrain_all` job, its schedule, the `new_source_data` sensor, the instance's training pool
+limit and run retries (`DAGSTER_YAML`, written by `write_dagster_yaml`). Schedule and sensor start STOPPED.
 
-What is configured where (all read when the definitions load, i.e. when `recsys_assets.definitions` is imported,
-never baked into constants at import time of a library module):
-
-| env var                            | default                              | used by                         |
-|------------------------------------|--------------------------------------|---------------------------------|
-| `RECSYS_RETRAIN_CRON`              | `0 3 * * 1` (Monday 03:00)           | `retrain_schedule()`            |
-| `RECSYS_RETRAIN_TIMEZONE`          | `UTC`                                | `retrain_schedule()`            |
-| `RECSYS_RUN_CONFIG`                | `recsys_assets/configs/demo.yaml`    | both: run config of their runs; |
-|                                    |                                      | the sensor watches its source   |
-| `RECSYS_NEW_DATA_INTERVAL_SECONDS` | `300`                                | `new_data_sensor()`             |
-
-`RECSYS_RUN_CONFIG` is a run config file in the format of `dagster asset materialize -c` (YAML; JSON is YAML too).
-Scheduled and sensor-triggered runs use it as their run config, so they train on the same source with the same
-settings as a manual `dagster asset materialize -c <that file>`.
-
-Both the schedule and the sensor default to STOPPED: turning either on starts multi-process training and writes
-MLflow runs on whatever machine runs the daemon (a laptop running `make ui`, CI, a test instance), so it is an
-operator's explicit choice. Both appear in the UI (Automation) and are switched on there or with
-`dagster schedule start retrain_all_schedule` / `dagster sensor start new_source_data`; the instance remembers
-the state across restarts.
-
-The instance settings these objects rely on (run retries, the training pool limit, freeing slots of dead runs)
-are in `DAGSTER_YAML` below; `write_dagster_yaml(home)` writes it into a DAGSTER_HOME.
+Read when the definitions load:
+| env var                            | default                           | used by                             |
+|------------------------------------|-----------------------------------|-------------------------------------|
+| `RECSYS_RETRAIN_CRON`              | `0 3 * * 1` (Monday 03:00)        | `retrain_schedule()`                |
+| `RECSYS_RETRAIN_TIMEZONE`          | `UTC`                             | `retrain_schedule()`                |
+| `RECSYS_RUN_CONFIG`                | `recsys_assets/configs/demo.yaml` | run config of both; sensor's source |
+| `RECSYS_NEW_DATA_INTERVAL_SECONDS` | `300`                             | `new_data_sensor()`                 |
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +17,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import dagster as dg
@@ -40,7 +25,6 @@ import yaml
 
 from recsys_assets.defs.constants import TRAINING_POOL
 from recsys_assets.defs.data_assets import RawInteractionsConfig
-
 
 RETRAIN_CRON_ENV = "RECSYS_RETRAIN_CRON"
 RETRAIN_TIMEZONE_ENV = "RECSYS_RETRAIN_TIMEZONE"
@@ -89,7 +73,9 @@ def load_run_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
         )
     loaded = yaml.safe_load(file.read_text()) or {}
     if not isinstance(loaded, dict):
-        raise dg.DagsterInvalidDefinitionError(f"run config file {file} must hold a mapping, not {type(loaded).__name__}")
+        raise dg.DagsterInvalidDefinitionError(
+            f"run config file {file} must hold a mapping, not {type(loaded).__name__}"
+        )
     source_config_from_run_config(loaded, origin=str(file))  # validate the source part now
     return loaded
 
@@ -138,12 +124,8 @@ def retrain_schedule(
     default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED,
     name: str = "retrain_all_schedule",
 ) -> dg.ScheduleDefinition:
-    """The retraining schedule of `retrain_all`.
-
-    cron: `cron`, else $RECSYS_RETRAIN_CRON, else "0 3 * * 1" (Monday 03:00); timezone: `execution_timezone`,
-    else $RECSYS_RETRAIN_TIMEZONE, else UTC. An invalid cron string fails the definitions load.
-    run_config: `run_config`, else the file named by $RECSYS_RUN_CONFIG, else recsys_assets/configs/demo.yaml.
-    Default STOPPED (see the module docstring)."""
+    """The retraining schedule of `retrain_all`; arguments override the env vars of the module docstring. An
+    invalid cron string fails the definitions load."""
     cron = cron or os.environ.get(RETRAIN_CRON_ENV) or DEFAULT_RETRAIN_CRON
     tz = execution_timezone or os.environ.get(RETRAIN_TIMEZONE_ENV) or DEFAULT_TIMEZONE
     config = dict(run_config) if run_config is not None else load_run_config()
@@ -160,7 +142,7 @@ def retrain_schedule(
 
 
 # ------------------------------------------------------------------------------------------------ sensor
-def watched_path(source_config: RawInteractionsConfig) -> Optional[str]:
+def watched_path(source_config: RawInteractionsConfig) -> str | None:
     """The local file or folder behind a source, or None when there is nothing to watch (synthetic)."""
     if source_config.source == "movielens":
         return source_config.movielens_path
@@ -169,7 +151,7 @@ def watched_path(source_config: RawInteractionsConfig) -> Optional[str]:
     return None
 
 
-def _local_path(path: str) -> Optional[Path]:
+def _local_path(path: str) -> Path | None:
     """A local Path for `path` (plain or file://), None for other URI schemes (s3://, hdfs://, ...)."""
     parsed = urlparse(path)
     if parsed.scheme == "file":
@@ -225,26 +207,13 @@ def new_data_sensor(
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
     name: str = "new_source_data",
 ) -> dg.SensorDefinition:
-    """A sensor that requests a `retrain_all` run when the files of the configured source change.
+    """A sensor that requests a `retrain_all` run when the files of the watched source change.
 
-    Which source: `source_config`, else the `ops.raw_interactions.config` of the run config file named by
-    $RECSYS_RUN_CONFIG (YAML or JSON, the `dagster asset materialize -c` format), else of
-    recsys_assets/configs/demo.yaml. Runs it requests get that run config (or `run_config`) with
-    raw_interactions' config set to the watched source, so they read exactly what was watched.
-
-    Watched: `movielens_path` for source movielens, `table.path` for source table (a local file or folder;
-    plain path or file:// URI). For synthetic there is nothing to watch and every tick skips with a reason, as it
-    does for a remote URI (s3://...) or a path that does not exist (yet).
-
-    Fingerprint: sha256 over the sorted (relative name, size, mtime_ns) of the files under the path, names
-    starting with "_" or "." left out (Spark's _SUCCESS/_temporary, checksums, temporaries). The cursor holds the
-    last fingerprint. The first tick (no cursor) records it and requests a run only if `run_on_first_tick`;
-    an unchanged fingerprint skips; a changed one requests a run with run_key "source-<fingerprint>", so one
-    version of the data is trained once per sensor (a source that returns to an already-seen state is not
-    retrained again). Writers should publish atomically (write, then rename) so that a half-copied file is not
-    seen as a new version.
-
-    minimum_interval_seconds: argument, else $RECSYS_NEW_DATA_INTERVAL_SECONDS, else 300. Default STOPPED."""
+    Source: `source_config`, else the raw_interactions config of the run config file (see the module
+    docstring); its requests get that run config (or `run_config`) with that source. Only local movielens / table
+    paths are watched. A changed size/mtime fingerprint (names starting with "_" or "." ignored) requests a run
+    keyed by the fingerprint, so one version of the data is trained once; the first tick only records it unless
+    `run_on_first_tick`."""
     if source_config is None:
         base = dict(run_config) if run_config is not None else load_run_config()
         source_config = source_config_from_run_config(base)

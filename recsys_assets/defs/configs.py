@@ -5,12 +5,13 @@ A training config (`TwoTowerTrainConfig`, `DLRMTrainConfig`) marks the fields an
 types, defaults and descriptions, plus asset-only fields. Values are validated once, by the training config
 (`train_config`), before any process starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import dagster as dg
 import pydantic
@@ -33,7 +34,7 @@ def _config_type(hint: Any) -> Any:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         inner = _config_type(args[0])
-        return Optional[inner] if len(args) < len(typing.get_args(hint)) else inner
+        return inner | None if len(args) < len(typing.get_args(hint)) else inner
     return hint
 
 
@@ -66,8 +67,10 @@ TwoTowerConfig = dagster_config(
     TwoTowerTrainConfig,
     "Two Tower settings (declared in TwoTowerTrainConfig); epochs chosen on validation, then refit on "
     "train + validation.",
-    refit_on_validation=(bool, Field(True, description="Refit on train+validation for the best epoch count "
-                                     "(the protocol's test report).")),
+    refit_on_validation=(
+        bool,
+        Field(True, description="Refit on train+validation for the best epoch count (the protocol's test report)."),
+    ),
 )
 
 DLRMConfig = dagster_config(
@@ -76,13 +79,20 @@ DLRMConfig = dagster_config(
     "DLRM settings (declared in DLRMTrainConfig) and its sparse features. With one labelled list per user, id "
     "tables (user, item, history bag) memorize the few positives and lose on the holdout lists; the dense "
     "features + category / attribute bags generalize. The id features stay one switch away.",
-    use_user_id=(bool, Field(False, description="A user-id table (one positive per user in the ranker's data: "
-                             "overfits).")),
-    use_item_id=(bool, Field(False, description="An item-id table (always used when no other sparse feature "
-                             "exists).")),
+    use_user_id=(
+        bool,
+        Field(False, description="A user-id table (one positive per user in the ranker's data: overfits)."),
+    ),
+    use_item_id=(bool, Field(False, description="An item-id table (always used when no other sparse feature exists).")),
     use_history=(bool, Field(False, description="The user's history as a bag on the item table.")),
     use_categories=(bool, Field(True, description="The item's categories as a bag.")),
     use_user_attributes=(bool, Field(True, description="One table per user attribute.")),
-    gate_min_gain=(float, Field(0.0, description="Quality gate: holdout NDCG@10 of the DLRM order must be >= the "
-                                "Two Tower order's + this (0 = at least as good; negative tolerates a loss).")),
+    gate_min_gain=(
+        float,
+        Field(
+            0.0,
+            description="Quality gate: holdout NDCG@10 of the DLRM order must be >= the "
+            "Two Tower order's + this (0 = at least as good; negative tolerates a loss).",
+        ),
+    ),
 )

@@ -1,15 +1,23 @@
 """Dagster resources: Spark session, local state folder (and, for training, TorchDistributor and MLflow)."""
 
+import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import dagster as dg
 from dagster import ConfigurableResource
 from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field
+
+from recsys_assets.data.publish import publish_folder
+from recsys_assets.defs.types import PublishedFolder
 
 
 class SparkResource(LazyPySparkResource):
@@ -57,7 +65,7 @@ class StateResource(ConfigurableResource):
     Default root: $RECSYS_STATE_DIR, else ``.recsys_state`` in the working directory (read when used, not at
     import). Could be any mounted path; MDS can also go to object storage (see mds remote settings)."""
 
-    root: Optional[str] = None
+    root: str | None = None
 
     def resolved_root(self) -> Path:
         root = self.root or os.environ.get("RECSYS_STATE_DIR") or str(Path.cwd() / ".recsys_state")
@@ -70,6 +78,36 @@ class StateResource(ConfigurableResource):
         """Training checkpoints of this asset, keyed by the root run: a retry of a failed run resumes from them."""
         return self.resolved_root() / "checkpoints" / context.asset_key.to_user_string() / root_run_id(context)
 
+    @contextlib.contextmanager
+    def checkpoints(self, context) -> Iterator[Path]:
+        """`checkpoint_dir`, removed when the block succeeds (published: nothing left to resume), kept for a
+        retry when it fails."""
+        path = self.checkpoint_dir(context)
+        yield path
+        shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def output_folder(self, context) -> Iterator["OutputFolder"]:
+        """This materialization's version folder ``<root>/assets/<asset>/<run id>``: the block writes into
+        `.staging`; leaving it publishes that atomically at `.path` (data.publish); an exception publishes nothing."""
+        dest = self.asset_dir(context.asset_key.to_user_string(), context.run_id)
+        with publish_folder(dest) as staging:
+            yield OutputFolder(path=dest, staging=staging)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFolder:
+    """An asset's output folder (`StateResource.output_folder`): written in `staging`, published at `path`."""
+
+    path: Path
+    staging: Path
+
+    def output(self, metadata: Mapping[str, Any], value: Any = None) -> dg.Output:
+        """The asset's Output: `value` (default: PublishedFolder of `path`) with `metadata` and published_path
+        (not "path": the IO manager adds its own "path", the pickled output, which would replace it)."""
+        value = PublishedFolder(str(self.path)) if value is None else value
+        return dg.Output(value, metadata={"published_path": dg.MetadataValue.path(str(self.path)), **metadata})
+
 
 def root_run_id(context) -> str:
     """The id shared by a run and its retries (re-executions)."""
@@ -81,13 +119,14 @@ def default_state_root() -> Path:
 
 
 class MLflowResource(ConfigurableResource):
-    """MLflow tracking for model assets (own code: dagster-mlflow is the old op-style API).
+    """MLflow tracking for the model and evaluation assets (own code: dagster-mlflow is the old op-style API).
 
-    Store: ``tracking_uri``, else $MLFLOW_TRACKING_URI (read when used), else SQLite in the local state folder. ``ui_url`` is where `make ui` serves the MLflow UI, for the links in asset metadata."""
+    Store: ``tracking_uri``, else $MLFLOW_TRACKING_URI (read when used), else SQLite in the local state folder.
+    ``ui_url``: where `make ui` serves the MLflow UI, for the links in asset metadata."""
 
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     experiment_name: str = "recsys_assets"
-    artifact_location: Optional[str] = None
+    artifact_location: str | None = None
     ui_url: str = "http://127.0.0.1:5000"
 
     def resolved_tracking_uri(self) -> str:
@@ -128,29 +167,23 @@ class MLflowResource(ConfigurableResource):
             return exp.experiment_id
         return client.create_experiment(self.experiment_name, artifact_location=self.resolved_artifact_location())
 
-    def start_run(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self.client().create_run(self.experiment_id(), run_name=run_name, tags=tags)
-        return run.info.run_id
-
     def start_asset_run(self, context, **tags: Any) -> str:
         """A run for this materialization: named after the asset, tagged with the asset key, the Dagster run and
         its root run (shared by the retries of a run) plus `tags`."""
         asset = context.asset_key.to_user_string()
-        return self.start_run(
+        run = self.client().create_run(
+            self.experiment_id(),
             run_name=f"{asset}-{context.run_id[:8]}",
-            tags={"dagster.run_id": context.run_id, "dagster.root_run_id": root_run_id(context),
-                  "dagster.asset_key": asset, **{k: str(v) for k, v in tags.items()}},
+            tags={
+                "dagster.run_id": context.run_id,
+                "dagster.root_run_id": root_run_id(context),
+                "dagster.asset_key": asset,
+                **{k: str(v) for k, v in tags.items()},
+            },
         )
+        return run.info.run_id
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        """Params of any JSON-able value (lists and dicts as JSON text)."""
-        import json
-
-        client = self.client()
-        for k, v in params.items():
-            client.log_param(run_id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
-
-    def end_run(self, run_id: str, *, failed: Optional[BaseException] = None) -> None:
+    def end_run(self, run_id: str, *, failed: BaseException | None = None) -> None:
         client = self.client()
         if failed is not None:
             client.set_tag(run_id, "error", f"{type(failed).__name__}: {failed}"[:5000])
@@ -158,18 +191,90 @@ class MLflowResource(ConfigurableResource):
         else:
             client.set_terminated(run_id, status="FINISHED")
 
+    @contextlib.contextmanager
+    def asset_run(self, context, **tags: Any) -> Iterator["MLflowRun"]:
+        """``with mlflow.asset_run(context, **tags) as run:`` the materialization's run (`start_asset_run`),
+        FINISHED when the block succeeds, FAILED with an ``error`` tag when it raises (re-raised)."""
+        run = MLflowRun(self, self.start_asset_run(context, **tags))
+        try:
+            yield run
+        except BaseException as exc:
+            self.end_run(run.id, failed=exc)
+            raise
+        self.end_run(run.id)
+
     def run_url(self, run_id: str) -> str:
         exp_id = self.client().get_run(run_id).info.experiment_id
         return f"{self.ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
 
 
-class TorchDistributorResource(ConfigurableResource):
-    """Runs a training function in several processes through PySpark's TorchDistributor.
+@dataclasses.dataclass(frozen=True)
+class MLflowRun:
+    """An open MLflow run of one materialization (`MLflowResource.asset_run`) and what assets record in it."""
 
-    ``local_mode=True`` runs torchrun on the driver; ``local_mode=False`` runs one process per Spark task on the
-    executors (a real cluster, or ``local-cluster[...]`` on one machine). ``use_gpu`` selects CUDA + nccl in the
-    training code and asks Spark for GPU tasks. The function must be importable by the child processes (a
-    module-level function of an installed package)."""
+    resource: MLflowResource
+    id: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.resource.resolved_tracking_uri()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params of any JSON-able value (lists and dicts as JSON text)."""
+        client = self.resource.client()
+        for k, v in params.items():
+            client.log_param(self.id, k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Metrics by name; "@" becomes "_at_" (MLflow refuses it in names: ndcg@10 -> ndcg_at_10)."""
+        client = self.resource.client()
+        for name, value in metrics.items():
+            client.log_metric(self.id, name.replace("@", "_at_"), float(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str = "plots") -> None:
+        self.resource.client().log_artifact(self.id, str(path), artifact_path=artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.resource.client().log_text(self.id, text, name)
+
+    def log_model(self, model) -> None:
+        """The model as this run's ``model`` artifact (mlflow.pytorch)."""
+        import importlib.metadata
+
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.id):
+            # pickle format: the default pt2 export needs an input example this KJT-based signature cannot give;
+            # explicit pip requirements skip a slow environment inference.
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                serialization_format="pickle",
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchrec=={importlib.metadata.version('torchrec').split('+')[0]}",
+                ],
+            )
+
+    def url(self) -> str:
+        """The run's page in the MLflow UI."""
+        return self.resource.run_url(self.id)
+
+    def metadata(self) -> dict[str, Any]:
+        """The link to the run in the MLflow UI and its id."""
+        return {"mlflow_run": dg.MetadataValue.url(self.url()), "mlflow_run_id": self.id}
+
+
+class TorchDistributorResource(ConfigurableResource):
+    """Runs a training function in several processes through PySpark's TorchDistributor
+    (`training.launch.run_distributed`).
+
+    ``local_mode=True`` runs torchrun on the driver; ``local_mode=False`` one process per Spark task on the
+    executors (a cluster, or ``local-cluster[...]``). ``use_gpu``: CUDA + nccl and GPU tasks. The function must be
+    importable by the child processes (a module-level function of an installed package)."""
 
     num_processes: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -190,98 +295,21 @@ class TorchDistributorResource(ConfigurableResource):
                     f"{cores} CPU cores available in local mode"
                 )
 
-    def run(self, context, spark: SparkResource, fn, *args, progress_file: Optional[Path] = None,
-            on_progress=None):
-        """Runs ``fn(*args)`` on every rank and returns rank results (identical by contract).
-
-        Forwards JSON lines the ranks append to `progress_file` to `on_progress` (or the Dagster log), kills the
-        whole process tree and raises on timeout, and turns a failed rank into an exception naming it."""
-        import json
-        import threading
-        import time
-
-        from pyspark.ml.torch.distributor import TorchDistributor
-
-        from recsys_assets.training.launch import RESULT_FILE, kill_training_processes, run_with_consistent_local_ranks
+    def run(self, context, spark: SparkResource, fn, *args, progress_file: Path | None = None, on_progress=None):
+        """``fn(*args)`` on every rank; returns rank 0's result. Progress lines go to `on_progress`, else to the
+        Dagster log; timeouts and failed ranks raise (see run_distributed)."""
+        from recsys_assets.training.launch import run_distributed
 
         self.validate()
-        session = spark.spark_session  # TorchDistributor needs an active session
-        distributor = TorchDistributor(
-            num_processes=self.num_processes, local_mode=self.local_mode, use_gpu=self.use_gpu
+        return run_distributed(
+            fn,
+            *args,
+            session=spark.spark_session,
+            num_processes=self.num_processes,
+            local_mode=self.local_mode,
+            use_gpu=self.use_gpu,
+            timeout_seconds=self.timeout_seconds,
+            single_machine=self.single_machine,
+            progress_file=progress_file,
+            on_progress=on_progress or (lambda rec: context.log.info(json.dumps(rec))),
         )
-        fix_local = (not self.local_mode) and self.single_machine
-        outcome: dict = {}
-        import tempfile
-
-        error_dir = tempfile.mkdtemp(prefix="recsys-rank-errors-")
-
-        def target():
-            try:
-                outcome["result"] = distributor.run(run_with_consistent_local_ranks, fix_local, error_dir, fn, *args)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=target, name="torch-distributor", daemon=True)
-        start = time.monotonic()
-        thread.start()
-        offset = 0
-        log = on_progress or (lambda rec: context.log.info(json.dumps(rec)))
-
-        def forward_progress():
-            nonlocal offset
-            if progress_file is None or not Path(progress_file).exists():
-                return
-            with open(progress_file) as fh:
-                fh.seek(offset)
-                for line in fh:
-                    if line.endswith("\n"):
-                        offset += len(line)
-                        try:
-                            log(json.loads(line))
-                        except json.JSONDecodeError:
-                            pass
-
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            forward_progress()
-            if time.monotonic() - start > self.timeout_seconds and thread.is_alive():
-                kill_training_processes()
-                session.sparkContext.cancelAllJobs()
-                thread.join(timeout=30)
-                raise TimeoutError(
-                    f"distributed training exceeded timeout_seconds={self.timeout_seconds}; processes killed"
-                )
-        forward_progress()
-        if "error" in outcome:
-            files = sorted(Path(error_dir).glob("rank*.txt"))
-            causes = "\n".join(p.read_text() for p in files)
-            # A rank killed (SIGKILL, OOM, os._exit) writes no error file; the others then fail in a collective
-            # ("Connection reset by peer"), which would hide it: name the ranks that died first.
-            errored = {p.stem[len("rank"):] for p in files}
-            done = {p.name[len("done"):] for p in Path(error_dir).glob("done*")}
-            silent = sorted(p.name[len("started"):] for p in Path(error_dir).glob("started*")
-                            if p.name[len("started"):] not in errored | done)
-            if silent:
-                died = (f"rank(s) {', '.join(silent)} ended without a Python error (killed, out of memory or "
-                        f"os._exit; once one rank dies, torchrun also terminates the others)")
-                causes = f"{died}; errors of the other ranks:\n{causes}" if causes else died
-            raise RuntimeError(
-                f"distributed training failed: {causes or _summarize_failure(outcome['error'])}"
-            ) from outcome["error"]
-        handed_over = Path(error_dir) / RESULT_FILE
-        if handed_over.exists():  # rank 0's result (see training/launch.py); a temp file this call created
-            import pickle
-
-            with open(handed_over, "rb") as fh:
-                result = pickle.load(fh)
-            shutil.rmtree(error_dir, ignore_errors=True)
-            return result
-        return outcome["result"]
-
-
-def _summarize_failure(exc: BaseException) -> str:
-    """TorchDistributor's error carries 100 lines of output; keep the lines that say what went wrong."""
-    text = str(exc)
-    lines = [l for l in text.splitlines() if l.strip()]
-    keep = [l for l in lines if any(k in l for k in ("Error", "error", "exit code", "failed", "Traceback", "rank"))]
-    return "\n".join((keep or lines)[-25:])

@@ -1,5 +1,6 @@
 """What assets hand each other (through the I/O manager): the published folder of a version, plus the MLflow run
 of the model that produced it where there is one."""
+
 from __future__ import annotations
 
 import dataclasses

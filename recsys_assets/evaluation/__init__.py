@@ -3,6 +3,7 @@
 No Dagster in here: assets call these functions. Spark is used only by `SparkALS`, which takes a SparkSession.
 The baselines are imported lazily (PEP 562), so ``python -m recsys_assets.evaluation.baselines`` runs cleanly.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -48,5 +49,11 @@ __all__ = [
     "leave_last_out_splits",
     "metrics_from_ranks",
     "ranks_from_scores",
-    *_BASELINE_NAMES,
+    "EASE",
+    "Baseline",
+    "LastItemMarkov",
+    "MostPopular",
+    "SparkALS",
+    "TuneResult",
+    "tune",
 ]

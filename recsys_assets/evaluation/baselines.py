@@ -5,6 +5,7 @@ fitted baseline's ``score`` is a `score_fn` for `recsys_assets.evaluation.evalua
 
 Run ``python -m recsys_assets.evaluation.baselines --help`` for the reference numbers on MovieLens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Baseline(Protocol):
-    def fit(self, task: EvalTask) -> "Baseline": ...
+    def fit(self, task: EvalTask) -> Baseline: ...
 
     def score(self, users: np.ndarray) -> torch.Tensor: ...
 
@@ -56,7 +57,7 @@ class MostPopular:
         self.device = torch.device(device)
         self.popularity_: torch.Tensor | None = None
 
-    def fit(self, task: EvalTask) -> "MostPopular":
+    def fit(self, task: EvalTask) -> MostPopular:
         self.popularity_ = torch.as_tensor(task.item_counts(), dtype=torch.float64, device=self.device)
         return self
 
@@ -80,7 +81,7 @@ class LastItemMarkov:
         self.device = torch.device(device)
         self.base_: torch.Tensor | None = None
 
-    def fit(self, task: EvalTask) -> "LastItemMarkov":
+    def fit(self, task: EvalTask) -> LastItemMarkov:
         n = task.num_items
         seq = task.seq_items
         owner = np.repeat(np.arange(task.num_users, dtype=np.int64), np.diff(task.seq_indptr))
@@ -150,7 +151,7 @@ class EASE:
         self.dtype = dtype
         self.B_: torch.Tensor | None = None
 
-    def fit(self, task: EvalTask) -> "EASE":
+    def fit(self, task: EvalTask) -> EASE:
         n = task.num_items
         if n > self.max_items:
             raise ValueError(
@@ -215,7 +216,7 @@ class SparkALS:
 
     def __init__(
         self,
-        spark: "SparkSession",
+        spark: SparkSession,
         *,
         rank: int = 64,
         reg_param: float = 0.1,
@@ -237,7 +238,7 @@ class SparkALS:
         self.item_factors_: torch.Tensor | None = None
         self.item_offset_: torch.Tensor | None = None
 
-    def fit(self, task: EvalTask) -> "SparkALS":
+    def fit(self, task: EvalTask) -> SparkALS:
         from pyspark.ml.recommendation import ALS
 
         pairs = task.fit.groupby([USER, ITEM], sort=True).size().reset_index(name="rating")
@@ -369,14 +370,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     splits, num_users, num_items = load_movielens_splits(args.ratings)
-    print(f"{args.ratings}: {len(splits)} interactions, {num_users} users, {num_items} items, "
-          f"{splits['split'].value_counts().to_dict()}")
+    print(
+        f"{args.ratings}: {len(splits)} interactions, {num_users} users, {num_items} items, "
+        f"{splits['split'].value_counts().to_dict()}"
+    )
     test_task = EvalTask.from_splits(splits, "test", num_users=num_users, num_items=num_items)
 
     def report(name: str, result: EvalResult, seconds: float) -> None:
         m = result.metrics
-        print(f"{name:<40} HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  HR@100 {m['hr@100']:.4f}  "
-              f"(n={result.n_users}, {seconds:.1f}s)", flush=True)
+        print(
+            f"{name:<40} HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  HR@100 {m['hr@100']:.4f}  "
+            f"(n={result.n_users}, {seconds:.1f}s)",
+            flush=True,
+        )
 
     spark = None
     try:
@@ -389,27 +395,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model = LastItemMarkov().fit(test_task)
                 report("LastItemMarkov", evaluate(model.score, test_task), time.perf_counter() - t0)
             elif name == "ease" and args.tune_ease:
-                tuned = tune(EASE, {"lam": [50.0, 200.0, 500.0, 1000.0]}, splits,
-                             num_users=num_users, num_items=num_items)
+                tuned = tune(
+                    EASE, {"lam": [50.0, 200.0, 500.0, 1000.0]}, splits, num_users=num_users, num_items=num_items
+                )
                 for params, res in tuned.trials:
                     print(f"  validation EASE {params}: {res}")
                 report(f"EASE (tuned: {tuned.params})", tuned.test, time.perf_counter() - t0)
             elif name == "ease":
                 model = EASE(lam=args.ease_lambda).fit(test_task)
-                report(f"EASE (lambda={args.ease_lambda:g})", evaluate(model.score, test_task),
-                       time.perf_counter() - t0)
+                report(
+                    f"EASE (lambda={args.ease_lambda:g})", evaluate(model.score, test_task), time.perf_counter() - t0
+                )
             elif name == "als":
                 from pyspark.sql import SparkSession
 
                 if spark is None:
-                    spark = (SparkSession.builder.master("local[2]").appName("recsys-eval-baselines")
-                             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
-                             .config("spark.driver.memory", "4g")
-                             .getOrCreate())
+                    spark = (
+                        SparkSession.builder.master("local[2]")
+                        .appName("recsys-eval-baselines")
+                        .config("spark.ui.enabled", "false")
+                        .config("spark.ui.showConsoleProgress", "false")
+                        .config("spark.driver.memory", "4g")
+                        .getOrCreate()
+                    )
                     spark.sparkContext.setLogLevel("ERROR")
                 model = SparkALS(spark, rank=64, reg_param=0.1, alpha=1.0, max_iter=15, seed=0).fit(test_task)
-                report("SparkALS (rank 64, reg 0.1, alpha 1)", evaluate(model.score, test_task),
-                       time.perf_counter() - t0)
+                report(
+                    "SparkALS (rank 64, reg 0.1, alpha 1)", evaluate(model.score, test_task), time.perf_counter() - t0
+                )
             else:
                 parser.error(f"unknown baseline {name!r}")
     finally:

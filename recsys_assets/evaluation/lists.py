@@ -3,6 +3,7 @@
 A list is the pairs that share a query id; its positive's rank (pairs with a strictly higher score) feeds the
 same HR@K / NDCG@K as the full-ranking evaluator (`protocol.metrics_from_ranks`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,7 +37,9 @@ def list_ranks(query_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) ->
     higher score), or a large number (a miss) when the query has no positive."""
     import pandas as pd
 
-    df = pd.DataFrame({"q": np.asarray(query_ids), "y": np.asarray(labels) > 0.5, "s": np.asarray(scores, dtype=np.float64)})
+    df = pd.DataFrame(
+        {"q": np.asarray(query_ids), "y": np.asarray(labels) > 0.5, "s": np.asarray(scores, dtype=np.float64)}
+    )
     pos = df[df["y"]].groupby("q")["s"].max()
     queries = np.unique(df["q"].to_numpy())
     pos_score = pd.Series(pos).reindex(queries).to_numpy()
@@ -48,7 +51,9 @@ def list_ranks(query_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) ->
     return ranks
 
 
-def pair_metrics(labels: np.ndarray, logits: np.ndarray, query_ids: np.ndarray | None, ks: Sequence[int]) -> dict[str, float]:
+def pair_metrics(
+    labels: np.ndarray, logits: np.ndarray, query_ids: np.ndarray | None, ks: Sequence[int]
+) -> dict[str, float]:
     from recsys_assets.evaluation.protocol import metrics_from_ranks
 
     out = {"auroc": auroc(labels, logits), "logloss": log_loss(labels, logits)}
@@ -57,8 +62,9 @@ def pair_metrics(labels: np.ndarray, logits: np.ndarray, query_ids: np.ndarray |
     return out
 
 
-def compare_orders(query_ids: np.ndarray, labels: np.ndarray, orders: dict[str, np.ndarray],
-                   ks: Sequence[int] = (10,)) -> dict[str, dict[str, float]]:
+def compare_orders(
+    query_ids: np.ndarray, labels: np.ndarray, orders: dict[str, np.ndarray], ks: Sequence[int] = (10,)
+) -> dict[str, dict[str, float]]:
     """List metrics of the same candidate lists under several orders (name -> score per pair)."""
     from recsys_assets.evaluation.protocol import metrics_from_ranks
 

@@ -15,11 +15,11 @@ The rank of the held-out item is the number of non-excluded candidates with a ST
 count in favour of the held-out item; the held-out item itself is never excluded). From the ranks:
 ``HR@K = mean(rank < K)`` and ``NDCG@K = mean(1 / log2(rank + 2) if rank < K else 0)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -31,8 +31,9 @@ PHASES = ("validation", "test")
 DEFAULT_KS = (10, 100)
 
 # What a scorer may return: one row of scores per requested user, one column per item.
-Scores = Union[torch.Tensor, np.ndarray]
+Scores = torch.Tensor | np.ndarray
 ScoreFn = Callable[[np.ndarray], Scores]
+
 
 def _csr_from_pairs(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """indptr/indices of rows already sorted by row."""
@@ -42,9 +43,7 @@ def _csr_from_pairs(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np
     return indptr, cols.astype(np.int64, copy=False)
 
 
-def gather_csr(
-    indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def gather_csr(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The sub-CSR made of `rows` (in that order) of a CSR matrix."""
     starts = indptr[rows]
     lengths = indptr[rows + 1] - starts
@@ -114,7 +113,7 @@ class EvalTask:
         *,
         num_users: int | None = None,
         num_items: int | None = None,
-    ) -> "EvalTask":
+    ) -> EvalTask:
         """Build the task of `phase` from a splits table. Cardinalities default to max id + 1."""
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")

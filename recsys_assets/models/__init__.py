@@ -1,4 +1,5 @@
 """Models (pure torch / TorchRec; no Dagster or Spark in here)."""
+
 from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt, build_kjt
 from recsys_assets.models.two_tower import (
     ItemEncoder,

@@ -13,6 +13,7 @@ categorical columns + 13 integer columns):
 
 No Dagster, no Spark.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,7 @@ class DLRMModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "DLRMModelConfig":
+    def from_dict(cls, d: Mapping) -> DLRMModelConfig:
         return cls(**dict(d))
 
 
@@ -151,7 +152,7 @@ class DLRMTrainTask(nn.Module):
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = TRAIN_TASK_PREFIX) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
 def load_dlrm(

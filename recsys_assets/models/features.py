@@ -17,6 +17,7 @@ Keys:
 Id 0 is a real id everywhere: values are selected with masks built from lengths / ``>= 0``, never from the
 truthiness of an id. Padding (-1) never reaches a KJT.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,7 +73,7 @@ class FeatureSpec:
         recent_items: int = 0,
         recent_slots: bool = False,
         use_user_id: bool = True,
-    ) -> "FeatureSpec":
+    ) -> FeatureSpec:
         attrs = []
         for name, card in sorted(meta.user_attribute_cardinalities.items()):
             col = name if name.startswith(ATTR_PREFIX) else ATTR_PREFIX + name
@@ -128,7 +129,9 @@ class FeatureStore:
         cat_indptr, cat_indices: int64 CSR of each item's categories (items missing from the Parquet get none).
     """
 
-    def __init__(self, spec: FeatureSpec, user_attrs: torch.Tensor, cat_indptr: torch.Tensor, cat_indices: torch.Tensor):
+    def __init__(
+        self, spec: FeatureSpec, user_attrs: torch.Tensor, cat_indptr: torch.Tensor, cat_indices: torch.Tensor
+    ):
         if user_attrs.shape != (spec.num_users, len(spec.user_attributes)):
             raise ValueError(f"user_attrs shape {tuple(user_attrs.shape)} does not match the spec")
         if cat_indptr.shape != (spec.num_items + 1,):
@@ -138,13 +141,13 @@ class FeatureStore:
         self.cat_indptr = cat_indptr.long()
         self.cat_indices = cat_indices.long()
 
-    def to(self, device: torch.device) -> "FeatureStore":
+    def to(self, device: torch.device) -> FeatureStore:
         return FeatureStore(
             self.spec, self.user_attrs.to(device), self.cat_indptr.to(device), self.cat_indices.to(device)
         )
 
     @classmethod
-    def from_frames(cls, spec: FeatureSpec, user_features, item_features) -> "FeatureStore":
+    def from_frames(cls, spec: FeatureSpec, user_features, item_features) -> FeatureStore:
         """From pandas frames shaped like the ``user_features`` / ``item_features`` Parquet tables."""
         n_attr = len(spec.user_attributes)
         attrs = np.zeros((spec.num_users, n_attr), dtype=np.int64)
@@ -174,7 +177,7 @@ class FeatureStore:
         return cls(spec, torch.from_numpy(attrs), torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64)))
 
     @classmethod
-    def load(cls, root: str | Path, spec: FeatureSpec) -> "FeatureStore":
+    def load(cls, root: str | Path, spec: FeatureSpec) -> FeatureStore:
         paths = DatasetPaths(Path(root))
         attr_cols = [USER, *spec.attribute_keys]
         users = pq.read_table(paths.user_features, columns=attr_cols).to_pandas()
@@ -220,7 +223,9 @@ def history_mask(history: torch.Tensor, history_len: torch.Tensor | None, n: int
     return mask
 
 
-def history_bags(history: torch.Tensor, history_len: torch.Tensor | None, max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
+def history_bags(
+    history: torch.Tensor, history_len: torch.Tensor | None, max_history: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, lengths) of the history bags: the real ids among the first `max_history` positions of each
     padded row (see `history_mask`), in row order. Id 0 is kept."""
     history = history.long()
@@ -229,7 +234,9 @@ def history_bags(history: torch.Tensor, history_len: torch.Tensor | None, max_hi
     return history[:, : mask.shape[1]][mask], mask.sum(dim=1)
 
 
-def recent_slots(history: torch.Tensor, history_len: torch.Tensor | None, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def recent_slots(
+    history: torch.Tensor, history_len: torch.Tensor | None, k: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(values, lengths)] of k single-item bags: bag j holds the id at position j (j = 0: the most recent
     item) where that position is real, and is empty otherwise (a short history). Id 0 is kept."""
     history = history.long()

@@ -13,6 +13,7 @@
 Scores are ``scale * <q, c>`` with ``scale = 1 / temperature`` (fixed, or learned when
 ``learn_temperature``); tower outputs are L2-normalized when ``normalize``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,7 +69,7 @@ class TwoTowerModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "TwoTowerModelConfig":
+    def from_dict(cls, d: Mapping) -> TwoTowerModelConfig:
         return cls(**dict(d))
 
 
@@ -283,7 +284,7 @@ class TwoTowerTrainTask(nn.Module):
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = TRAIN_TASK_PREFIX) -> dict[str, torch.Tensor]:
     """TwoTower state dict from a train-task / gathered DMP state dict (keys without `prefix` are kept)."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
 def load_two_tower(

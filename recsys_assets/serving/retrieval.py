@@ -10,11 +10,11 @@ No Dagster, no Spark. Used by the retrieval assets and the evaluation.
 - `HnswIndex`: faiss HNSW inner-product index over the item vectors; `search` filters exclusions.
 - `recall_at_k`: overlap of approximate and exact top-k lists.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +45,16 @@ class QueryStates:
         return int(len(self.users))
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({
-            "phase": self.phase,
-            USER: self.users.astype(np.int32),
-            "target": self.targets.astype(np.int32),
-            TIMESTAMP: self.timestamps.astype(np.int64),
-            HISTORY: list(self.history.astype(np.int32)),
-            HISTORY_LEN: self.history_len.astype(np.int32),
-        })
+        return pd.DataFrame(
+            {
+                "phase": self.phase,
+                USER: self.users.astype(np.int32),
+                "target": self.targets.astype(np.int32),
+                TIMESTAMP: self.timestamps.astype(np.int64),
+                HISTORY: list(self.history.astype(np.int32)),
+                HISTORY_LEN: self.history_len.astype(np.int32),
+            }
+        )
 
 
 def query_states(
@@ -108,11 +110,13 @@ def query_vectors(two_tower, store, states: QueryStates, batch_size: int = 2048)
     out = []
     for s in range(0, states.n, batch_size):
         e = min(s + batch_size, states.n)
-        out.append(enc(
-            torch.as_tensor(states.users[s:e], device=device),
-            torch.as_tensor(states.history[s:e], device=device),
-            torch.as_tensor(states.history_len[s:e], device=device),
-        ))
+        out.append(
+            enc(
+                torch.as_tensor(states.users[s:e], device=device),
+                torch.as_tensor(states.history[s:e], device=device),
+                torch.as_tensor(states.history_len[s:e], device=device),
+            )
+        )
     return torch.cat(out) if out else torch.zeros(0, two_tower.output_dim)
 
 
@@ -125,7 +129,9 @@ def _mask_excluded(scores: torch.Tensor, indptr: np.ndarray, indices: np.ndarray
     counts = np.diff(indptr)
     if counts.sum():
         lo, hi = int(indptr[0]), int(indptr[-1])
-        rows = torch.repeat_interleave(torch.arange(len(counts), device=scores.device), torch.as_tensor(counts, device=scores.device))
+        rows = torch.repeat_interleave(
+            torch.arange(len(counts), device=scores.device), torch.as_tensor(counts, device=scores.device)
+        )
         scores[rows, torch.as_tensor(indices[lo:hi], device=scores.device)] = -torch.inf
     return scores
 
@@ -181,9 +187,7 @@ def item_ranks(
     return out
 
 
-def sample_random_items(
-    states: QueryStates, candidates: np.ndarray, num_items: int, n: int, seed: int
-) -> np.ndarray:
+def sample_random_items(states: QueryStates, candidates: np.ndarray, num_items: int, n: int, seed: int) -> np.ndarray:
     """int64 [Q, n] uniform random items per query, none of them excluded, the target or a candidate."""
     rng = np.random.default_rng(seed)
     out = np.full((states.n, n), -1, dtype=np.int64)
@@ -227,7 +231,9 @@ class HnswIndex:
         self.ef_search = ef_search
 
     @classmethod
-    def build(cls, item_vectors: np.ndarray, m: int = 32, ef_construction: int = 200, ef_search: int = 256) -> "HnswIndex":
+    def build(
+        cls, item_vectors: np.ndarray, m: int = 32, ef_construction: int = 200, ef_search: int = 256
+    ) -> HnswIndex:
         import faiss
 
         vecs = np.ascontiguousarray(item_vectors, dtype=np.float32)
@@ -242,14 +248,18 @@ class HnswIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: str | Path, ef_search: int = 256) -> "HnswIndex":
+    def load(cls, path: str | Path, ef_search: int = 256) -> HnswIndex:
         import faiss
 
         index = faiss.read_index(str(path))
         return cls(index, index.ntotal, ef_search)
 
     def search(
-        self, qv: np.ndarray, k: int, exclude_indptr: np.ndarray | None = None, exclude_indices: np.ndarray | None = None
+        self,
+        qv: np.ndarray,
+        k: int,
+        exclude_indptr: np.ndarray | None = None,
+        exclude_indices: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like `exact_top_k` (items, scores), approximately. Asks faiss for k + the query's exclusion count
         and drops excluded items, so every row keeps k allowed items where that many exist."""

@@ -29,6 +29,7 @@ Usage (collective calls on every rank, in the same order)::
 
 Load the loader state BEFORE ``iter(loader)`` (Streaming applies it at the next iteration).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,7 +100,9 @@ def resolve_resume(root: str | Path | None, resume: bool | str) -> Path | None:
         return root
     found = latest_checkpoint(root)
     if found is None and resume is True:
-        what = "does not exist" if not root.exists() else "holds no complete checkpoint (step-*/ with trainer_state.json)"
+        what = (
+            "does not exist" if not root.exists() else "holds no complete checkpoint (step-*/ with trainer_state.json)"
+        )
         raise CheckpointNotFoundError(f"resume=True but the checkpoint folder {root} {what}")
     return found
 

@@ -1,24 +1,15 @@
-"""Distributed helpers shared by the TorchRec trainers (Two Tower now, DLRM later).
+"""Distributed helpers shared by the TorchRec trainers: process group, sharding + optimizers, gathering sharded
+state, collectives, Streaming loaders and progress reporting. No Dagster / Spark here.
 
-No Dagster / Spark here. Every function that says "collective" must be called on every rank, in the same order.
-
-- `init_distributed` / `shutdown_distributed`: process group from the torchrun / TorchDistributor environment
-  (gloo on CPU, nccl on GPU); a missing environment means a single local process.
-- `shard_model`: in-backward fused optimizer on the embedding tables, EmbeddingShardingPlanner.collective_plan
-  with per-table sharding-type constraints, DistributedModelParallel with that plan. Returns the plan text.
-- `make_optimizer`: dense Adam (KeyedOptimizerWrapper) combined with the DMP's fused optimizer.
-- `gather_state_dict`: the unsharded state dict on one rank (ShardedTensor.gather on every rank).
-- `snapshot_local_state` / `restore_local_state`: keep "best epoch" weights without gathering them.
-- `broadcast_object`, `all_gather_object`, `peak_rss_mb`, `shard_bounds`.
-- `streaming_loader`: StreamingDataset (several local MDS folders as streams, or remote ones with a local
-  cache) + StreamingDataLoader.
-- `ProgressReporter`: rank 0 writes per-epoch metrics to MLflow (existing run) and a JSON-lines file.
+Every function documented as "collective" must be called on every rank, in the same order.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import os
 import random
 import resource
@@ -37,6 +28,8 @@ CPU_SHARDING_TYPES = ("table_wise", "column_wise")
 # Sharding types the planner may consider on CUDA (RW/TWRW need GPUs; data_parallel would ignore the
 # in-backward optimizer).
 GPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -84,8 +77,9 @@ def run_trainer(config: Any, config_cls: type, train: Any) -> Any:
         shutdown_distributed(env)
 
 
-def trainer_cli(argv: Sequence[str] | None, *, description: str, config_cls: type, train: Any,
-                summary: Any = None) -> int:
+def trainer_cli(
+    argv: Sequence[str] | None, *, description: str, config_cls: type, train: Any, summary: Any = None
+) -> int:
     """``--config cfg.json [--result out.pt]`` under torchrun: rank 0 writes the result with torch.save and prints
     ``summary(result)`` as one JSON line."""
     import argparse
@@ -141,7 +135,10 @@ def init_distributed(use_gpu: bool = False, *, single_node: bool = False, timeou
     before = set(os.environ)
     if "RANK" not in os.environ:
         os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
             MASTER_ADDR=os.environ.get("MASTER_ADDR") or "127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
         )
@@ -191,6 +188,16 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+# Spaces the per-rank seeds of one run seed apart: a prime larger than any world size, so (seed, rank) pairs of
+# nearby seeds never share a generator seed.
+RANK_SEED_STRIDE = 1_000_003
+
+
+def rank_generator(seed: int, rank: int) -> torch.Generator:
+    """A torch.Generator of its own for `rank` (e.g. sampled negatives that differ between ranks)."""
+    return torch.Generator().manual_seed(seed * RANK_SEED_STRIDE + rank)
+
+
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of rank's contiguous part of range(n); parts differ in size by at most one."""
     per, extra = divmod(n, world_size)
@@ -208,9 +215,7 @@ def sharding_constraints(
     from torchrec.distributed.types import ShardingType
 
     allowed = [ShardingType(s).value for s in sharding_types]  # validates the names
-    return {
-        t.name: ParameterConstraints(sharding_types=list(allowed), min_partition=min_partition) for t in tables
-    }
+    return {t.name: ParameterConstraints(sharding_types=list(allowed), min_partition=min_partition) for t in tables}
 
 
 @dataclasses.dataclass
@@ -271,6 +276,30 @@ def shard_model(
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
     return ShardedModel(dmp=dmp, plan=plan, plan_text=str(plan), sharders=sharders)
+
+
+def shard_for_training(
+    model: nn.Module,
+    embedding_modules: Sequence[nn.Module],
+    tables: Sequence[Any],
+    env: DistEnv,
+    config: Any,
+    min_partition: int | None = None,
+) -> tuple[ShardedModel, Any]:
+    """Collective. `shard_model` + `make_optimizer` with a trainer config's optimizer and sharding fields."""
+    sharded = shard_model(
+        model,
+        embedding_modules,
+        tables,
+        env,
+        sparse_optimizer=config.sparse_optimizer,
+        sparse_lr=config.sparse_lr,
+        sharding_types=config.sharding_types,
+        min_partition=min_partition,
+    )
+    if env.is_main:
+        log.info("sharding plan:\n%s", sharded.plan_text)
+    return sharded, make_optimizer(sharded.dmp, config.dense_lr, config.weight_decay)
 
 
 def make_optimizer(dmp: nn.Module, dense_lr: float, weight_decay: float = 0.0):

@@ -7,6 +7,7 @@ The layout (26 tables, one per categorical feature), the dense feature count and
 come from the dataset's ``meta.json``; every other field is a keyword override. Early stopping and the
 returned weights follow the validation set (``selection_set="validation"``); the test set is only scored.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ from recsys_assets.training.dlrm import DLRMTrainConfig
 def load_criteo_meta(dataset_dir: str | Path) -> dict:
     path = Path(dataset_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no meta.json in {dataset_dir}: write the dataset with `python -m recsys_assets.data.criteo`")
+        raise FileNotFoundError(
+            f"no meta.json in {dataset_dir}: write the dataset with `python -m recsys_assets.data.criteo`"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") != "criteo":
         raise ValueError(f"{path} is not a Criteo dataset (format={meta.get('format')!r})")

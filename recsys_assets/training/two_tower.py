@@ -1,35 +1,18 @@
-"""Distributed training of the Two Tower model (TorchRec model parallel, CPU/gloo or GPU/nccl).
+"""Distributed training of the Two Tower retrieval model (TorchRec model parallel; CPU/gloo or GPU/nccl).
 
-Two ways in:
-- ``torchrun --nproc_per_node 2 -m recsys_assets.training.two_tower --config cfg.json [--result out.pt]``
-  (cfg.json holds `TwoTowerTrainConfig` fields; rank 0 writes the result with torch.save);
-- ``train_two_tower(config)`` in each process of a launcher that sets RANK / WORLD_SIZE / MASTER_ADDR /
-  MASTER_PORT / LOCAL_RANK / LOCAL_WORLD_SIZE (TorchDistributor, elastic_launch). Every rank returns the SAME
-  `TwoTowerTrainResult` (broadcast from rank 0), whichever rank the launcher reports.
-
-Per epoch: one pass over the fit splits (Mosaic Streaming, disjoint per rank, reshuffled each epoch with the
-seed), then full-ranking evaluation of `eval_phase` with the project's evaluator (`ranks_from_scores`; the
-user's fit items are excluded), computed on the sharded model with item and user vectors split across ranks.
-With eval_phase "validation": early stopping on `early_stopping_metric` with `patience`; the best epoch's
-weights are restored and returned as an unsharded state dict (gathered to rank 0). With eval_phase "test"
-(the refit on train + validation): no selection on test metrics by default (`early_stopping` and
-`restore_best` default to off there): exactly `epochs` epochs (take the best validation epoch count + 1), the
-last epoch's weights are returned and the per-epoch test metrics are only reported.
-
-Checkpoints (`checkpoint_dir`, recsys_assets.training.checkpoint): sharded DCP state + each rank's loader
-position and RNG + trainer state at every epoch end and every `checkpoint_every_n_steps` steps; with
-`resume` "auto" (default) a relaunch with the same folder continues at the step it stopped (mid-epoch too, on
-any number of processes) and reports it as `resumed_from_step`. Inputs are checked first
-(`validate_training_inputs`: MDS shard files and columns, history length, ids within the table sizes).
+Run ``torchrun --nproc_per_node 2 -m recsys_assets.training.two_tower --config cfg.json [--result out.pt]``
+(cfg.json: `TwoTowerTrainConfig` fields), or call ``train_two_tower(config)`` in every process of a launcher
+(TorchDistributor, elastic_launch). The epochs, early stopping and checkpoints are `training.loop`'s; this
+module builds the model, the data and the sharded full-ranking evaluation.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +21,7 @@ import numpy as np
 import torch
 
 from recsys_assets.data.schema import (
+    FIT_SPLITS_OF_PHASE,
     HISTORY,
     HISTORY_LEN,
     ITEM,
@@ -46,15 +30,15 @@ from recsys_assets.data.schema import (
     SPLITS,
     TIMESTAMP,
     USER,
-    FIT_SPLITS_OF_PHASE,
     DatasetMeta,
     DatasetPaths,
 )
 from recsys_assets.data.splits import load_splits_frame
-from recsys_assets.training import checkpoint, common
+from recsys_assets.training import checkpoint, common, loop
 from recsys_assets.training.common import DistEnv, setting
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class TwoTowerTrainConfig(common.JsonConfig):
@@ -71,14 +55,19 @@ class TwoTowerTrainConfig(common.JsonConfig):
     temperature: float = setting(0.05, "Softmax temperature over dot products of normalized vectors.")
     learn_temperature: bool = False
     max_history: int | None = setting(
-        None, "Most recent history items in the mean-pooled history bag (<= the splits' history_length; None: all).")
+        None, "Most recent history items in the mean-pooled history bag (<= the splits' history_length; None: all)."
+    )
     recent_items: int = setting(
-        1, "The last k history items as their own query feature on the shared item table (0 = off): the next "
-        "item depends most on the latest one, which a mean over the history dilutes.")
+        1,
+        "The last k history items as their own query feature on the shared item table (0 = off): the next "
+        "item depends most on the latest one, which a mean over the history dilutes.",
+    )
     recent_slots: bool = False  # one feature per recent position (recent_items_0 = latest) instead of one bag
     use_user_id: bool = setting(
-        True, "A per-user embedding in the query tower: keep it where users have many rows (MovieLens ~160); with "
-        "25-40 rows per user (the synthetic sizes) it overfits.")
+        True,
+        "A per-user embedding in the query tower: keep it where users have many rows (MovieLens ~160); with "
+        "25-40 rows per user (the synthetic sizes) it overfits.",
+    )
 
     # loss
     logq_correction: bool = setting(True, "Subtract log of each candidate's sampling probability (in-batch negatives).")
@@ -122,8 +111,10 @@ class TwoTowerTrainConfig(common.JsonConfig):
     # written every `checkpoint_every_n_steps` global steps (0 = off) and at every epoch end.
     checkpoint_dir: str | None = None
     checkpoint_every_n_steps: int = setting(
-        0, "Also checkpoint every N global steps (0: at epoch ends only). A retry of a failed run resumes from the "
-        "latest checkpoint of its root run; they are deleted once the asset succeeds.")
+        0,
+        "Also checkpoint every N global steps (0: at epoch ends only). A retry of a failed run resumes from the "
+        "latest checkpoint of its root run; they are deleted once the asset succeeds.",
+    )
     checkpoint_keep: int = 2
     # True: resume from the latest checkpoint in checkpoint_dir, a clear error if there is none; "auto": resume
     # if there is one (a relaunch with the same checkpoint_dir continues where it stopped); False: start fresh.
@@ -138,7 +129,9 @@ class TwoTowerTrainConfig(common.JsonConfig):
     def __post_init__(self) -> None:
         if self.eval_phase not in FIT_SPLITS_OF_PHASE:
             raise ValueError(f"eval_phase must be one of {sorted(FIT_SPLITS_OF_PHASE)}, got {self.eval_phase!r}")
-        self.fit_splits = tuple(self.fit_splits) if self.fit_splits is not None else FIT_SPLITS_OF_PHASE[self.eval_phase]
+        self.fit_splits = (
+            tuple(self.fit_splits) if self.fit_splits is not None else FIT_SPLITS_OF_PHASE[self.eval_phase]
+        )
         for s in self.fit_splits:
             if s not in SPLITS:
                 raise ValueError(f"unknown split {s!r} in fit_splits")
@@ -158,7 +151,9 @@ class TwoTowerTrainConfig(common.JsonConfig):
         if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
             raise ValueError("batch_size, epochs and patience must be positive")
         if self.embedding_dim < 2 or not self.layer_sizes or min(self.layer_sizes) < 1:
-            raise ValueError(f"embedding_dim must be >= 2 and layer_sizes positive, got {self.embedding_dim}, {self.layer_sizes}")
+            raise ValueError(
+                f"embedding_dim must be >= 2 and layer_sizes positive, got {self.embedding_dim}, {self.layer_sizes}"
+            )
         if self.temperature <= 0 or self.sparse_lr <= 0 or self.dense_lr <= 0 or self.weight_decay < 0:
             raise ValueError("temperature, sparse_lr and dense_lr must be > 0 and weight_decay >= 0")
         if self.num_uniform_negatives < 0:
@@ -190,8 +185,10 @@ class TwoTowerTrainConfig(common.JsonConfig):
         for name in ("max_history", "recent_items"):
             value = getattr(self, name)
             if value is not None and value > h:
-                raise ValueError(f"{name}={value} exceeds the dataset's history_length={h}: re-materialize "
-                                 f"interaction_splits with a longer history_length or lower {name}")
+                raise ValueError(
+                    f"{name}={value} exceeds the dataset's history_length={h}: re-materialize "
+                    f"interaction_splits with a longer history_length or lower {name}"
+                )
 
     def feature_spec(self, meta: DatasetMeta):
         """The FeatureSpec of this run on a dataset."""
@@ -332,7 +329,9 @@ def sharded_item_vectors(two_tower, spec, store, env: DistEnv, batch_size: int) 
 
 
 @torch.no_grad()
-def sharded_ranks(two_tower, spec, store, data: EvalData, item_vectors: torch.Tensor, env: DistEnv, batch_size: int) -> torch.Tensor:
+def sharded_ranks(
+    two_tower, spec, store, data: EvalData, item_vectors: torch.Tensor, env: DistEnv, batch_size: int
+) -> torch.Tensor:
     """Collective. int64 [Q] rank of every query's held-out item, on every rank (rank 0's part first)."""
     from recsys_assets.evaluation.protocol import ranks_from_scores
     from recsys_assets.models.features import build_kjt
@@ -360,7 +359,9 @@ def sharded_ranks(two_tower, spec, store, data: EvalData, item_vectors: torch.Te
     return common.all_gather_variable(local.to(env.device), env).cpu()
 
 
-def evaluate_sharded(two_tower, spec, store, data: EvalData, env: DistEnv, batch_size: int, ks: Sequence[int]) -> dict[str, float]:
+def evaluate_sharded(
+    two_tower, spec, store, data: EvalData, env: DistEnv, batch_size: int, ks: Sequence[int]
+) -> dict[str, float]:
     """Collective. Metrics (identical on every rank) of the held-out rows in `data`."""
     from recsys_assets.evaluation.protocol import metrics_from_ranks
 
@@ -375,7 +376,9 @@ def evaluate_sharded(two_tower, spec, store, data: EvalData, env: DistEnv, batch
 
 
 @torch.no_grad()
-def sharded_lookup_sample(two_tower, spec, env: DistEnv, extra_ids: Sequence[int]) -> dict[str, dict[str, torch.Tensor]]:
+def sharded_lookup_sample(
+    two_tower, spec, env: DistEnv, extra_ids: Sequence[int]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Collective. Rows of every table looked up through the (sharded) EBC for ids {0, n//2, n-1} ∪ extra_ids."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -398,17 +401,24 @@ def sharded_lookup_sample(two_tower, spec, env: DistEnv, extra_ids: Sequence[int
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=spec.keys, values=torch.cat(values), lengths=torch.cat(lengths))
     pooled = two_tower.pooled(kjt.to(env.device))
     return {
-        name: {"ids": torch.tensor(ids_of[name]), "rows": pooled[feat_of[name]][: len(ids_of[name])].detach().cpu().clone()}
+        name: {
+            "ids": torch.tensor(ids_of[name]),
+            "rows": pooled[feat_of[name]][: len(ids_of[name])].detach().cpu().clone(),
+        }
         for name in tables
     }
 
 
 # ------------------------------------------------------------------------------------------------ training
+# Floor of the expected copies before the log: an item never seen in the fit splits gets a finite log q.
+MIN_EXPECTED_COPIES = 1e-12
+
+
 def _sampling_log_q(counts: np.ndarray, batch_size: int, num_negatives: int, num_items: int) -> torch.Tensor:
     """log of each item's expected number of copies in a batch's candidate pool: B·p_pop(i) + N/num_items."""
     p = counts.astype(np.float64) / max(1, counts.sum())
     expected = batch_size * p + (num_negatives / num_items if num_negatives else 0.0)
-    return torch.from_numpy(np.log(np.maximum(expected, 1e-12))).float()
+    return torch.from_numpy(np.log(np.maximum(expected, MIN_EXPECTED_COPIES))).float()
 
 
 # ------------------------------------------------------------------------------------- input validation
@@ -442,91 +452,126 @@ def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, m
 
 
 # Settings a checkpoint must agree on to be resumed (others, e.g. epochs or the MLflow run, may change).
-RESUME_KEYS = ("data_root", "eval_phase", "fit_splits", "embedding_dim", "layer_sizes", "normalize",
-               "learn_temperature", "max_history", "recent_items", "recent_slots", "use_user_id",
-               "sparse_optimizer", "num_uniform_negatives")
+RESUME_KEYS = (
+    "data_root",
+    "eval_phase",
+    "fit_splits",
+    "embedding_dim",
+    "layer_sizes",
+    "normalize",
+    "learn_temperature",
+    "max_history",
+    "recent_items",
+    "recent_slots",
+    "use_user_id",
+    "sparse_optimizer",
+    "num_uniform_negatives",
+)
 
 
 def _check_resume_compatible(config: TwoTowerTrainConfig, saved: Mapping[str, Any], path: Path) -> None:
     now = config.to_dict()
     diff = {k: (saved.get(k), now.get(k)) for k in RESUME_KEYS if k in saved and saved.get(k) != now.get(k)}
     if diff:
-        raise ValueError(f"checkpoint {path} was written with other settings (saved, now): {diff}; "
-                         f"use another checkpoint_dir or resume=False")
+        raise ValueError(
+            f"checkpoint {path} was written with other settings (saved, now): {diff}; "
+            f"use another checkpoint_dir or resume=False"
+        )
 
 
-FAULT_ENV = "RECSYS_TEST_FAULT_EXIT"  # tests only: "<rank>:<global step>" -> that rank os._exit()s there
-
-
-def _fault_injection(env: DistEnv) -> int | None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    rank, step = (int(x) for x in spec.split(":"))
-    return step if rank == env.rank else None
-
-
-def train_two_tower(config: TwoTowerTrainConfig | Mapping[str, Any]) -> TwoTowerTrainResult:
-    """Train on `config.fit_splits`, evaluate `config.eval_phase` each epoch; see the module docstring.
+def train_two_tower(
+    config: TwoTowerTrainConfig | Mapping[str, Any], callbacks: Sequence[loop.Callback] = ()
+) -> TwoTowerTrainResult:
+    """Train on `config.fit_splits`, evaluate `config.eval_phase` each epoch (see `TwoTowerTrainConfig`).
 
     Call in every process of a distributed launch (or alone: a one-process group is created). Every rank
-    returns the same result. The process group is destroyed at the end if this call created it.
+    returns the same result. The process group is destroyed at the end if this call created it. `callbacks`
+    observe the loop on every rank (e.g. tests' fault injection).
     """
-    return common.run_trainer(config, TwoTowerTrainConfig, _train)
+    return common.run_trainer(config, TwoTowerTrainConfig, functools.partial(_train, callbacks=callbacks))
 
 
-def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowerTrainResult:
-    from recsys_assets.models.features import FeatureStore, batch_to_kjt
+class TwoTowerHooks(loop.TrainerHooks):
+    """The Two Tower's part of the loop: in-batch (+ uniform) negatives with logQ correction; full-ranking
+    evaluation of `eval_phase` on the sharded model."""
+
+    def __init__(
+        self,
+        config: TwoTowerTrainConfig,
+        env: DistEnv,
+        spec,
+        store,
+        eval_data: EvalData,
+        log_q_table: torch.Tensor,
+        sharded: common.ShardedModel,
+        optimizer: Any,
+    ) -> None:
+        self.config, self.env, self.spec, self.store, self.eval_data = config, env, spec, store, eval_data
+        self.store_dev = store.to(env.device)
+        self.log_q_table = log_q_table.to(env.device)
+        self.sharded, self.optimizer = sharded, optimizer
+        self.tower = sharded.dmp.module.two_tower  # the sharded TwoTower without the DDP wrapper (evaluation)
+        self.negatives = common.rank_generator(config.seed, env.rank)
+        self.resume_check: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        from recsys_assets.models.features import batch_to_kjt
+
+        b, n_neg = int(batch[ITEM].shape[0]), self.config.num_uniform_negatives
+        extra = torch.randint(self.spec.num_items, (n_neg,), generator=self.negatives) if n_neg else None
+        kjt = batch_to_kjt(batch, self.spec, self.store, extra).to(self.env.device)
+        cand = batch[ITEM].long()
+        if extra is not None:
+            cand = torch.cat([cand, extra])
+        cand = cand.to(self.env.device)
+        log_q = self.log_q_table[cand] if self.config.logq_correction else None
+        loss, _ = self.sharded.dmp(kjt, cand, log_q, b)
+        return loss, b
+
+    def evaluate(self) -> dict[str, float]:
+        c, env = self.config, self.env
+        return evaluate_sharded(self.tower, self.spec, self.store_dev, self.eval_data, env, c.eval_batch_size, c.ks)
+
+    def flat_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {f"{self.config.eval_phase}_{k}": v for k, v in metrics.items()}
+
+    def on_load_checkpoint(self, trainer_state: Mapping[str, Any], path: Path) -> None:
+        _check_resume_compatible(self.config, trainer_state.get("config", {}), path)
+        epoch = int(trainer_state["epoch"])
+        if epoch > self.config.epochs:
+            raise ValueError(f"checkpoint {path} is at epoch {epoch}, beyond this run's epochs={self.config.epochs}")
+        self.resume_check = sharded_lookup_sample(self.tower, self.spec, self.env, self.config.lookup_check_ids)
+
+
+def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta: DatasetMeta) -> TwoTowerHooks:
+    """The features, the evaluation data, the sampling correction and the sharded model of a run."""
+    from recsys_assets.models.features import FeatureStore
     from recsys_assets.models.two_tower import TwoTowerTrainTask, build_two_tower, embedding_bag_configs
 
-    common.seed_everything(config.seed)
-    paths = DatasetPaths(Path(config.data_root))
-    meta = DatasetMeta.load(paths.meta)
-    if config.validate_data:
-        validate_training_inputs(config, paths, meta)
-    # an explicit resume without a checkpoint fails here, before any expensive work
-    resume_path = checkpoint.resolve_resume(config.checkpoint_dir, config.resume)
     spec = config.feature_spec(meta)
     store = FeatureStore.load(paths.root, spec)
-    store_dev = store.to(env.device)
     eval_data, frame = load_eval_data(paths.root, config.eval_phase, meta, spec.history_length)
     fit_items = frame.loc[frame[SPLIT].isin(config.fit_splits), ITEM].to_numpy(np.int64)
     counts = np.bincount(fit_items, minlength=spec.num_items)
     del frame
-    log_q_table = _sampling_log_q(counts, config.batch_size, config.num_uniform_negatives, spec.num_items).to(env.device)
-
-    reporter = common.ProgressReporter(
-        env,
-        mlflow_tracking_uri=config.mlflow_tracking_uri,
-        mlflow_run_id=config.mlflow_run_id,
-        progress_file=config.progress_file,
-        mlflow_prefix=config.mlflow_prefix,
-    )
-
-    # model: tables on meta, dense on the device; sharded by the plan
+    log_q_table = _sampling_log_q(counts, config.batch_size, config.num_uniform_negatives, spec.num_items)
     model_config = config.model_config()
+    # tables on the meta device (the plan places them), dense layers on the device
     two_tower = build_two_tower(spec, model_config, device=env.device, table_device="meta")
-    task = TwoTowerTrainTask(two_tower)
     tables = embedding_bag_configs(spec, model_config.embedding_dim)
-    sharded = common.shard_model(
-        task,
+    sharded, optimizer = common.shard_for_training(
+        TwoTowerTrainTask(two_tower),
         [two_tower.ebc],
         tables,
         env,
-        sparse_optimizer=config.sparse_optimizer,
-        sparse_lr=config.sparse_lr,
-        sharding_types=config.sharding_types,
+        config,
         min_partition=config.column_wise_min_partition,
     )
-    dmp = sharded.dmp
-    optimizer = common.make_optimizer(dmp, config.dense_lr, config.weight_decay)
-    sharded_tower = dmp.module.two_tower  # the sharded TwoTower, without the DDP wrapper (for evaluation)
-    if env.is_main:
-        log.info("sharding plan:\n%s", sharded.plan_text)
-    reporter.event(
-        {"event": "start", "world_size": env.world_size, "plan": sharded.plan_text, "config": config.to_dict()}
-    )
+    return TwoTowerHooks(config, env, spec, store, eval_data, log_q_table, sharded, optimizer)
 
+
+def _fit_loader(config: TwoTowerTrainConfig, paths: DatasetPaths):
+    """Collective. The Streaming loader over the fit splits (local MDS, or remote MDS through a local cache)."""
     common.prepare_streaming()
     folders, remotes = [paths.mds(s) for s in config.fit_splits], None
     if config.mds_remote:
@@ -535,240 +580,91 @@ def _train(config: TwoTowerTrainConfig, env: DistEnv, t_start: float) -> TwoTowe
         cache = Path(config.mds_cache_dir or common.default_mds_cache_dir(config.mds_remote))
         folders = [cache / s for s in config.fit_splits]
         remotes = [join_remote(config.mds_remote, s) for s in config.fit_splits]
-    dataset, loader = common.streaming_loader(
+    return common.streaming_loader(
         folders,
         config.batch_size,
         seed=config.seed,
         num_workers=config.num_workers,
         epoch_size=config.epoch_size,
         remotes=remotes,
+    )[1]
+
+
+def _train(
+    config: TwoTowerTrainConfig, env: DistEnv, t_start: float, callbacks: Sequence[loop.Callback] = ()
+) -> TwoTowerTrainResult:
+    common.seed_everything(config.seed)
+    paths = DatasetPaths(Path(config.data_root))
+    meta = DatasetMeta.load(paths.meta)
+    if config.validate_data:
+        validate_training_inputs(config, paths, meta)
+    # an explicit resume without a checkpoint fails here, before any expensive work
+    resume_path = checkpoint.resolve_resume(config.checkpoint_dir, config.resume)
+    hooks = _build(config, env, paths, meta)
+    selection = loop.Selection(
+        f"{config.eval_phase}_{config.early_stopping_metric}",
+        patience=config.patience,
+        min_delta=config.min_delta,
+        early_stopping=bool(config.early_stopping),
+        restore_best=bool(config.restore_best),
     )
-    neg_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + env.rank)
-    generators = {"negatives": neg_gen}
-
-    history: list[dict[str, Any]] = []
-    best_value, best_epoch, best_snapshot, bad_epochs = -math.inf, -1, None, 0
-    stopped_early = False
-    train_seconds_total, samples_total = 0.0, 0
-    n_neg = config.num_uniform_negatives
-    start_epoch, global_step = 0, 0
-    partial = [0.0, 0.0, 0.0, 0.0]  # global loss sum, samples, steps, seconds of a resumed mid-epoch
-    best_checkpoint: str | None = None  # the checkpoint holding the best epoch's weights (pinned)
-    manager = None
-    if config.checkpoint_dir:
-        manager = checkpoint.CheckpointManager(
-            config.checkpoint_dir, env, every_n_steps=config.checkpoint_every_n_steps, keep=config.checkpoint_keep
-        )
-    resumed_from_step, resume_check = None, None
-    if resume_path is not None:
-        loaded = manager.load(resume_path, model=dmp, optimizer=optimizer, loader=loader, generators=generators)
-        st = loaded.trainer_state
-        _check_resume_compatible(config, st.get("config", {}), resume_path)
-        start_epoch, global_step = int(st["epoch"]), int(loaded.step)
-        history = list(st["history"])
-        best_value = float(st["best_value"]) if st["best_value"] is not None else -math.inf
-        best_epoch, bad_epochs, best_checkpoint = int(st["best_epoch"]), int(st["bad_epochs"]), st["best_checkpoint"]
-        stopped_early = bool(st["stopped_early"])
-        train_seconds_total, samples_total = float(st["train_seconds_total"]), int(st["samples_total"])
-        partial = [float(x) for x in st["partial_epoch"]]
-        if start_epoch > config.epochs:
-            raise ValueError(
-                f"checkpoint {resume_path} is at epoch {start_epoch}, beyond this run's epochs={config.epochs}"
-            )
-        resumed_from_step = global_step
-        resume_check = sharded_lookup_sample(sharded_tower, spec, env, config.lookup_check_ids)
-        if env.is_main:
-            print(f"[two_tower] resumed from {resume_path} (step {global_step}, epoch {start_epoch}, "
-                  f"saved by {loaded.saved_world_size} process(es))", flush=True)
-        reporter.event({"event": "resume", "step": global_step, "epoch": start_epoch, "path": str(resume_path),
-                        "saved_world_size": loaded.saved_world_size, "phase": config.eval_phase})
-
-    def trainer_state(next_epoch: int, partial_sums: Sequence[float]) -> dict[str, Any]:
-        return {
-            "epoch": next_epoch,  # the epoch to run (mid-epoch: the current one)
-            "history": history,
-            "best_value": best_value if best_epoch >= 0 else None,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-            "best_checkpoint": best_checkpoint,
-            "stopped_early": stopped_early,
-            "train_seconds_total": train_seconds_total,
-            "samples_total": samples_total,
-            "partial_epoch": [float(x) for x in partial_sums],
-            "world_size": env.world_size,
-            "config": config.to_dict(),
-        }
-
-    fault = _fault_injection(env)
-    done = stopped_early or (config.early_stopping and bad_epochs >= config.patience)
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            if done:
-                break
-            dmp.train()
-            t0 = time.time()
-            loss_sum, steps, samples = 0.0, 0, 0
-            seconds_before = 0.0
-            if epoch == start_epoch and env.is_main:  # what a resumed mid-epoch had done (global; rank 0 holds it)
-                loss_sum, samples, steps = partial[0], int(partial[1]), int(partial[2])
-            if epoch == start_epoch:
-                seconds_before = partial[3]
-            for batch in loader:
-                b = int(batch[ITEM].shape[0])
-                extra = torch.randint(spec.num_items, (n_neg,), generator=neg_gen) if n_neg else None
-                kjt = batch_to_kjt(batch, spec, store, extra).to(env.device)
-                cand = batch[ITEM].long()
-                if extra is not None:
-                    cand = torch.cat([cand, extra])
-                cand = cand.to(env.device)
-                log_q = log_q_table[cand] if config.logq_correction else None
-                optimizer.zero_grad()
-                loss, _ = dmp(kjt, cand, log_q, b)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * b
-                steps += 1
-                samples += b
-                global_step += 1
-                if manager is not None and manager.due(global_step):
-                    lstate = loader.state_dict()
-                    # the epoch's last batch: the end-of-epoch checkpoint follows (after evaluation)
-                    if lstate is None or int(lstate["sample_in_epoch"]) < int(dataset.epoch_size):
-                        sums = common.all_reduce_sum([loss_sum, samples, steps], env)
-                        manager.save(
-                            global_step, model=dmp, optimizer=optimizer, loader_state=lstate,
-                            trainer_state=trainer_state(epoch, [*sums, seconds_before + time.time() - t0]),
-                            generators=generators, pinned=[best_checkpoint] if best_checkpoint else [],
-                        )
-                if fault is not None and global_step == fault:
-                    print(f"[two_tower] fault injection: rank {env.rank} exits at step {global_step}", flush=True)
-                    os._exit(17)
-            train_s = seconds_before + time.time() - t0
-            loss_sum_g, samples_g, steps_g = common.all_reduce_sum([loss_sum, samples, steps], env)
-            train_seconds_total += train_s
-            samples_total += int(samples_g)
-
-            t1 = time.time()
-            metrics = evaluate_sharded(sharded_tower, spec, store_dev, eval_data, env, config.eval_batch_size, config.ks)
-            eval_s = time.time() - t1
-            record = {
-                "epoch": epoch,
-                "loss": loss_sum_g / max(1.0, samples_g),
-                "metrics": metrics,
-                "samples": int(samples_g),
-                "steps": int(steps_g),
-                "train_seconds": train_s,
-                "eval_seconds": eval_s,
-            }
-            history.append(record)
-            value = metrics[config.early_stopping_metric]
-            improved = best_epoch < 0 or value > best_value + config.min_delta
-            if improved:
-                best_value, best_epoch, bad_epochs = value, epoch, 0
-                if config.restore_best:
-                    best_snapshot = common.snapshot_local_state(dmp)
-                    best_checkpoint = checkpoint.checkpoint_name(global_step) if manager is not None else None
-            else:
-                bad_epochs += 1
-            reporter.log_epoch(
-                epoch,
-                {
-                    "train_loss": record["loss"],
-                    **{f"{config.eval_phase}_{k}": v for k, v in metrics.items()},
-                    "epoch_seconds": train_s + eval_s,
-                },
-                loss=record["loss"],
-                best_epoch=best_epoch,
-                phase=config.eval_phase,
-            )
-            if env.is_main:
-                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                print(
-                    f"[two_tower] epoch {epoch} loss {record['loss']:.4f} {config.eval_phase} {shown} "
-                    f"({train_s:.1f}s train, {eval_s:.1f}s eval){' *' if improved else ''}",
-                    flush=True,
-                )
-            if config.early_stopping and bad_epochs >= config.patience:
-                stopped_early = epoch < config.epochs - 1
-                done = True
-            if manager is not None:
-                lstate = loader.state_dict()
-                manager.save(
-                    global_step, model=dmp, optimizer=optimizer,
-                    loader_state=checkpoint.next_epoch_loader_state(lstate) if lstate is not None else None,
-                    trainer_state=trainer_state(epoch + 1, [0.0, 0.0, 0.0, 0.0]),
-                    generators=generators, pinned=[best_checkpoint] if best_checkpoint else [],
-                )
-    finally:
-        del loader, dataset
-
-    if not history:
-        raise RuntimeError("no epoch was trained (epochs=0 or a checkpoint without history)")
-    # the best epoch's weights back into the sharded model; evaluate them again (what we return)
-    if not config.restore_best:
-        best_epoch = history[-1]["epoch"]  # the returned weights are the last epoch's
-    if best_epoch != history[-1]["epoch"]:
-        if best_snapshot is not None:
-            common.restore_local_state(dmp, best_snapshot)
-        elif manager is not None and best_checkpoint:  # the best epoch was before this launch resumed
-            manager.load_model(Path(config.checkpoint_dir) / best_checkpoint, dmp)
-        else:
-            raise RuntimeError(f"the weights of the best epoch {best_epoch} are not available to restore")
-        final_metrics = evaluate_sharded(sharded_tower, spec, store_dev, eval_data, env, config.eval_batch_size, config.ks)
-    else:
-        final_metrics = dict(history[-1]["metrics"])
-    best_snapshot = None
-    lookup = sharded_lookup_sample(sharded_tower, spec, env, config.lookup_check_ids)
-    state_dict = common.gather_state_dict(dmp.state_dict(), env)
-    rss = common.all_gather_object(common.peak_rss_mb(), env)
-
+    settings = loop.LoopSettings.from_config(
+        config,
+        name="two_tower",
+        phase=config.eval_phase,
+        selection=selection,
+        resume_path=resume_path,
+        checkpoint_every_n_steps=config.checkpoint_every_n_steps,
+    )
+    training = loop.TrainingLoop(
+        settings,
+        env,
+        hooks,
+        sharded=hooks.sharded,
+        optimizer=hooks.optimizer,
+        loader=_fit_loader(config, paths),
+        generators={"negatives": hooks.negatives},
+        callbacks=callbacks,
+    )
+    out = training.run()
+    # the returned weights' metrics: the last epoch's, or evaluated again after the best epoch's were put back
+    final_metrics = hooks.evaluate() if out.restored else dict(out.history[-1]["metrics"])
+    lookup = sharded_lookup_sample(hooks.tower, hooks.spec, env, config.lookup_check_ids)
+    fields = training.result_fields(out, t_start)
     result = None
     if env.is_main:
-        fs = dataclasses.asdict(spec)
-        fs["user_attributes"] = [list(x) for x in spec.user_attributes]
+        feature_spec = dataclasses.asdict(hooks.spec)
+        feature_spec["user_attributes"] = [list(x) for x in hooks.spec.user_attributes]
         result = TwoTowerTrainResult(
-            state_dict=state_dict,
-            model_config=model_config.to_dict(),
-            feature_spec=fs,
-            config=config.to_dict(),
+            **fields,
+            model_config=config.model_config().to_dict(),
+            feature_spec=feature_spec,
             eval_phase=config.eval_phase,
             fit_splits=tuple(config.fit_splits),
-            history=history,
-            best_epoch=best_epoch,
             final_metrics=final_metrics,
-            stopped_early=stopped_early,
-            plan_text=sharded.plan_text,
-            samples_per_second=samples_total / max(train_seconds_total, 1e-9),
-            world_size=env.world_size,
-            peak_rss_mb=[float(x) for x in rss],
             lookup_check=lookup,
-            total_seconds=time.time() - t_start,
-            resumed_from_step=resumed_from_step,
-            resumed_from=str(resume_path) if resume_path is not None else None,
-            resume_check=resume_check,
+            resumed_from=out.resumed_from,
+            resume_check=hooks.resume_check,
             checkpoint_dir=config.checkpoint_dir,
-            global_steps=global_step,
+            global_steps=out.global_steps,
         )
-        reporter.event(
-            {
-                "event": "end",
-                "best_epoch": best_epoch,
-                "final_metrics": final_metrics,
-                "samples_per_second": result.samples_per_second,
-                "stopped_early": stopped_early,
-            }
-        )
-    return common.broadcast_object(result, env)
+    return training.publish(result)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     return common.trainer_cli(
-        argv, description="Train the Two Tower model (run under torchrun).", config_cls=TwoTowerTrainConfig,
+        argv,
+        description="Train the Two Tower model (run under torchrun).",
+        config_cls=TwoTowerTrainConfig,
         train=train_two_tower,
-        summary=lambda r: {"best_epoch": r.best_epoch, "final_metrics": r.final_metrics,
-                           "samples_per_second": r.samples_per_second, "world_size": r.world_size,
-                           "total_seconds": r.total_seconds},
+        summary=lambda r: {
+            "best_epoch": r.best_epoch,
+            "final_metrics": r.final_metrics,
+            "samples_per_second": r.samples_per_second,
+            "world_size": r.world_size,
+            "total_seconds": r.total_seconds,
+        },
     )
 
 

@@ -8,9 +8,8 @@ import base64
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Union
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 # ~600x350 px at dpi 100: small enough to embed in metadata (a few tens of KB as base64).
 FIGSIZE = (6.0, 3.5)
@@ -34,7 +33,7 @@ def _save(fig, path: PathLike) -> Path:
     return path
 
 
-def _finite(values: Sequence[Optional[float]]) -> bool:
+def _finite(values: Sequence[float | None]) -> bool:
     return any(v is not None and math.isfinite(v) for v in values)
 
 
@@ -49,8 +48,9 @@ def training_curves_png(history: Sequence[Mapping], path: PathLike, title: str =
     loss = [h.get("loss") for h in history]
     lines = []
     if _finite(loss):
-        lines += ax.plot(epochs, [float("nan") if v is None else float(v) for v in loss], "o-", color="tab:blue",
-                         label="train loss")
+        lines += ax.plot(
+            epochs, [float("nan") if v is None else float(v) for v in loss], "o-", color="tab:blue", label="train loss"
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
     ax.grid(alpha=0.3)
@@ -60,13 +60,25 @@ def training_curves_png(history: Sequence[Mapping], path: PathLike, title: str =
     for key, color, style in (("ndcg@10", "tab:orange", "s-"), ("hr@10", "tab:green", "^--")):
         values = [(h.get("metrics") or {}).get(key, h.get(key)) for h in history]
         if _finite(values):
-            lines += right.plot(epochs, [float("nan") if v is None else float(v) for v in values], style,
-                                color=color, label=f"{key.upper()} (eval)")
+            lines += right.plot(
+                epochs,
+                [float("nan") if v is None else float(v) for v in values],
+                style,
+                color=color,
+                label=f"{key.upper()} (eval)",
+            )
     right.set_ylabel("metric")
     if lines:
         # Below the axes, so it never hides a curve.
-        ax.legend(lines, [l.get_label() for l in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
-                  ncol=len(lines), fontsize=8, frameon=False)
+        ax.legend(
+            lines,
+            [line.get_label() for line in lines],
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.2),
+            ncol=len(lines),
+            fontsize=8,
+            frameon=False,
+        )
     else:
         ax.text(0.5, 0.5, "no epochs", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title, fontsize=10)
@@ -91,11 +103,19 @@ def metrics_bar_chart_png(
         bars = ax.bar(xs, ys, width=width, label=metric.upper())
         for bar, y in zip(bars, ys):
             if math.isfinite(y):
-                ax.annotate(f"{y:.3f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
-                            fontsize=7, xytext=(0, 1), textcoords="offset points")
+                ax.annotate(
+                    f"{y:.3f}",
+                    (bar.get_x() + bar.get_width() / 2, y),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 1),
+                    textcoords="offset points",
+                )
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center",
-                       fontsize=8)
+    ax.set_xticklabels(
+        names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center", fontsize=8
+    )
     ax.set_ylabel("metric")
     ax.set_ylim(bottom=0)
     ax.margins(y=0.15)

@@ -1,0 +1,172 @@
+"""The data stages in Spark, one function per data asset: each reads the previous stage's folder and writes its
+own (raw tables → cleaned + indexed → temporal splits → the MDS training dataset), and returns a summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from recsys_assets.data import mds as M
+from recsys_assets.data import schema as S
+from recsys_assets.data import sources, transforms
+from recsys_assets.data.errors import DataValidationError
+from recsys_assets.data.publish import hardlink_tree
+
+# rows shown in a table's sample
+SAMPLE_ROWS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """A written table's columns (name, Spark type) and a markdown sample of its rows."""
+
+    columns: list[tuple[str, str]]
+    sample: str
+
+    @classmethod
+    def of(cls, df: DataFrame, n: int = SAMPLE_ROWS) -> Preview:
+        return cls(
+            [(f.name, f.dataType.simpleString()) for f in df.schema.fields],
+            df.limit(n).toPandas().to_markdown(index=False),
+        )
+
+
+def write_raw(session, raw: sources.RawTables, out_dir: Path) -> tuple[dict[str, Any], Preview]:
+    """The source's tables as Parquet (interactions, and items / users where the source has them);
+    (rows, users, items, t_min, t_max) of the interactions. An empty source is refused."""
+    raw.interactions.write.parquet(str(out_dir / "interactions"))
+    if raw.items is not None:
+        raw.items.write.parquet(str(out_dir / "items"))
+    if raw.users is not None:
+        raw.users.write.parquet(str(out_dir / "users"))
+    written = session.read.parquet(str(out_dir / "interactions"))
+    stats = (
+        written.agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.countDistinct("user").alias("users"),
+            F.countDistinct("item").alias("items"),
+            F.min("timestamp").alias("t_min"),
+            F.max("timestamp").alias("t_max"),
+        )
+        .first()
+        .asDict()
+    )
+    if stats["rows"] == 0:
+        raise DataValidationError(f"raw_interactions: the source table is empty (0 rows): {raw.description}")
+    return stats, Preview.of(written)
+
+
+def read_raw(session, raw_root: str | Path) -> sources.RawTables:
+    src = Path(raw_root)
+    return sources.RawTables(
+        interactions=session.read.parquet(str(src / "interactions")),
+        items=session.read.parquet(str(src / "items")) if (src / "items").exists() else None,
+        users=session.read.parquet(str(src / "users")) if (src / "users").exists() else None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanSummary:
+    report: transforms.CleanReport
+    num_categories: int
+    users_with_holdout: int
+    user_attribute_cardinalities: dict[str, int]
+
+
+def clean_and_index(
+    session, raw_root: str | Path, out_dir: Path, *, null_keys: str, require_rating: bool
+) -> tuple[CleanSummary, Preview]:
+    """Cleaned interactions with contiguous 0-based ids, the feature tables, the id indexes and
+    cardinalities.json. Refuses data without users that can be held out."""
+    raw = read_raw(session, raw_root)
+    cleaned, report = transforms.clean(raw.interactions, null_keys=null_keys, require_rating=require_rating)
+    holdout_users = transforms.require_holdout_users(cleaned)
+    indexed = transforms.index(cleaned, raw)
+    for name in ("interactions", "item_features", "user_features", "user_index", "item_index", "category_index"):
+        getattr(indexed, name).write.parquet(str(out_dir / name))
+    num_categories = session.read.parquet(str(out_dir / "category_index")).count()
+    (out_dir / "cardinalities.json").write_text(
+        json.dumps(
+            {
+                "num_users": report.users,
+                "num_items": report.items,
+                "num_categories": num_categories,
+                "user_attribute_cardinalities": indexed.user_attribute_cardinalities,
+            },
+            indent=2,
+        )
+    )
+    summary = CleanSummary(report, num_categories, holdout_users, indexed.user_attribute_cardinalities)
+    return summary, Preview.of(session.read.parquet(str(out_dir / "interactions")))
+
+
+def split(session, interactions_root: str | Path, out_dir: Path, history_length: int) -> tuple[dict[str, int], Preview]:
+    """Temporal leave-last-out splits (partitioned by split) with each row's history; rows per split and a
+    sample of test rows."""
+    indexed = session.read.parquet(str(Path(interactions_root) / "interactions"))
+    transforms.temporal_split(indexed, history_length).write.partitionBy(S.SPLIT).parquet(str(out_dir / "splits"))
+    written = session.read.parquet(str(out_dir / "splits"))
+    counts = {r[S.SPLIT]: int(r["count"]) for r in written.groupBy(S.SPLIT).count().collect()}
+    (out_dir / "history_length.txt").write_text(str(history_length))
+    return counts, Preview.of(written.filter(F.col(S.SPLIT) == "test"))
+
+
+def build_mds_dataset(
+    session,
+    interactions_root: str | Path,
+    splits_root: str | Path,
+    out_dir: Path,
+    *,
+    partitions: int,
+    compression: str | None,
+    shard_size_limit: str,
+    mds_remote: str | None,
+    log=print,
+) -> tuple[S.DatasetMeta, dict[str, dict]]:
+    """The training dataset (schema.DatasetPaths): each split as MDS (also uploaded under `mds_remote`), item
+    features with train popularity, user features, the splits table and meta.json. Returns the meta and each
+    split's MDS summary (rows, shards, bytes, columns)."""
+    splits_path = Path(splits_root) / "splits"
+    splits = session.read.parquet(str(splits_path))
+    cards = json.loads((Path(interactions_root) / "cardinalities.json").read_text())
+    history_length = int((Path(splits_root) / "history_length.txt").read_text())
+    paths = S.DatasetPaths(out_dir)
+    summaries: dict[str, dict] = {}
+    for name in S.SPLITS:
+        summaries[name] = M.write_split_to_mds(
+            splits,
+            name,
+            paths.mds(name),
+            partitions=partitions,
+            compression=compression,
+            size_limit=shard_size_limit,
+            remote=M.join_remote(mds_remote, name) if mds_remote else None,
+        )
+        log(f"mds {name}: {summaries[name]['rows']} rows in {summaries[name]['shards']} shards")
+    # Popularity for log-Q correction and features comes from train rows only: no test-period leak.
+    popularity = splits.filter(F.col(S.SPLIT) == "train").groupBy(S.ITEM).agg(F.count(F.lit(1)).alias("popularity"))
+    item_features = session.read.parquet(str(Path(interactions_root) / "item_features"))
+    (
+        item_features.join(popularity, S.ITEM, "left")
+        .select(S.ITEM, S.CATEGORIES, F.coalesce("popularity", F.lit(0)).cast("bigint").alias("popularity"))
+        .coalesce(1)
+        .write.parquet(str(paths.item_features))
+    )
+    hardlink_tree(Path(interactions_root) / "user_features", paths.user_features)
+    hardlink_tree(splits_path, paths.splits)
+    meta = S.DatasetMeta(
+        num_users=int(cards["num_users"]),
+        num_items=int(cards["num_items"]),
+        num_categories=int(cards["num_categories"]),
+        user_attribute_cardinalities={k: int(v) for k, v in cards["user_attribute_cardinalities"].items()},
+        history_length=history_length,
+        rows={s: summaries[s]["rows"] for s in S.SPLITS},
+        mds_remote=mds_remote,
+    )
+    paths.meta.write_text(meta.to_json())
+    return meta, summaries

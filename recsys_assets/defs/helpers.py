@@ -1,0 +1,87 @@
+"""What the asset modules share: the training launcher with readable progress, and metadata / check results in
+Dagster's types."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from recsys_assets.data.checks import CheckOutcome
+from recsys_assets.data.stages import Preview
+from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
+from recsys_assets.evaluation.plots import image_markdown
+from recsys_assets.evaluation.report import metrics_markdown
+
+
+def progress_logger(context: dg.AssetExecutionContext, model_name: str):
+    """Turns the JSON lines rank 0 writes per epoch into one readable line in the Dagster log."""
+
+    def log(record: dict) -> None:
+        if record.get("event") == "epoch":
+            shown = {k: v for k, v in record.get("metrics", {}).items() if "@" in k and "100" not in k}
+            metrics = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
+            context.log.info(
+                f"{model_name} [{record.get('phase')}] epoch {record.get('epoch')}: "
+                f"loss {record.get('loss', float('nan')):.4f} {metrics}"
+            )
+        elif record.get("event") == "end":
+            context.log.info(
+                f"{model_name} [{record.get('phase', '')}] finished: best epoch "
+                f"{record.get('best_epoch')}, {record.get('final_metrics')}"
+            )
+
+    return log
+
+
+def launcher(
+    context: dg.AssetExecutionContext,
+    torch_distributor: TorchDistributorResource,
+    spark: SparkResource,
+    model_name: str,
+):
+    """`launch(fn, config, progress_file=...)` for training.runs: TorchDistributor, progress in the Dagster log."""
+    return functools.partial(torch_distributor.run, context, spark, on_progress=progress_logger(context, model_name))
+
+
+def training_metadata(
+    result: Any, train_seconds: float, rows: dict[str, dict[str, float]], plan_text: str | None = None
+) -> dict[str, Any]:
+    """What both model assets show of a training result (`rows`: the metrics table; `plan_text`: the sharding
+    plan shown, default the result's)."""
+    return {
+        "metrics": dg.MetadataValue.md(metrics_markdown(rows)),
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "samples_per_second": float(result.samples_per_second),
+        "train_seconds": float(train_seconds),
+        "world_size": result.world_size,
+        "sharding_plan": dg.MetadataValue.md(f"```\n{plan_text or result.plan_text}\n```"),
+    }
+
+
+def curves_metadata(folder: Path, curves: dict[str, Path], model_name: str) -> dict[str, Any]:
+    """Training curves (name -> PNG, as written before publishing) inline, and the first one's path in the
+    published `folder`."""
+    if not curves:
+        return {}
+    pngs = {name: folder / png.name for name, png in curves.items()}
+    md = "\n\n".join(
+        f"**{name}**\n\n{image_markdown(png, f'{model_name} {name} curves')}" for name, png in pngs.items()
+    )
+    return {
+        "training_curves": dg.MetadataValue.md(md),
+        "training_curves_path": dg.MetadataValue.path(str(next(iter(pngs.values())))),
+    }
+
+
+def table_metadata(preview: Preview) -> dict[str, Any]:
+    """A written table's column schema and a markdown sample of its rows."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(name=n, type=t) for n, t in preview.columns])
+    return {"dagster/column_schema": schema, "sample": dg.MetadataValue.md(preview.sample)}
+
+
+def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=outcome.passed, description=outcome.description, metadata=outcome.metadata)

@@ -1,0 +1,192 @@
+"""The test-phase report of the funnel: the Two Tower alone, the two-stage list, MostPopular, LastItemMarkov, EASE
+and Spark ALS (tuned on validation), all through the one evaluator, as a table, JSON and a bar chart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recsys_assets.data import schema as S
+
+TWO_STAGE = "Two-stage (Two Tower → DLRM)"
+
+
+def metrics_markdown(rows: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per model, one column per metric."""
+    keys = sorted({k for m in rows.values() for k in m})
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+    rows: dict[str, dict[str, float]]  # display name (settings in parentheses) -> metrics
+    seconds: dict[str, float]
+    chosen: dict[str, dict]  # tuned baseline -> its chosen settings
+    test_users: int
+    dlrm_run_id: str
+
+    @property
+    def table(self) -> str:
+        return metrics_markdown(self.rows)
+
+    def flat(self) -> dict[str, float]:
+        """ "<model>_<metric>": "Spark ALS (rank=8, ...)" + "ndcg@10" -> "spark_als_ndcg@10"."""
+        flat = {}
+        for name, metrics in self.rows.items():
+            key = name.split(" (")[0].lower().replace(" ", "_").replace("-", "_")
+            for m, v in metrics.items():
+                flat[f"{key}_{m}"] = float(v)
+        return flat
+
+
+def evaluate_funnel(
+    dataset_root: str | Path,
+    two_tower_root,
+    candidates_root: str | Path,
+    recommendations_root: str | Path,
+    *,
+    top_k: int,
+    session,
+    ease_lambdas: Sequence[float],
+    ease_max_items: int,
+    als: bool,
+    als_ranks: Sequence[int],
+    als_reg_params: Sequence[float],
+    als_alphas: Sequence[float],
+    als_max_iter: int,
+    log: Callable[[str], None] = print,
+) -> EvaluationReport:
+    """Test phase, full ranking with train and validation items excluded. `session`: a SparkSession for ALS
+    (unused when `als` is off). EASE is skipped above `ease_max_items` items."""
+    from recsys_assets.evaluation.baselines import EASE, LastItemMarkov, MostPopular, SparkALS, tune
+    from recsys_assets.evaluation.protocol import EvalTask, evaluate
+    from recsys_assets.serving.candidates import load_query_splits
+
+    meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
+    splits = load_query_splits(dataset_root)  # read once: the evaluator's columns + the query tower's history
+    frame = splits[[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]]
+    n_users, n_items = meta.num_users, meta.num_items
+    task = EvalTask.from_splits(frame, "test", num_users=n_users, num_items=n_items)
+    rows: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.time()
+        out = fn()
+        seconds[name] = time.time() - t0
+        return out
+
+    rows["Two Tower"] = timed("Two Tower", lambda: _two_tower_alone(two_tower_root, dataset_root, splits, task))
+    recs = pd.read_parquet(Path(recommendations_root) / "recommendations.parquet")
+    recs = recs.assign(order_score=(recs["rank"].max() + 1 - recs["rank"]).astype(np.float32))
+    two_stage = timed("Two-stage", lambda: evaluate(_list_scores(recs, n_items, "order_score"), task).as_dict())
+    rows[TWO_STAGE] = {m: v for m, v in two_stage.items() if m.endswith(f"@{top_k}")}
+    rows[TWO_STAGE].update(_retrieval_hit_rate(candidates_root, task))
+    rows["MostPopular"] = timed("MostPopular", lambda: evaluate(MostPopular().fit(task).score, task).as_dict())
+    rows["LastItemMarkov"] = timed("LastItemMarkov", lambda: evaluate(LastItemMarkov().fit(task).score, task).as_dict())
+    chosen: dict[str, dict] = {}
+    if n_items <= ease_max_items:
+        tuned = timed(
+            "EASE", lambda: tune(EASE, {"lam": list(ease_lambdas)}, frame, num_users=n_users, num_items=n_items)
+        )
+        rows[f"EASE (λ={tuned.params['lam']:g})"] = tuned.test.as_dict()
+        chosen["EASE"] = tuned.params
+    else:
+        log(f"EASE skipped: {n_items} items > ease_max_items={ease_max_items}")
+    if als:
+        grid = {"rank": list(als_ranks), "reg_param": list(als_reg_params), "alpha": list(als_alphas)}
+        tuned = timed(
+            "Spark ALS",
+            lambda: tune(
+                lambda **p: SparkALS(session, max_iter=als_max_iter, seed=0, **p),
+                grid,
+                frame,
+                num_users=n_users,
+                num_items=n_items,
+            ),
+        )
+        rows[f"Spark ALS ({', '.join(f'{k}={v}' for k, v in tuned.params.items())})"] = tuned.test.as_dict()
+        chosen["Spark ALS"] = tuned.params
+    dlrm_run_id = str(recs["dlrm_run_id"].iloc[0]) if len(recs) else ""
+    return EvaluationReport(rows, seconds, chosen, int(task.n_queries), dlrm_run_id)
+
+
+def _two_tower_alone(two_tower_root, dataset_root, splits: pd.DataFrame, task) -> dict[str, float]:
+    """The served Two Tower's full ranking."""
+    import torch
+
+    from recsys_assets.evaluation.protocol import evaluate
+    from recsys_assets.models.two_tower import ItemEncoder
+    from recsys_assets.serving.candidates import serving_queries
+
+    model, store, states, qv = serving_queries(two_tower_root, dataset_root, "test", all_users=False, splits=splits)
+    with torch.no_grad():
+        iv = ItemEncoder(model, store).encode_all()
+    row_of = {int(u): i for i, u in enumerate(states.users)}
+    return evaluate(lambda users: qv[torch.as_tensor([row_of[int(u)] for u in users])] @ iv.T, task).as_dict()
+
+
+def _retrieval_hit_rate(candidates_root: str | Path, task) -> dict[str, float]:
+    """{"retrieval_hr@<k>": share of test users whose target is among their k test candidates}."""
+    cand = pd.read_parquet(Path(candidates_root) / "candidates.parquet")
+    cand = cand[cand["phase"] == "test"]
+    k = int(cand.groupby("user").size().max()) if len(cand) else 0
+    hit = cand.merge(pd.Series(task.targets, index=task.users).rename("target"), left_on="user", right_index=True)
+    retrieved_hits = hit.loc[hit["item"] == hit["target"], "user"].nunique()
+    return {f"retrieval_hr@{k}": float(retrieved_hits / max(1, task.n_queries))}
+
+
+def _list_scores(frame: pd.DataFrame, num_items: int, score_col: str):
+    """score_fn for the evaluator from a (user, item, score) list: listed items get their score, others -inf."""
+    import torch
+
+    by_user = {u: (g["item"].to_numpy(np.int64), g[score_col].to_numpy(np.float32)) for u, g in frame.groupby("user")}
+
+    def score(users: np.ndarray) -> torch.Tensor:
+        out = torch.full((len(users), num_items), -torch.inf)
+        for i, u in enumerate(users):
+            if int(u) in by_user:
+                items, s = by_user[int(u)]
+                out[i, torch.as_tensor(items)] = torch.as_tensor(s)
+        return out
+
+    return score
+
+
+def write_report(report: EvaluationReport, out_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """evaluation.json, evaluation.md and the bar chart evaluation.png (returned; None when it could not be
+    drawn: a picture never fails the evaluation)."""
+    (out_dir / "evaluation.json").write_text(
+        json.dumps(
+            {
+                "phase": "test",
+                "users": report.test_users,
+                "rows": report.rows,
+                "chosen": report.chosen,
+                "seconds": report.seconds,
+            },
+            indent=2,
+            default=float,
+        )
+    )
+    (out_dir / "evaluation.md").write_text(report.table + "\n")
+    try:
+        from recsys_assets.evaluation.plots import metrics_bar_chart_png
+
+        return metrics_bar_chart_png(
+            {n.split(" (")[0]: m for n, m in report.rows.items()},
+            out_dir / "evaluation.png",
+            title=f"test phase, {report.test_users} users",
+        )
+    except Exception as exc:  # noqa: BLE001
+        warn(f"bar chart not rendered: {exc}")
+        return None

@@ -1,0 +1,255 @@
+"""The retrieval stage over published folders: item vectors, the search index (and its recall), and the Two
+Tower's candidates per user that the ranker trains on and re-ranks.
+
+Folders: a dataset (`schema.DatasetPaths`: splits, meta, features), a Two Tower model folder
+(`serving.models`), an item-embeddings / index folder (item_vectors.npy, items.hnsw.faiss)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recsys_assets.data import schema as S
+from recsys_assets.serving.models import load_trained_two_tower
+from recsys_assets.serving.retrieval import (
+    HnswIndex,
+    exact_top_k,
+    item_ranks,
+    pairwise_scores,
+    query_states,
+    query_vectors,
+    recall_at_k,
+    sample_random_items,
+    timed,
+)
+
+QUERY_SPLIT_COLUMNS = (S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTORY_LEN)
+ITEM_VECTORS = "item_vectors.npy"
+HNSW_FILE = "items.hnsw.faiss"
+# seeds the sample of users whose queries measure the index's recall
+RECALL_SAMPLE_SEED = 0
+# the two cutoffs: "validation" (train-only fit: the ranker's training queries), "test" (the served model)
+CANDIDATE_PHASES = ("validation", "test")
+
+
+def load_query_splits(dataset_root: str | Path) -> pd.DataFrame:
+    """The splits table with what query states need (history included)."""
+    from recsys_assets.data.splits import load_splits_frame
+
+    return load_splits_frame(dataset_root, QUERY_SPLIT_COLUMNS)
+
+
+def serving_queries(
+    model_root, dataset_root: str | Path, phase: str, *, all_users: bool, splits: pd.DataFrame | None = None
+):
+    """(model, feature store, query states, query vectors) of one cutoff with the Two Tower fit of that phase;
+    `splits`: a `load_query_splits` frame already read (else read here)."""
+    from recsys_assets.models.features import FeatureStore
+
+    model, spec = load_trained_two_tower(model_root, phase=phase)
+    meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
+    store = FeatureStore.load(dataset_root, spec)
+    states = query_states(
+        load_query_splits(dataset_root) if splits is None else splits,
+        phase,
+        num_users=meta.num_users,
+        num_items=meta.num_items,
+        history_length=spec.history_length,
+        all_users=all_users,
+    )
+    return model, store, states, query_vectors(model, store, states)
+
+
+def write_item_embeddings(model_root, dataset_root: str | Path, out_dir: Path, two_tower_run_id: str) -> dict:
+    """Every item through the served model's candidate tower: item_vectors.npy (row i = item i), item_ids.npy,
+    model.json (provenance). Returns num_items, dim and mean_norm."""
+    from recsys_assets.models.features import FeatureStore
+    from recsys_assets.models.two_tower import ItemEncoder
+
+    model, spec = load_trained_two_tower(model_root)
+    store = FeatureStore.load(dataset_root, spec)
+    with torch.no_grad():
+        vectors = ItemEncoder(model, store).encode_all().numpy().astype(np.float32)
+    np.save(out_dir / ITEM_VECTORS, vectors)
+    np.save(out_dir / "item_ids.npy", np.arange(len(vectors), dtype=np.int64))
+    (out_dir / "model.json").write_text(
+        json.dumps({"mlflow_run_id": two_tower_run_id, "model_path": str(getattr(model_root, "path", model_root))})
+    )
+    norms = np.linalg.norm(vectors, axis=1)
+    return {
+        "num_items": int(vectors.shape[0]),
+        "dim": int(vectors.shape[1]),
+        "mean_norm": float(norms.mean()) if len(norms) else 0.0,
+    }
+
+
+def build_item_index(
+    embeddings_root: str | Path,
+    model_root,
+    dataset_root: str | Path,
+    out_dir: Path,
+    *,
+    hnsw_m: int,
+    ef_construction: int,
+    ef_search: int,
+    recall_k: int,
+    recall_sample_users: int,
+) -> dict:
+    """faiss HNSW over the item vectors (+ a copy of them for exact search) and its recall@K against exact
+    search on a sample of test queries. Writes info.json; returns it with k and index_bytes."""
+    vectors = np.load(Path(embeddings_root) / ITEM_VECTORS)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"item_index: {ITEM_VECTORS} in {embeddings_root} is empty or not 2-D ({vectors.shape})")
+    index, build_s = timed(HnswIndex.build, vectors, m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+    _, _, states, qv = serving_queries(model_root, dataset_root, "test", all_users=True)
+    rng = np.random.default_rng(RECALL_SAMPLE_SEED)
+    sample = np.sort(rng.choice(states.n, size=min(recall_sample_users, states.n), replace=False))
+    q = qv[torch.as_tensor(sample)]
+    k = min(recall_k, len(vectors))
+    (exact, _), exact_s = timed(exact_top_k, q, torch.from_numpy(vectors), k)
+    (approx, _), approx_s = timed(index.search, q.numpy(), k)
+    recall = recall_at_k(approx, exact)
+    index.save(out_dir / HNSW_FILE)
+    np.save(out_dir / ITEM_VECTORS, vectors)
+    info = {
+        "num_items": int(len(vectors)),
+        "dim": int(vectors.shape[1]),
+        "hnsw_m": hnsw_m,
+        "ef_construction": ef_construction,
+        "ef_search": ef_search,
+        f"recall@{k}": recall,
+        "build_seconds": build_s,
+        "sample_queries": int(len(sample)),
+        "exact_seconds": exact_s,
+        "hnsw_seconds": approx_s,
+        "item_embeddings": str(embeddings_root),
+    }
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2))
+    return {**info, "k": k, "index_bytes": (out_dir / HNSW_FILE).stat().st_size}
+
+
+def generate_candidates(
+    model_root,
+    index_root: str | Path,
+    dataset_root: str | Path,
+    out_dir: Path,
+    *,
+    k: int,
+    index: str,
+    num_random_negatives: int,
+    seed: int,
+    two_tower_run_id: str,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Top-k items per user (fit items excluded) at both cutoffs: "test" (the served model, every user; exact or
+    HNSW search) and "validation" (the train-only fit, users with a validation row), plus the ranker's extra
+    validation pairs (training_pool: the target when retrieval missed it, random negatives) and the query
+    states. Writes candidates / training_pool / queries Parquet and info.json; returns k, per-phase stats
+    (queries, with_target, hr@k, seconds) and candidate_rows."""
+    frames, pools, queries, stats = [], [], [], {}
+    splits = load_query_splits(dataset_root)
+    for phase in CANDIDATE_PHASES:
+        t0 = time.time()
+        model, store, states, qv = serving_queries(
+            model_root, dataset_root, phase, all_users=phase == "test", splits=splits
+        )
+        if states.n == 0:
+            raise ValueError(f"retrieval_candidates: no {phase} queries in {dataset_root}")
+        vectors = _item_vectors(phase, index_root, model, store)
+        kk = min(k, vectors.shape[0])
+        if phase == "test" and index == "hnsw":
+            hnsw = HnswIndex.load(Path(index_root) / HNSW_FILE)
+            items, scores = hnsw.search(qv.numpy(), kk, states.exclude_indptr, states.exclude_indices)
+        else:
+            items, scores = exact_top_k(qv, vectors, kk, states.exclude_indptr, states.exclude_indices)
+        frames.append(_retrieved(phase, states, items, scores, kk))
+        queries.append(states.frame())
+        has_target = states.targets >= 0
+        hit = (items == states.targets[:, None]).any(axis=1) & has_target
+        stats[phase] = {
+            "queries": int(states.n),
+            "with_target": int(has_target.sum()),
+            f"hr@{kk}": float(hit[has_target].mean()) if has_target.any() else float("nan"),
+            "seconds": time.time() - t0,
+        }
+        if phase == "validation":
+            pools += _training_pool(phase, states, qv, vectors, items, has_target & ~hit, num_random_negatives, seed)
+        log(f"{phase}: {states.n} queries, HR@{kk} {stats[phase][f'hr@{kk}']:.4f}")
+    pd.concat(frames, ignore_index=True).to_parquet(out_dir / "candidates.parquet", index=False)
+    pd.concat(pools, ignore_index=True).to_parquet(out_dir / "training_pool.parquet", index=False)
+    pd.concat(queries, ignore_index=True).to_parquet(out_dir / "queries.parquet", index=False)
+    (out_dir / "info.json").write_text(
+        json.dumps({"k": k, "index": index, "phases": stats, "two_tower_run_id": two_tower_run_id}, indent=2)
+    )
+    return {"k": kk, "phases": stats, "candidate_rows": int(sum(len(f) for f in frames))}
+
+
+def _item_vectors(phase: str, index_root: str | Path, model, store) -> torch.Tensor:
+    """The served model's published vectors for "test"; the train-only fit's, computed here, for "validation"."""
+    from recsys_assets.models.two_tower import ItemEncoder
+
+    if phase == "test":
+        return torch.from_numpy(np.load(Path(index_root) / ITEM_VECTORS))
+    with torch.no_grad():
+        return ItemEncoder(model, store).encode_all()
+
+
+def _pairs(
+    phase: str, users: np.ndarray, items: np.ndarray, scores: np.ndarray, ranks: np.ndarray, source: str
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "phase": phase,
+            S.USER: users.astype(np.int32),
+            S.ITEM: items.astype(np.int32),
+            "retrieval_score": scores.astype(np.float32),
+            "retrieval_rank": ranks.astype(np.int32),
+            "source": source,
+        }
+    )
+
+
+def _retrieved(phase: str, states, items: np.ndarray, scores: np.ndarray, k: int) -> pd.DataFrame:
+    cand = _pairs(
+        phase,
+        np.repeat(states.users, k),
+        items.reshape(-1),
+        scores.reshape(-1),
+        np.tile(np.arange(k), states.n),
+        "retrieved",
+    )
+    return cand[cand[S.ITEM] >= 0]
+
+
+def _training_pool(
+    phase: str,
+    states,
+    qv: torch.Tensor,
+    vectors: torch.Tensor,
+    items: np.ndarray,
+    missed: np.ndarray,
+    num_random: int,
+    seed: int,
+) -> list[pd.DataFrame]:
+    """The ranker's extra pairs: the target where retrieval missed it, and random negatives, each with its
+    score and its rank in the full ranking (fit items removed: the feature the candidates carry)."""
+    t_score = pairwise_scores(qv, vectors, states.targets[:, None])[:, 0]
+    t_rank = item_ranks(qv, vectors, states, states.targets[:, None])[:, 0]
+    target = _pairs(phase, states.users[missed], states.targets[missed], t_score[missed], t_rank[missed], "target")
+    rnd = sample_random_items(states, items, vectors.shape[0], num_random, seed)
+    ok = rnd >= 0
+    random = _pairs(
+        phase,
+        np.repeat(states.users, rnd.shape[1])[ok.reshape(-1)],
+        rnd[ok],
+        pairwise_scores(qv, vectors, rnd)[ok],
+        item_ranks(qv, vectors, states, rnd)[ok],
+        "random",
+    )
+    return [target, random]

@@ -1,0 +1,54 @@
+"""The second stage: the DLRM re-ranks each user's Two Tower candidates (the test-phase pairs of a ranking
+dataset folder) and keeps the top K."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recsys_assets.serving.models import load_dlrm_model
+
+# pairs scored per DLRM forward pass
+SCORE_BATCH_SIZE = 8192
+RECOMMENDATION_COLUMNS = [
+    "user",
+    "rank",
+    "item",
+    "dlrm_score",
+    "retrieval_score",
+    "retrieval_rank",
+    "two_tower_run_id",
+    "dlrm_run_id",
+]
+
+
+def dlrm_scores(dlrm_root, pairs_path: str | Path, batch_size: int = SCORE_BATCH_SIZE) -> np.ndarray:
+    """float32 DLRM logits of every pair of a Parquet pairs table, in its row order."""
+    from recsys_assets.data.pairs import load_pair_set
+    from recsys_assets.models.dlrm import DLRMScorer
+
+    model, layout, cfg = load_dlrm_model(dlrm_root)
+    pairs = load_pair_set(pairs_path, layout, cfg.dense_in_features)
+    scorer = DLRMScorer(model, layout, cfg)
+    parts = [scorer(pairs.rows(s, min(s + batch_size, pairs.n))).numpy() for s in range(0, pairs.n, batch_size)]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+def recommend(
+    dlrm_root, ranking_root: str | Path, out_dir: Path, *, top_k: int, two_tower_run_id: str, dlrm_run_id: str
+) -> pd.DataFrame:
+    """Top `top_k` per user by DLRM score (ties: the retrieval rank) over the test candidates; writes
+    recommendations.parquet (RECOMMENDATION_COLUMNS) and returns that table."""
+    test = Path(ranking_root) / "test.parquet"
+    recs = pd.read_parquet(test, columns=["user", "item", "retrieval_score", "retrieval_rank"])
+    recs["dlrm_score"] = dlrm_scores(dlrm_root, test)
+    recs = recs.sort_values(["user", "dlrm_score", "retrieval_rank"], ascending=[True, False, True], kind="stable")
+    recs["rank"] = recs.groupby("user").cumcount().astype(np.int32)
+    top = recs[recs["rank"] < top_k].reset_index(drop=True)
+    top["two_tower_run_id"] = two_tower_run_id
+    top["dlrm_run_id"] = dlrm_run_id
+    top = top[RECOMMENDATION_COLUMNS]
+    top.to_parquet(out_dir / "recommendations.parquet", index=False)
+    return top

@@ -1,0 +1,174 @@
+"""Driver side of the model assets' training runs: the phases, launched through a launcher (TorchDistributor on
+the Dagster side), and the model folder they fill (weights, result.json, sharding plan, training curves).
+
+`launch(fn, config, progress_file=path)` runs ``fn(config)`` on every rank and returns rank 0's result;
+`make_config(**phase_settings)` builds the run's training config with the given phase settings (a fresh config
+per phase: the configs derive defaults from their phase)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Launch = Callable[..., Any]
+PROGRESS_FILE = "progress.jsonl"
+
+
+@dataclasses.dataclass
+class TwoTowerFit:
+    selection: Any  # validation phase: fit on train, epochs chosen on validation (TwoTowerTrainResult)
+    final: Any  # refit on train + validation for that epoch count (the served model), else `selection`
+    train_seconds: float
+    curves: dict[str, Path]  # "validation" / "refit" -> PNG in the model folder
+
+    @property
+    def refit(self) -> bool:
+        return self.final is not self.selection
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Final metrics per phase, named for the metrics table."""
+        rows = {"validation (fit train)": self.selection.final_metrics}
+        if self.refit:
+            rows["test (refit train+validation)"] = self.final.final_metrics
+        return rows
+
+    def phase_metrics(self) -> dict[str, dict[str, float]]:
+        """{"validation": ..., "test": ...} (test only after a refit)."""
+        return {("validation" if name.startswith("validation") else "test"): m for name, m in self.summary().items()}
+
+
+def fit_two_tower(
+    launch: Launch,
+    make_config: Callable[..., Any],
+    out_dir: Path,
+    checkpoints: Path,
+    *,
+    refit: bool,
+    log: Callable[[str], None] = print,
+) -> TwoTowerFit:
+    """The validation phase (early-stopped on validation), then, with `refit`, the same settings on train +
+    validation for the chosen epoch count. Writes model.pt (served), model_validation.pt (the train-only fit:
+    the ranker's training candidates come from it, so no model that saw validation rows proposes them),
+    plan.txt, result.json and the training curves into `out_dir`; checkpoints per phase under `checkpoints`."""
+    from recsys_assets.evaluation.plots import training_curves_png
+    from recsys_assets.serving.models import save_two_tower
+    from recsys_assets.training.two_tower import train_two_tower
+
+    progress = out_dir / PROGRESS_FILE
+    t0 = time.time()
+    selection = launch(
+        train_two_tower,
+        make_config(
+            eval_phase="validation", progress_file=str(progress), checkpoint_dir=str(checkpoints / "validation")
+        ),
+        progress_file=progress,
+    )
+    if selection.resumed_from_step is not None:
+        log(f"validation phase resumed from step {selection.resumed_from_step} ({selection.resumed_from})")
+    log(f"validation phase: best epoch {selection.best_epoch}, {selection.final_metrics}")
+    final = selection
+    if refit:
+        # Same settings, the epoch count chosen on validation; no selection on test (restore_best off).
+        final = launch(
+            train_two_tower,
+            make_config(
+                eval_phase="test",
+                mlflow_prefix="refit_",
+                epochs=selection.best_epoch + 1,
+                progress_file=str(progress),
+                checkpoint_dir=str(checkpoints / "test"),
+            ),
+            progress_file=progress,
+        )
+    fit = TwoTowerFit(selection, final, time.time() - t0, {})
+    save_two_tower(out_dir, final, "test")
+    save_two_tower(out_dir, selection, "validation")
+    (out_dir / "plan.txt").write_text(final.plan_text)
+    (out_dir / "result.json").write_text(
+        json.dumps(
+            {
+                "validation": selection.final_metrics,
+                "test": final.final_metrics if fit.refit else None,
+                "best_epoch": selection.best_epoch,
+                "history_validation": selection.history,
+                "history_refit": final.history if fit.refit else None,
+            },
+            indent=2,
+            default=float,
+        )
+    )
+    fit.curves["validation"] = training_curves_png(
+        selection.history, out_dir / "training_curves.png", "two_tower: train loss, validation metrics"
+    )
+    if fit.refit:
+        fit.curves["refit"] = training_curves_png(
+            final.history, out_dir / "training_curves_refit.png", "two_tower refit (train+validation): test metrics"
+        )
+    return fit
+
+
+@dataclasses.dataclass
+class DLRMFit:
+    result: Any  # DLRMTrainResult
+    gate: dict[str, Any]  # evaluation.gates.holdout_gate's evidence
+    train_seconds: float
+    curves: Path | None  # None when the picture could not be drawn
+
+
+def dlrm_data_settings(ranking_root: str | Path, info: dict[str, Any], layout: list[dict]) -> dict[str, Any]:
+    """The DLRMTrainConfig fields that point at a ranking dataset folder (`info`: its meta.json): MDS training
+    pairs, holdout / test pairs for scoring, epochs selected on the holdout lists."""
+    root = Path(ranking_root)
+    return dict(
+        train_mds=(str(root / "mds" / "train"),),
+        layout=tuple(layout),
+        dense_in_features=len(info["dense_features"]),
+        selection_set="holdout",
+        eval_sets={"holdout": str(root / "holdout.parquet"), "test": str(root / "test.parquet")},
+    )
+
+
+def fit_dlrm(
+    launch: Launch, make_config: Callable[..., Any], out_dir: Path, ranking_root: str | Path, *, min_gain: float, k: int
+) -> DLRMFit:
+    """Trains the DLRM; writes model.pt, plan.txt, result.json (with the gate's evidence on the holdout lists:
+    the DLRM order vs the Two Tower's own order at `k`) and the training curves into `out_dir`."""
+    from recsys_assets.evaluation.gates import holdout_gate
+    from recsys_assets.serving.models import save_dlrm
+    from recsys_assets.training.dlrm import train_dlrm
+
+    progress = out_dir / PROGRESS_FILE
+    t0 = time.time()
+    result = launch(train_dlrm, make_config(progress_file=str(progress)), progress_file=progress)
+    train_seconds = time.time() - t0
+    save_dlrm(out_dir, result)
+    gate = holdout_gate(Path(ranking_root) / "holdout.parquet", result.eval_scores["holdout"], min_gain=min_gain, k=k)
+    (out_dir / "result.json").write_text(
+        json.dumps(
+            {
+                "best_epoch": result.best_epoch,
+                "final_metrics": result.final_metrics,
+                "history": result.history,
+                "gate": gate,
+                "samples_per_second": result.samples_per_second,
+            },
+            indent=2,
+            default=float,
+        )
+    )
+    (out_dir / "plan.txt").write_text(result.plan_text)
+    return DLRMFit(result, gate, train_seconds, _dlrm_curves(result.history, out_dir / "training_curves.png"))
+
+
+def _dlrm_curves(history: list, path: Path) -> Path | None:
+    from recsys_assets.evaluation.plots import training_curves_png
+
+    flat = [{"epoch": h["epoch"], "loss": h["loss"], "metrics": h["metrics"].get("holdout", {})} for h in history]
+    try:
+        return training_curves_png(flat, path, title="DLRM: train loss, holdout lists")
+    except Exception:  # noqa: BLE001 - a picture must never fail a training run
+        return None
