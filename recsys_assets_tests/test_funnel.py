@@ -134,7 +134,7 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     from mlflow.tracking import MlflowClient
 
     from recsys_assets.defs.types import TrainedModel
-    from recsys_assets.serving.models import load_dlrm_model
+    from recsys_assets.training.model_files import load_dlrm_model
 
     result, root = funnel
     md = _md(result, "dlrm_model")

@@ -99,7 +99,7 @@ def test_logged_model_loads_back_and_scores_the_same(materialized):
     from recsys_assets.defs.types import TrainedModel
     from recsys_assets.models.features import FeatureStore
     from recsys_assets.models.two_tower import ItemEncoder
-    from recsys_assets.serving.models import load_trained_two_tower
+    from recsys_assets.training.model_files import load_trained_two_tower
 
     result, tracking = materialized
     md = _metadata(result, "two_tower_model")

@@ -320,11 +320,10 @@ def build_ranking_dataset(
     candidates, features from train + validation) and meta.json (returned; `provenance` is added to it)."""
     from pyspark.sql import functions as F
 
-    from recsys_assets.models.features import FeatureSpec
-
     paths = S.DatasetPaths(Path(dataset_root))
     meta = S.DatasetMeta.load(paths.meta)
-    spec = FeatureSpec.from_meta(meta)
+    attributes = S.attribute_columns(meta.user_attribute_cardinalities)
+    attribute_keys = [col for col, _ in attributes]
     cand_dir = Path(candidates_root)
     splits = session.read.parquet(str(paths.splits))
     queries = session.read.parquet(str(cand_dir / "queries.parquet"))
@@ -357,22 +356,22 @@ def build_ranking_dataset(
         out_dir,
         stats,
         user_features=session.read.parquet(str(paths.user_features)),
-        attribute_columns=spec.attribute_keys,
+        attribute_columns=attribute_keys,
         history_length=meta.history_length,
         max_categories=max_categories,
     )
     write_pairs_to_mds(
         session.read.parquet(str(out_dir / "train.parquet")),
         str(out_dir / "mds" / "train"),
-        mds_columns(spec.attribute_keys),
+        mds_columns(attribute_keys),
         partitions=settings.mds_partitions,
     )
     shutil.rmtree(raw)
     info = {
         "dense_features": list(DENSE_FEATURES),
         "feature_stats": stats,
-        "attribute_columns": spec.attribute_keys,
-        "attribute_cardinalities": dict(spec.user_attributes),
+        "attribute_columns": attribute_keys,
+        "attribute_cardinalities": dict(attributes),
         "num_users": meta.num_users,
         "num_items": meta.num_items,
         "num_categories": meta.num_categories,

@@ -52,6 +52,15 @@ MDS_COLUMNS = {
 }
 
 
+# User attribute columns are named attr_<name> in user_features (and in the models' feature keys).
+ATTR_PREFIX = "attr_"
+
+
+def attribute_columns(cardinalities: dict[str, int]) -> list[tuple[str, int]]:
+    """(column, cardinality) of the user attributes, sorted by name, each column prefixed with ATTR_PREFIX."""
+    return [(n if n.startswith(ATTR_PREFIX) else ATTR_PREFIX + n, int(c)) for n, c in sorted(cardinalities.items())]
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetMeta:
     num_users: int

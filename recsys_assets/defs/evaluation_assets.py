@@ -48,11 +48,13 @@ def evaluation(
     state: StateResource,
 ) -> dg.Output[PublishedFolder]:
     from recsys_assets.evaluation.report import evaluate_funnel, write_report
+    from recsys_assets.serving.candidates import two_tower_scorer
 
     mlflow.check_reachable()
     report = evaluate_funnel(
         mds_splits.path,
-        two_tower_model,
+        # the served model as a score function of the splits the report reads (once)
+        lambda splits: two_tower_scorer(two_tower_model, mds_splits.path, splits),
         retrieval_candidates.path,
         recommendations.path,
         top_k=TOP_K,

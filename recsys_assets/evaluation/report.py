@@ -50,7 +50,7 @@ class EvaluationReport:
 
 def evaluate_funnel(
     dataset_root: str | Path,
-    two_tower_root,
+    two_tower_scorer: Callable,
     candidates_root: str | Path,
     recommendations_root: str | Path,
     *,
@@ -67,9 +67,9 @@ def evaluate_funnel(
 ) -> EvaluationReport:
     """Test phase, full ranking with train and validation items excluded. `session`: a SparkSession for ALS
     (unused when `als` is off). EASE is skipped above `ease_max_items` items."""
+    from recsys_assets.data.splits import load_query_splits
     from recsys_assets.evaluation.baselines import EASE, LastItemMarkov, MostPopular, SparkALS, tune
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
-    from recsys_assets.serving.candidates import load_query_splits
 
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
     splits = load_query_splits(dataset_root)  # read once: the evaluator's columns + the query tower's history
@@ -85,7 +85,7 @@ def evaluate_funnel(
         seconds[name] = time.time() - t0
         return out
 
-    rows["Two Tower"] = timed("Two Tower", lambda: _two_tower_alone(two_tower_root, dataset_root, splits, task))
+    rows["Two Tower"] = timed("Two Tower", lambda: evaluate(two_tower_scorer(splits), task).as_dict())
     recs = pd.read_parquet(Path(recommendations_root) / "recommendations.parquet")
     recs = recs.assign(order_score=(recs["rank"].max() + 1 - recs["rank"]).astype(np.float32))
     two_stage = timed("Two-stage", lambda: evaluate(_list_scores(recs, n_items, "order_score"), task).as_dict())
@@ -118,21 +118,6 @@ def evaluate_funnel(
         chosen["Spark ALS"] = tuned.params
     dlrm_run_id = str(recs["dlrm_run_id"].iloc[0]) if len(recs) else ""
     return EvaluationReport(rows, seconds, chosen, int(task.n_queries), dlrm_run_id)
-
-
-def _two_tower_alone(two_tower_root, dataset_root, splits: pd.DataFrame, task) -> dict[str, float]:
-    """The served Two Tower's full ranking."""
-    import torch
-
-    from recsys_assets.evaluation.protocol import evaluate
-    from recsys_assets.models.two_tower import ItemEncoder
-    from recsys_assets.serving.candidates import serving_queries
-
-    model, store, states, qv = serving_queries(two_tower_root, dataset_root, "test", all_users=False, splits=splits)
-    with torch.no_grad():
-        iv = ItemEncoder(model, store).encode_all()
-    row_of = {int(u): i for i, u in enumerate(states.users)}
-    return evaluate(lambda users: qv[torch.as_tensor([row_of[int(u)] for u in users])] @ iv.T, task).as_dict()
 
 
 def _retrieval_hit_rate(candidates_root: str | Path, task) -> dict[str, float]:

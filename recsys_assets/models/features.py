@@ -38,6 +38,7 @@ from recsys_assets.data.schema import (
     USER,
     DatasetMeta,
     DatasetPaths,
+    attribute_columns,
 )
 
 USER_ID = "user_id"
@@ -45,7 +46,6 @@ HISTORY_ITEMS = "history"
 RECENT_ITEMS = "recent_items"
 ITEM_ID = "item_id"
 ITEM_CATEGORIES = "item_categories"
-ATTR_PREFIX = "attr_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,7 @@ class FeatureSpec:
         recent_slots: bool = False,
         use_user_id: bool = True,
     ) -> FeatureSpec:
-        attrs = []
-        for name, card in sorted(meta.user_attribute_cardinalities.items()):
-            col = name if name.startswith(ATTR_PREFIX) else ATTR_PREFIX + name
-            attrs.append((col, int(card)))
+        attrs = attribute_columns(meta.user_attribute_cardinalities)
         h = int(meta.history_length)
         m = h if max_history is None else int(max_history)
         if not 0 <= m <= h or not 0 <= recent_items <= h:

@@ -2,7 +2,7 @@
 Tower's candidates per user that the ranker trains on and re-ranks.
 
 Folders: a dataset (`schema.DatasetPaths`: splits, meta, features), a Two Tower model folder
-(`serving.models`), an item-embeddings / index folder (item_vectors.npy, items.hnsw.faiss)."""
+(`training.model_files`), an item-embeddings / index folder (item_vectors.npy, items.hnsw.faiss)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from recsys_assets.data import schema as S
-from recsys_assets.serving.models import load_trained_two_tower
+from recsys_assets.data.splits import load_query_splits
 from recsys_assets.serving.retrieval import (
     HnswIndex,
     exact_top_k,
@@ -28,21 +28,14 @@ from recsys_assets.serving.retrieval import (
     sample_random_items,
     timed,
 )
+from recsys_assets.training.model_files import load_trained_two_tower
 
-QUERY_SPLIT_COLUMNS = (S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTORY_LEN)
 ITEM_VECTORS = "item_vectors.npy"
 HNSW_FILE = "items.hnsw.faiss"
 # seeds the sample of users whose queries measure the index's recall
 RECALL_SAMPLE_SEED = 0
 # the two cutoffs: "validation" (train-only fit: the ranker's training queries), "test" (the served model)
 CANDIDATE_PHASES = ("validation", "test")
-
-
-def load_query_splits(dataset_root: str | Path) -> pd.DataFrame:
-    """The splits table with what query states need (history included)."""
-    from recsys_assets.data.splits import load_splits_frame
-
-    return load_splits_frame(dataset_root, QUERY_SPLIT_COLUMNS)
 
 
 def serving_queries(
@@ -64,6 +57,17 @@ def serving_queries(
         all_users=all_users,
     )
     return model, store, states, query_vectors(model, store, states)
+
+
+def two_tower_scorer(model_root, dataset_root: str | Path, splits: pd.DataFrame):
+    """The served Two Tower as the evaluator's score function (test phase, users with a test row)."""
+    from recsys_assets.models.two_tower import ItemEncoder
+
+    model, store, states, qv = serving_queries(model_root, dataset_root, "test", all_users=False, splits=splits)
+    with torch.no_grad():
+        iv = ItemEncoder(model, store).encode_all()
+    row_of = {int(u): i for i, u in enumerate(states.users)}
+    return lambda users: qv[torch.as_tensor([row_of[int(u)] for u in users])] @ iv.T
 
 
 def write_item_embeddings(model_root, dataset_root: str | Path, out_dir: Path, two_tower_run_id: str) -> dict:

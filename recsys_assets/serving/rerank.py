@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys_assets.serving.models import load_dlrm_model
+from recsys_assets.training.model_files import load_dlrm_model
 
 # pairs scored per DLRM forward pass
 SCORE_BATCH_SIZE = 8192

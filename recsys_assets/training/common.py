@@ -77,11 +77,13 @@ def run_trainer(config: Any, config_cls: type, train: Any) -> Any:
         shutdown_distributed(env)
 
 
-def trainer_cli(
-    argv: Sequence[str] | None, *, description: str, config_cls: type, train: Any, summary: Any = None
-) -> int:
+# What a torchrun run prints of its result (both trainers' results have these fields).
+CLI_SUMMARY_FIELDS = ("best_epoch", "final_metrics", "samples_per_second", "world_size", "total_seconds")
+
+
+def trainer_cli(argv: Sequence[str] | None, *, description: str, config_cls: type, train: Any) -> int:
     """``--config cfg.json [--result out.pt]`` under torchrun: rank 0 writes the result with torch.save and prints
-    ``summary(result)`` as one JSON line."""
+    the result's CLI_SUMMARY_FIELDS as one JSON line."""
     import argparse
     import logging
 
@@ -96,8 +98,8 @@ def trainer_cli(
         if args.result:
             Path(args.result).parent.mkdir(parents=True, exist_ok=True)
             torch.save(result, args.result)
-        if summary is not None:
-            print(json.dumps(summary(result), default=_json_default), flush=True)
+        summary = {k: getattr(result, k) for k in CLI_SUMMARY_FIELDS}
+        print(json.dumps(summary, default=_json_default), flush=True)
     return 0
 
 

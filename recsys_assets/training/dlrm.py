@@ -303,12 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train the DLRM ranker (run under torchrun).",
         config_cls=DLRMTrainConfig,
         train=train_dlrm,
-        summary=lambda r: {
-            "best_epoch": r.best_epoch,
-            "final_metrics": r.final_metrics,
-            "samples_per_second": r.samples_per_second,
-            "world_size": r.world_size,
-        },
     )
 
 

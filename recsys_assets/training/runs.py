@@ -55,7 +55,7 @@ def fit_two_tower(
     the ranker's training candidates come from it, so no model that saw validation rows proposes them),
     plan.txt, result.json and the training curves into `out_dir`; checkpoints per phase under `checkpoints`."""
     from recsys_assets.evaluation.plots import training_curves_png
-    from recsys_assets.serving.models import save_two_tower
+    from recsys_assets.training.model_files import save_two_tower
     from recsys_assets.training.two_tower import train_two_tower
 
     progress = out_dir / PROGRESS_FILE
@@ -138,8 +138,8 @@ def fit_dlrm(
     """Trains the DLRM; writes model.pt, plan.txt, result.json (with the gate's evidence on the holdout lists:
     the DLRM order vs the Two Tower's own order at `k`) and the training curves into `out_dir`."""
     from recsys_assets.evaluation.gates import holdout_gate
-    from recsys_assets.serving.models import save_dlrm
     from recsys_assets.training.dlrm import train_dlrm
+    from recsys_assets.training.model_files import save_dlrm
 
     progress = out_dir / PROGRESS_FILE
     t0 = time.time()

@@ -658,13 +658,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train the Two Tower model (run under torchrun).",
         config_cls=TwoTowerTrainConfig,
         train=train_two_tower,
-        summary=lambda r: {
-            "best_epoch": r.best_epoch,
-            "final_metrics": r.final_metrics,
-            "samples_per_second": r.samples_per_second,
-            "world_size": r.world_size,
-            "total_seconds": r.total_seconds,
-        },
     )
 
 
