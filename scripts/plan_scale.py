@@ -57,7 +57,7 @@ def dlrm_module(num_users: int, num_items: int, num_categories: int, attrs: dict
         layout_from_dicts,
     )
 
-    # every sparse feature switched on (ranking_assets.sparse_layout with use_user_id/use_item_id/use_history):
+    # every sparse feature switched on (data.ranking.sparse_layout with use_user_id/use_item_id/use_history):
     # the largest DLRM this code builds
     layout = [
         dict(name="user", table="user", num_embeddings=num_users),

@@ -89,20 +89,25 @@ def two_tower_model(
             run.log_artifact(png, "plots")
         run.log_model(fit.final.load_model())
         run.log_metrics({f"final_{phase}/{k}": v for phase, m in fit.phase_metrics().items() for k, v in m.items()})
+    metadata = {
+        **run.metadata(),
+        **_fit_metadata(fit, out.path),
+        "checkpoint_dir": dg.MetadataValue.path(str(checkpoints)),
+    }
+    return out.output(metadata, TrainedModel(path=str(out.path), mlflow_run_id=run.id))
+
+
+def _fit_metadata(fit, folder: Path) -> dict:
+    """Metrics of both phases, the training figures and curves of a Two Tower fit."""
     selection, final = fit.selection, fit.final
-    return out.output(
-        {
-            **run.metadata(),
-            **training_metadata(selection, fit.train_seconds, fit.summary(), plan_text=final.plan_text),
-            "checkpoint_dir": dg.MetadataValue.path(str(checkpoints)),
-            "resumed_from_step": dg.MetadataValue.json(
-                {"validation": selection.resumed_from_step, "test": final.resumed_from_step if fit.refit else None}
-            ),
-            **curves_metadata(out.path, fit.curves, "two_tower"),
-            **{f"{phase}_{k}": float(v) for phase, m in fit.phase_metrics().items() for k, v in m.items()},
-        },
-        TrainedModel(path=str(out.path), mlflow_run_id=run.id),
-    )
+    return {
+        **training_metadata(selection, fit.train_seconds, fit.summary(), plan_text=final.plan_text),
+        "resumed_from_step": dg.MetadataValue.json(
+            {"validation": selection.resumed_from_step, "test": final.resumed_from_step if fit.refit else None}
+        ),
+        **curves_metadata(folder, fit.curves, "two_tower"),
+        **{f"{phase}_{k}": float(v) for phase, m in fit.phase_metrics().items() for k, v in m.items()},
+    }
 
 
 @dg.asset(

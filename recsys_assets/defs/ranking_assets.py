@@ -88,23 +88,13 @@ def dlrm_model(
     spark: SparkResource,
     state: StateResource,
 ) -> dg.Output[TrainedModel]:
-    from recsys_assets.data.ranking import sparse_layout
     from recsys_assets.training.dlrm import DLRMTrainConfig
-    from recsys_assets.training.runs import dlrm_data_settings, fit_dlrm
+    from recsys_assets.training.runs import fit_dlrm
 
     torch_distributor.validate()
     mlflow.check_reachable()
     info = json.loads((Path(ranking_dataset.path) / "meta.json").read_text())
-    flags = ("use_user_id", "use_item_id", "use_history", "use_categories", "use_user_attributes")
-    layout = sparse_layout(info, **{f: getattr(config, f) for f in flags})
-    # a retry of a failed run (dagster/max_retries) resumes after the last finished epoch
-    settings = dict(
-        dlrm_data_settings(ranking_dataset.path, info, layout),
-        use_gpu=torch_distributor.use_gpu,
-        mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
-        checkpoint_dir=str(state.checkpoint_dir(context)),
-    )
-    train_config(DLRMTrainConfig, config, **settings)  # bad config fails here, before a run or processes start
+    layout, settings = _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state)
     with (
         state.checkpoints(context) as checkpoints,
         mlflow.asset_run(
@@ -134,22 +124,47 @@ def dlrm_model(
         run.log_metrics({f"final_holdout/two_tower_{k}": v for k, v in two_tower.items()})
         if fit.curves is not None:
             run.log_artifact(fit.curves, "plots")
+    metadata = {
+        **run.metadata(),
+        **_fit_metadata(fit, out.path),
+        "sparse_features": dg.MetadataValue.json([f["name"] for f in layout]),
+    }
+    return out.output(metadata, TrainedModel(path=str(out.path), mlflow_run_id=run.id))
+
+
+def _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state) -> tuple[list, dict]:
+    """The sparse layout of `config` and the run's training settings; a bad config fails here, before an MLflow
+    run or a process starts. A retry of a failed run resumes after its last finished epoch (checkpoint_dir)."""
+    from recsys_assets.data.ranking import sparse_layout
+    from recsys_assets.training.dlrm import DLRMTrainConfig
+    from recsys_assets.training.runs import dlrm_data_settings
+
+    flags = ("use_user_id", "use_item_id", "use_history", "use_categories", "use_user_attributes")
+    layout = sparse_layout(info, **{f: getattr(config, f) for f in flags})
+    settings = dict(
+        dlrm_data_settings(ranking_dataset.path, info, layout),
+        use_gpu=torch_distributor.use_gpu,
+        mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+        checkpoint_dir=str(state.checkpoint_dir(context)),
+    )
+    train_config(DLRMTrainConfig, config, **settings)
+    return layout, settings
+
+
+def _fit_metadata(fit, folder: Path) -> dict:
+    """The ranker's metrics on every evaluation set, the Two Tower order of the holdout lists, curves."""
+    result, two_tower = fit.result, fit.gate["holdout_two_tower"]
     rows = {
         **{f"{name} pairs": m for name, m in result.final_metrics.items()},
         "holdout lists: Two Tower order": two_tower,
     }
-    return out.output(
-        {
-            **run.metadata(),
-            **training_metadata(result, fit.train_seconds, rows),
-            "sparse_features": dg.MetadataValue.json([f["name"] for f in layout]),
-            f"holdout_two_tower_ndcg@{TOP_K}": float(two_tower[f"ndcg@{TOP_K}"]),
-            "resumed_from_step": -1 if result.resumed_from_step is None else int(result.resumed_from_step),
-            **curves_metadata(out.path, {"holdout": fit.curves} if fit.curves else {}, "dlrm"),
-            **{f"{name}_{k}": float(v) for name, m in result.final_metrics.items() for k, v in m.items()},
-        },
-        TrainedModel(path=str(out.path), mlflow_run_id=run.id),
-    )
+    return {
+        **training_metadata(result, fit.train_seconds, rows),
+        f"holdout_two_tower_ndcg@{TOP_K}": float(two_tower[f"ndcg@{TOP_K}"]),
+        "resumed_from_step": -1 if result.resumed_from_step is None else int(result.resumed_from_step),
+        **curves_metadata(folder, {"holdout": fit.curves} if fit.curves else {}, "dlrm"),
+        **{f"{name}_{k}": float(v) for name, m in result.final_metrics.items() for k, v in m.items()},
+    }
 
 
 @dg.asset(
