@@ -39,7 +39,7 @@ demo:
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
 	$(instance)
 	$$VENV/bin/dagster asset materialize -m recsys_assets.definitions --select '*' -c $(DEMO_CONFIG)
-	$$VENV/bin/python -m recsys_assets.summary
+	$$VENV/bin/python -m recsys_assets.cli status
 
 test:
 	VENV=$(venv)
@@ -77,7 +77,7 @@ ci-materialize:
 	mkdir -p $$DAGSTER_HOME $$CI_STATE/mlflow
 	$$VENV/bin/python -c "from recsys_assets.defs.automation import write_dagster_yaml; write_dagster_yaml('$$DAGSTER_HOME')"
 	$$VENV/bin/dagster asset materialize -m recsys_assets.definitions --select '*' -c $(DEMO_CONFIG)
-	$$VENV/bin/python -m recsys_assets.summary --require $(CI_REQUIRED)
+	$$VENV/bin/python -m recsys_assets.cli status --require $(CI_REQUIRED)
 
 # Both servers on 127.0.0.1; Ctrl-C or SIGTERM stops both and every helper process (recsys_assets/ui.py).
 UI_PORT ?= 3000

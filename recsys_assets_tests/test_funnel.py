@@ -57,7 +57,12 @@ def funnel(tmp_path_factory, spark):
     root = tmp_path_factory.mktemp("funnel")
     # The gate's threshold is lowered here so the mechanics of every downstream asset are tested whatever the
     # ranker's quality on tiny data; `test_failed_gate_*` below raises it to make the gate fail.
-    result = dg.materialize([*assets, *checks], resources=_resources(root), run_config=_run_config(-1.0))
+    # a persistent instance, so the `recsys-assets` command can read it (test_recommendations_in_source_ids_…)
+    (root / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(root / "dagster_home"))
+    result = dg.materialize(
+        [*assets, *checks], resources=_resources(root), run_config=_run_config(-1.0), instance=instance
+    )
     return result, root
 
 
@@ -152,6 +157,20 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     assert "categories" in names and any(n.startswith("attr_") for n in names)
     assert not names & {"user", "item", "history"}
     assert isinstance(model, torch.nn.Module)
+    # registered: the first version of recsys_dlrm, champion (gate passed), tagged with the Dagster run
+    assert md["model_version"] == "1" and md["registry_alias"] == "champion"
+    assert md["model_version_url"].endswith("/#/models/recsys_dlrm/versions/1")
+    version = client.get_model_version("recsys_dlrm", "1")
+    assert version.run_id == md["mlflow_run_id"] and version.tags["dagster.run_id"] == result.run_id
+    assert version.tags["data_path"] == _md(result, "ranking_dataset")["published_path"]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {
+        "ranking_dataset/train",
+        "ranking_dataset/holdout",
+        "ranking_dataset/test",
+    }
+    recs = _md(result, "recommendations")
+    assert recs["dlrm_version"] == "1" and recs["two_tower_version"] == _md(result, "two_tower_model")["model_version"]
+    assert recs["two_tower_version_url"].endswith(f"/versions/{recs['two_tower_version']}")
 
 
 def test_recommendations_are_top10_reranked_unseen_items(funnel):
@@ -166,6 +185,38 @@ def test_recommendations_are_top10_reranked_unseen_items(funnel):
     assert recs.merge(seen, on=["user", "item"]).empty
     assert set(recs["dlrm_run_id"]) == {_md(result, "dlrm_model")["mlflow_run_id"]}
     assert set(recs["two_tower_run_id"]) == {_md(result, "two_tower_model")["mlflow_run_id"]}
+
+
+def test_recommendations_in_source_ids_and_the_command_serves_them(funnel, monkeypatch, capsys):
+    """Published recommendations carry the source's ids (the synthetic source's are integers: int64) that the
+    interactions asset's index tables give for the internal ids; item_embeddings' items.parquet too; the
+    `recsys-assets recommend` command prints a user's list from the instance in those ids."""
+    from recsys_assets import cli
+
+    result, root = funnel
+    md = _md(result, "recommendations")
+    recs = pd.read_parquet(Path(md["published_path"]) / "recommendations.parquet")
+    assert list(recs.columns[:5]) == ["user_id", "rank", "item_id", "title", "categories"]
+    assert recs["user_id"].dtype == np.int64 and recs["item_id"].dtype == np.int64
+    index_root = Path(_md(result, "interactions")["published_path"])
+    raw_item = pd.read_parquet(index_root / "item_index").set_index("item")["raw_item"]
+    raw_user = pd.read_parquet(index_root / "user_index").set_index("user")["raw_user"]
+    assert (recs["item_id"].astype(str).to_numpy() == raw_item.loc[recs["item"]].to_numpy()).all()
+    assert (recs["user_id"].astype(str).to_numpy() == raw_user.loc[recs["user"]].to_numpy()).all()
+    assert (recs["user_id"] != recs["user"]).any()  # the synthetic ids are offset: a real mapping happened
+    assert "user_id" in md["preview"] and "item_id" in md["preview"]
+    items = pd.read_parquet(Path(_md(result, "item_embeddings")["published_path"]) / "items.parquet")
+    assert items["item"].tolist() == list(range(len(items)))
+    assert (items["item_id"].astype(str).to_numpy() == raw_item.loc[items["item"]].to_numpy()).all()
+
+    monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+    user = int(recs["user_id"].iloc[0])
+    assert cli.main(["recommend", "--user", str(user), "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"user {user}: top 3" in out and "fallback" not in out
+    rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] in (["0"], ["1"], ["2"])]
+    expected = recs[recs["user_id"] == user].sort_values("rank")["item_id"].head(3).tolist()
+    assert [int(r[1]) for r in rows] == expected
 
 
 def test_evaluation_reports_every_model_through_one_evaluator(funnel):
@@ -233,4 +284,13 @@ def test_failed_gate_stops_recommendations_and_says_why(funnel):
     assert "does not improve the list" in (gate.description or "")
     done = {e.asset_key.to_user_string() for e in failed.get_asset_materialization_events()}
     assert done == {"dlrm_model"}
+    # the failed gate's version is registered as challenger; the champion stays the first version
+    [dlrm] = [e for e in failed.get_asset_materialization_events() if e.asset_key.to_user_string() == "dlrm_model"]
+    md = {k: v.value for k, v in dlrm.materialization.metadata.items()}
+    assert md["registry_alias"] == "challenger" and md["registry_reason"].startswith("quality gate failed: two-stage")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    assert str(client.get_model_version_by_alias("recsys_dlrm", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("recsys_dlrm", "challenger").version) == md["model_version"] != "1"
     assert sorted((root / "state" / "assets" / "recommendations").iterdir()) == before

@@ -72,6 +72,27 @@ def test_two_tower_asset_links_to_a_finished_mlflow_run(materialized):
     assert plots == {"plots/training_curves.png", "plots/training_curves_refit.png"}
 
 
+def test_two_tower_registered_as_first_champion_with_its_inputs(materialized):
+    from mlflow.tracking import MlflowClient
+
+    result, tracking = materialized
+    md = _metadata(result, "two_tower_model")
+    client = MlflowClient(tracking_uri=tracking)
+    version = client.get_model_version("recsys_two_tower", md["model_version"])
+    assert version.run_id == md["mlflow_run_id"]
+    assert version.tags["dagster.run_id"] == result.run_id
+    assert version.tags["data_path"] == _metadata(result, "mds_splits")["published_path"]
+    assert version.tags["model_folder"] == md["published_path"]
+    assert md["registry_alias"] == "champion" and md["registry_reason"] == "gates passed; no champion yet"
+    assert str(client.get_model_version_by_alias("recsys_two_tower", "champion").version) == md["model_version"]
+    assert md["model_version_url"] == f"http://127.0.0.1:5000/#/models/recsys_two_tower/versions/{md['model_version']}"
+    inputs = {i.dataset.name: i.dataset for i in client.get_run(md["mlflow_run_id"]).inputs.dataset_inputs}
+    assert set(inputs) == {"mds_splits/train", "mds_splits/validation", "mds_splits/test"}
+    assert '"rows": ' in inputs["mds_splits/train"].profile
+    if md["data_version"]:
+        assert inputs["mds_splits/train"].digest == md["data_version"][:36]
+
+
 def test_training_learns_the_planted_structure(materialized):
     """Loss falls, and validation HR@10 beats MostPopular (same evaluator, same split) by a clear margin."""
     from mlflow.tracking import MlflowClient

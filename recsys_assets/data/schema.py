@@ -9,7 +9,10 @@ On disk (under a dataset folder, see `DatasetPaths`):
 - ``user_features/``  Parquet: user (int32), one int32 column per user attribute (``attr_<name>``)
 - ``splits/``         Parquet: SPLIT_COLUMNS (+ ``split`` in {train, validation, test})
 - ``mds/<split>/``    MDS: MDS_COLUMNS, one folder per split, with a merged index.json
-- ``meta.json``       DatasetMeta as JSON (cardinalities the models need to size their tables)
+- ``user_index/``     Parquet: user (int32), raw_user (string): the source's id of every user
+- ``item_index/``     Parquet: item (int32), raw_item (string), title (string, null where the source has none),
+                      categories (array<string>, the source's names): the source's id of every item
+- ``meta.json``       DatasetMeta as JSON (cardinalities the models need to size their tables, the source ids' type)
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ HISTORY_LEN = "history_len"  # number of real ids in HISTORY
 SPLIT = "split"
 CATEGORIES = "categories"
 PAD_ID = -1
+# The source's ids (in the source's type: ID_TYPES) and item titles, as served (serving/source_ids.py).
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+TITLE = "title"
+ID_TYPES = ("int64", "string")
 
 SPLITS = ("train", "validation", "test")
 # The splits a model is fitted on before it is scored on a phase's held-out row (leave-last-out protocol).
@@ -72,6 +80,10 @@ class DatasetMeta:
     # Where the MDS splits were also uploaded (`<mds_remote>/<split>/`, a URI: s3://, gs://, dbfs:/, file://),
     # None when they exist only in the local `mds/` folder. Trainers read it with a local cache folder.
     mds_remote: str | None = None
+    # The type of the source's user / item ids (ID_TYPES): "int64" when every raw id of that column is the
+    # decimal form of an integer (MovieLens userId/movieId), else "string"; user_index/item_index map them back.
+    user_id_type: str = "string"
+    item_id_type: str = "string"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -109,6 +121,14 @@ class DatasetPaths:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return self.root / "mds" / split
+
+    @property
+    def user_index(self) -> Path:
+        return self.root / "user_index"
+
+    @property
+    def item_index(self) -> Path:
+        return self.root / "item_index"
 
     @property
     def meta(self) -> Path:

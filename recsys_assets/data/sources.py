@@ -2,7 +2,8 @@
 
 Every reader returns `RawTables` with one normalized raw schema, so cleaning and indexing are written once:
 - interactions: user (string), item (string), timestamp (bigint, epoch seconds), rating (double, nullable)
-- items (optional): item (string), categories (array<string>)
+- items (optional): item (string), categories (array<string>), title (string, nullable: the item's name where
+  the source has one)
 - users (optional): user (string) + one string column per user attribute, named ``attr_<name>``
 Schema problems are raised as `DataValidationError` here, before any full pass over the data.
 """
@@ -120,14 +121,15 @@ def read_movielens(spark: SparkSession, path: str | Path) -> RawTables:
                 .option("escape", '"')
                 .csv(str(path / "movies.csv"))
             )
-            items = _genres_from_pipe(movies, "movieId", "genres")
+            _require_columns(movies, ["movieId", "genres"], f"{path}/movies.csv")
+            items = _genres_from_pipe(movies, "movieId", "genres", "title" if "title" in movies.columns else None)
     elif layout in ("dat", "dat-file"):
         ratings_file = path if layout == "dat-file" else path / "ratings.dat"
         ratings = _read_double_colon(spark, ratings_file, ["user", "item", "rating", "timestamp"])
         interactions = _normalize(ratings, "user", "item", "timestamp", "rating", source=str(ratings_file))
         if layout == "dat" and (path / "movies.dat").is_file():
             movies = _read_double_colon(spark, path / "movies.dat", ["item", "title", "genres"])
-            items = _genres_from_pipe(movies, "item", "genres")
+            items = _genres_from_pipe(movies, "item", "genres", "title")
         if layout == "dat" and (path / "users.dat").is_file():  # ml-1m only
             u = _read_double_colon(spark, path / "users.dat", ["user", "gender", "age", "occupation", "zip"])
             users = u.select(
@@ -144,7 +146,9 @@ def read_movielens(spark: SparkSession, path: str | Path) -> RawTables:
                 F.array(*[F.when(F.col(c) == "1", F.lit(g)) for c, g in zip(flags, ML100K_GENRES)]),
                 lambda g: g.isNotNull(),
             )
-            items = raw.select(F.col("_c0").cast("string").alias("item"), genres.alias("categories"))
+            items = raw.select(
+                F.col("_c0").cast("string").alias("item"), genres.alias("categories"), F.col("_c1").alias("title")
+            )
         if (path / "u.user").is_file():
             u = (
                 spark.read.option("sep", "|")
@@ -160,9 +164,10 @@ def read_movielens(spark: SparkSession, path: str | Path) -> RawTables:
     return RawTables(interactions=interactions, items=items, users=users, description=f"movielens ({layout}) {path}")
 
 
-def _genres_from_pipe(df: DataFrame, item_col: str, genres_col: str) -> DataFrame:
+def _genres_from_pipe(df: DataFrame, item_col: str, genres_col: str, title_col: str | None) -> DataFrame:
     genres = F.filter(F.split(F.col(genres_col), r"\|"), lambda g: (g != "") & (g != "(no genres listed)"))
-    return df.select(F.col(item_col).cast("string").alias("item"), genres.alias("categories"))
+    title = F.col(title_col).cast("string") if title_col else F.lit(None).cast("string")
+    return df.select(F.col(item_col).cast("string").alias("item"), genres.alias("categories"), title.alias("title"))
 
 
 # ----------------------------------------------------------------------------------------------- any table
@@ -175,6 +180,7 @@ class ColumnMapping:
     item_categories: str | None = None  # array<string> or a delimited string
     category_separator: str = "|"
     user_features: tuple[str, ...] = ()
+    item_name: str | None = None  # the item's title / name (any type; read as a string)
 
 
 def read_table(spark: SparkSession, path: str, mapping: ColumnMapping, fmt: str = "auto") -> RawTables:
@@ -191,11 +197,12 @@ def read_table(spark: SparkSession, path: str, mapping: ColumnMapping, fmt: str 
     else:
         raise DataValidationError(f"table source: format must be 'auto', 'csv' or 'parquet', got {fmt!r}")
     needed = [mapping.user, mapping.item, mapping.timestamp]
-    needed += [c for c in (mapping.rating, mapping.item_categories) if c]
+    needed += [c for c in (mapping.rating, mapping.item_categories, mapping.item_name) if c]
     needed += list(mapping.user_features)
     _require_columns(df, needed, path)
     interactions = _normalize(df, mapping.user, mapping.item, mapping.timestamp, mapping.rating, source=path)
     items = users = None
+    cats = F.array().cast("array<string>")
     if mapping.item_categories:
         cat = df.schema[mapping.item_categories].dataType
         if isinstance(cat, T.ArrayType):
@@ -210,9 +217,11 @@ def read_table(spark: SparkSession, path: str, mapping: ColumnMapping, fmt: str 
                 f"table source: item category column {mapping.item_categories!r} has type {cat.simpleString()}; "
                 "expected array<string> or a delimited string"
             )
-        items = df.select(F.col(mapping.item).cast("string").alias("item"), cats.alias("categories")).dropDuplicates(
-            ["item"]
-        )
+    if mapping.item_categories or mapping.item_name:
+        title = F.col(mapping.item_name).cast("string") if mapping.item_name else F.lit(None).cast("string")
+        items = df.select(
+            F.col(mapping.item).cast("string").alias("item"), cats.alias("categories"), title.alias("title")
+        ).dropDuplicates(["item"])
     if mapping.user_features:
         users = df.select(
             F.col(mapping.user).cast("string").alias("user"),

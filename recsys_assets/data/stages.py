@@ -159,6 +159,7 @@ def build_mds_dataset(
     )
     hardlink_tree(Path(interactions_root) / "user_features", paths.user_features)
     hardlink_tree(splits_path, paths.splits)
+    id_types = write_id_tables(session, interactions_root, paths)
     meta = S.DatasetMeta(
         num_users=int(cards["num_users"]),
         num_items=int(cards["num_items"]),
@@ -167,6 +168,48 @@ def build_mds_dataset(
         history_length=history_length,
         rows={s: summaries[s]["rows"] for s in S.SPLITS},
         mds_remote=mds_remote,
+        **id_types,
     )
     paths.meta.write_text(meta.to_json())
     return meta, summaries
+
+
+def write_id_tables(session, interactions_root: str | Path, paths: S.DatasetPaths) -> dict[str, str]:
+    """The dataset's map back to the source (schema.DatasetPaths.user_index / item_index: the raw id, and the
+    item's title and category names); returns user_id_type / item_id_type: "int64" when every raw id of that
+    column is the decimal form of an integer (it round-trips through int64), else "string"."""
+    root = Path(interactions_root)
+    user_index = session.read.parquet(str(root / "user_index"))
+    item_index = session.read.parquet(str(root / "item_index"))
+    if S.TITLE not in item_index.columns:  # an interactions folder written before titles were kept
+        item_index = item_index.withColumn(S.TITLE, F.lit(None).cast("string"))
+    category_index = session.read.parquet(str(root / "category_index"))
+    item_features = session.read.parquet(str(root / "item_features"))
+    names = (
+        item_features.select(S.ITEM, F.explode_outer(S.CATEGORIES).alias("category_id"))
+        .join(F.broadcast(category_index), "category_id", "left")
+        .groupBy(S.ITEM)
+        .agg(F.array_sort(F.collect_list("category")).alias(S.CATEGORIES))
+    )
+    (
+        item_index.join(names, S.ITEM, "left")
+        .select(
+            F.col(S.ITEM).cast("int"),
+            "raw_item",
+            S.TITLE,
+            F.coalesce(S.CATEGORIES, F.array().cast("array<string>")).alias(S.CATEGORIES),
+        )
+        .orderBy(S.ITEM)
+        .coalesce(1)
+        .write.parquet(str(paths.item_index))
+    )
+    user_index.select(F.col(S.USER).cast("int"), "raw_user").orderBy(S.USER).coalesce(1).write.parquet(
+        str(paths.user_index)
+    )
+    return {"user_id_type": _id_type(user_index, "raw_user"), "item_id_type": _id_type(item_index, "raw_item")}
+
+
+def _id_type(index: DataFrame, raw_col: str) -> str:
+    as_int = F.expr(f"try_cast(`{raw_col}` AS BIGINT)")
+    not_int = index.filter(as_int.isNull() | (as_int.cast("string") != F.col(raw_col))).limit(1).count()
+    return "string" if not_int else "int64"

@@ -96,7 +96,7 @@ class IndexedTables:
     item_features: DataFrame  # item int, categories array<int>
     user_features: DataFrame  # user int, attr_* int (0 = unknown)
     user_index: DataFrame  # raw_user string, user int
-    item_index: DataFrame  # raw_item string, item int
+    item_index: DataFrame  # raw_item string, item int, title string (null where the source has no title)
     category_index: DataFrame  # category string, category int
     user_attribute_cardinalities: dict[str, int]
 
@@ -132,8 +132,11 @@ def index(cleaned: DataFrame, raw: RawTables) -> IndexedTables:
     )
 
     # Items: categories indexed 0..C-1 (an item with no known category has an empty list).
+    titles = None
     if raw.items is not None:
         items_raw = raw.items.dropDuplicates(["item"])
+        if S.TITLE in items_raw.columns:
+            titles = items_raw.select(F.col("item").alias("_t_item"), F.col(S.TITLE).cast("string").alias(S.TITLE))
         exploded = items_raw.select(F.col("item"), F.explode_outer("categories").alias("category"))
         category_index = _contiguous_index(exploded.filter(F.col("category").isNotNull()), "category", "category_id")
         per_item = (
@@ -171,10 +174,16 @@ def index(cleaned: DataFrame, raw: RawTables) -> IndexedTables:
         item_features=item_features,
         user_features=user_features,
         user_index=user_index.select("raw_user", F.col("_u").alias(S.USER)),
-        item_index=item_index.select("raw_item", F.col("_i").alias(S.ITEM)),
+        item_index=_with_titles(item_index, titles).select("raw_item", F.col("_i").alias(S.ITEM), S.TITLE),
         category_index=category_index,
         user_attribute_cardinalities=cardinalities,
     )
+
+
+def _with_titles(item_index: DataFrame, titles: DataFrame | None) -> DataFrame:
+    if titles is None:
+        return item_index.withColumn(S.TITLE, F.lit(None).cast("string"))
+    return item_index.join(titles, item_index["raw_item"] == titles["_t_item"], "left").drop("_t_item")
 
 
 # ------------------------------------------------------------------------------------------------ splitting

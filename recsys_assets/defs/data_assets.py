@@ -40,6 +40,7 @@ class TableSourceConfig(dg.Config):
     item_categories_column: str | None = None
     category_separator: str = "|"
     user_feature_columns: list[str] = []
+    item_name_column: str | None = Field(None, description="The item's title / name, shown with its source id.")
 
 
 class RawInteractionsConfig(dg.Config):
@@ -102,6 +103,7 @@ def _read_source(spark, config: RawInteractionsConfig) -> sources.RawTables:
         item_categories=t.item_categories_column,
         category_separator=t.category_separator,
         user_features=tuple(t.user_feature_columns),
+        item_name=t.item_name_column,
     )
     return sources.read_table(spark, t.path, mapping, t.format)
 

@@ -9,6 +9,7 @@ from recsys_assets.data import schema as S
 from recsys_assets.defs.configs import TwoTowerConfig, train_config
 from recsys_assets.defs.constants import RETRIEVAL_GROUP, TRAINING_POOL
 from recsys_assets.defs.helpers import curves_metadata, launcher, training_metadata
+from recsys_assets.defs.registry import register_two_tower
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import PublishedFolder, TrainedModel
 
@@ -87,14 +88,16 @@ def two_tower_model(
         )
         for png in fit.curves.values():
             run.log_artifact(png, "plots")
-        run.log_model(fit.final.load_model())
+        model_info = run.log_model(fit.final.load_model())
+        version, registry = register_two_tower(context, run, model_info, out, mds_splits.path, meta)
         run.log_metrics({f"final_{phase}/{k}": v for phase, m in fit.phase_metrics().items() for k, v in m.items()})
     metadata = {
         **run.metadata(),
         **_fit_metadata(fit, out.path),
         "checkpoint_dir": dg.MetadataValue.path(str(checkpoints)),
+        **registry,
     }
-    return out.output(metadata, TrainedModel(path=str(out.path), mlflow_run_id=run.id))
+    return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
 
 
 def _fit_metadata(fit, folder: Path) -> dict:
@@ -114,7 +117,8 @@ def _fit_metadata(fit, folder: Path) -> dict:
     group_name=RETRIEVAL_GROUP,
     kinds={"pytorch", "numpy"},
     tags={"stage": "index", "model": "two_tower"},
-    description="Every item through the candidate tower: item_vectors.npy (row i = item id i) + item_ids.npy.",
+    description="Every item through the candidate tower: item_vectors.npy (row i = item id i) + item_ids.npy + "
+    "items.parquet (row i: the source's item_id, title, categories).",
 )
 def item_embeddings(
     context: dg.AssetExecutionContext,

@@ -10,6 +10,7 @@ from pydantic import Field
 from recsys_assets.defs.configs import DLRMConfig, train_config
 from recsys_assets.defs.constants import RANKING_GROUP, TOP_K, TRAINING_POOL
 from recsys_assets.defs.helpers import curves_metadata, launcher, training_metadata
+from recsys_assets.defs.registry import register_dlrm, served_versions
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import CandidateSet, PublishedFolder, RankingData, TrainedModel
 
@@ -119,7 +120,8 @@ def dlrm_model(
             k=TOP_K,
         )
         result, two_tower = fit.result, fit.gate["holdout_two_tower"]
-        run.log_model(result.load_model())
+        model_info = run.log_model(result.load_model())
+        version, registry = register_dlrm(context, run, model_info, out, ranking_dataset.path, info, fit.gate)
         run.log_metrics({f"final_{name}/{k}": v for name, m in result.final_metrics.items() for k, v in m.items()})
         run.log_metrics({f"final_holdout/two_tower_{k}": v for k, v in two_tower.items()})
         if fit.curves is not None:
@@ -128,8 +130,9 @@ def dlrm_model(
         **run.metadata(),
         **_fit_metadata(fit, out.path),
         "sparse_features": dg.MetadataValue.json([f["name"] for f in layout]),
+        **registry,
     }
-    return out.output(metadata, TrainedModel(path=str(out.path), mlflow_run_id=run.id))
+    return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
 
 
 def _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state) -> tuple[list, dict]:
@@ -172,20 +175,26 @@ def _fit_metadata(fit, folder: Path) -> dict:
     kinds={"pytorch", "parquet"},
     tags={"stage": "ranking"},
     description=f"Top-K per user (K={TOP_K}) after the DLRM re-ranks the Two Tower's candidates at the evaluation "
-    "cutoff: Parquet (user, rank, item, dlrm_score, retrieval_score, retrieval_rank, model run ids).",
+    "cutoff: Parquet (the source's user_id, rank, item_id, title, categories, dlrm_score, retrieval_score, "
+    "retrieval_rank, internal user/item ids, model run ids) + popular.parquet (the lookup's fallback). "
+    "Look a user up with `python -m recsys_assets.cli recommend --user <id>`.",
 )
 def recommendations(
     context: dg.AssetExecutionContext,
     config: RecommendationsConfig,
     dlrm_model: TrainedModel,
     ranking_dataset: RankingData,
+    mds_splits: PublishedFolder,
     state: StateResource,
+    mlflow: MLflowResource,
 ) -> dg.Output[PublishedFolder]:
     from recsys_assets.serving.rerank import recommend
 
     run_ids = {"two_tower_run_id": ranking_dataset.two_tower_run_id, "dlrm_run_id": dlrm_model.mlflow_run_id}
     with state.output_folder(context) as out:
-        top = recommend(dlrm_model, ranking_dataset.path, out.staging, top_k=config.top_k, **run_ids)
+        top = recommend(
+            dlrm_model, ranking_dataset.path, out.staging, dataset_root=mds_splits.path, top_k=config.top_k, **run_ids
+        )
     return out.output(
         {
             "users": int(top["user"].nunique()),
@@ -194,6 +203,7 @@ def recommendations(
             if len(top)
             else 0.0,
             **run_ids,
+            **served_versions(mlflow, ranking_dataset.two_tower_run_id, dlrm_model),
             "preview": dg.MetadataValue.md(top.head(PREVIEW_ROWS).to_markdown(index=False) if len(top) else "(empty)"),
         }
     )

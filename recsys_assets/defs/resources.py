@@ -237,8 +237,9 @@ class MLflowRun:
     def log_text(self, text: str, name: str) -> None:
         self.resource.client().log_text(self.id, text, name)
 
-    def log_model(self, model) -> None:
-        """The model as this run's ``model`` artifact (mlflow.pytorch)."""
+    def log_model(self, model):
+        """The model as this run's ``model`` artifact (mlflow.pytorch); returns MLflow's ModelInfo (its
+        ``model_uri`` / ``model_id`` register it: serving.registry.register_version)."""
         import importlib.metadata
 
         import mlflow
@@ -249,7 +250,7 @@ class MLflowRun:
         with mlflow.start_run(run_id=self.id):
             # pickle format: the default pt2 export needs an input example this KJT-based signature cannot give;
             # explicit pip requirements skip a slow environment inference.
-            mlflow.pytorch.log_model(
+            return mlflow.pytorch.log_model(
                 model,
                 name="model",
                 serialization_format="pickle",

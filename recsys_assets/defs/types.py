@@ -15,10 +15,11 @@ class PublishedFolder:
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-    """A model asset's output: its published folder and the MLflow run that recorded it."""
+    """A model asset's output: its published folder, the MLflow run that recorded it and its model version."""
 
     path: str
     mlflow_run_id: str
+    model_version: str | None = None  # its version of the registered model (defs.registry), when registered
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,10 +28,12 @@ from recsys_assets.serving.retrieval import (
     sample_random_items,
     timed,
 )
+from recsys_assets.serving.source_ids import with_source_ids
 from recsys_assets.training.model_files import load_trained_two_tower
 
 ITEM_VECTORS = "item_vectors.npy"
 HNSW_FILE = "items.hnsw.faiss"
+ITEMS_FILE = "items.parquet"  # row i: item i in the source's ids
 # seeds the sample of users whose queries measure the index's recall
 RECALL_SAMPLE_SEED = 0
 # the two cutoffs: "validation" (train-only fit: the ranker's training queries), "test" (the served model)
@@ -72,7 +74,8 @@ def two_tower_scorer(model_root, dataset_root: str | Path, splits: pd.DataFrame)
 
 def write_item_embeddings(model_root, dataset_root: str | Path, out_dir: Path, two_tower_run_id: str) -> dict:
     """Every item through the served model's candidate tower: item_vectors.npy (row i = item i), item_ids.npy,
-    model.json (provenance). Returns num_items, dim and mean_norm."""
+    items.parquet (row i: item i, its source item_id, title, categories), model.json (provenance). Returns
+    num_items, dim and mean_norm."""
     from recsys_assets.models.features import FeatureStore
     from recsys_assets.models.two_tower import ItemEncoder
 
@@ -82,6 +85,8 @@ def write_item_embeddings(model_root, dataset_root: str | Path, out_dir: Path, t
         vectors = ItemEncoder(model, store).encode_all().numpy().astype(np.float32)
     np.save(out_dir / ITEM_VECTORS, vectors)
     np.save(out_dir / "item_ids.npy", np.arange(len(vectors), dtype=np.int64))
+    items = pd.DataFrame({S.ITEM: np.arange(len(vectors), dtype=np.int32)})
+    with_source_ids(items, dataset_root).to_parquet(out_dir / ITEMS_FILE, index=False)
     (out_dir / "model.json").write_text(
         json.dumps({"mlflow_run_id": two_tower_run_id, "model_path": str(getattr(model_root, "path", model_root))})
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys_assets.serving.source_ids import publish_recommendations
 from recsys_assets.training.model_files import load_dlrm_model
 
 # pairs scored per DLRM forward pass
@@ -37,10 +38,18 @@ def dlrm_scores(dlrm_root, pairs_path: str | Path, batch_size: int = SCORE_BATCH
 
 
 def recommend(
-    dlrm_root, ranking_root: str | Path, out_dir: Path, *, top_k: int, two_tower_run_id: str, dlrm_run_id: str
+    dlrm_root,
+    ranking_root: str | Path,
+    out_dir: Path,
+    *,
+    dataset_root: str | Path,
+    top_k: int,
+    two_tower_run_id: str,
+    dlrm_run_id: str,
 ) -> pd.DataFrame:
     """Top `top_k` per user by DLRM score (ties: the retrieval rank) over the test candidates; writes
-    recommendations.parquet (RECOMMENDATION_COLUMNS) and returns that table."""
+    recommendations.parquet (RECOMMENDATION_COLUMNS led by the source's user_id, item_id, title, categories of
+    `dataset_root`: source_ids.publish_recommendations, with popular.parquet) and returns that table."""
     test = Path(ranking_root) / "test.parquet"
     recs = pd.read_parquet(test, columns=["user", "item", "retrieval_score", "retrieval_rank"])
     recs["dlrm_score"] = dlrm_scores(dlrm_root, test)
@@ -50,5 +59,4 @@ def recommend(
     top["two_tower_run_id"] = two_tower_run_id
     top["dlrm_run_id"] = dlrm_run_id
     top = top[RECOMMENDATION_COLUMNS]
-    top.to_parquet(out_dir / "recommendations.parquet", index=False)
-    return top
+    return publish_recommendations(top, dataset_root, out_dir)

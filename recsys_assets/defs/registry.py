@@ -1,0 +1,147 @@
+"""The model assets' MLflow Model Registry step (logic: recsys_assets.serving.registry): the run's input data as
+MLflow datasets, a new registered model version tagged with the Dagster run and the data version, and the
+champion / challenger decision, returned as asset metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from recsys_assets.data.checks import CheckOutcome
+from recsys_assets.defs.constants import TOP_K
+from recsys_assets.defs.resources import MLflowRun, OutputFolder, root_run_id
+
+DATA_VERSION_TAG = "dagster/data_version"
+
+
+def input_data_version(context, asset: str) -> str | None:
+    """The Dagster data version of `asset`'s latest materialization (the one this run reads), if recorded."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    return None if event is None else (event.tags or {}).get(DATA_VERSION_TAG)
+
+
+def register_model(
+    context,
+    run: MLflowRun,
+    model_info: Any,
+    *,
+    model: str,
+    out: OutputFolder,
+    data: tuple[str, str, Mapping[str, tuple[Path, int]]],
+    gate: CheckOutcome,
+    score: Callable[[Path], float],
+    metric: str,
+) -> tuple[str, dict]:
+    """Logs the inputs (`data`: input asset, its published folder, {context: (path, rows)}), registers the model
+    `model_info` of `run` as a version of serving.registry.REGISTERED_MODELS[model] and promotes it (`gate`: the
+    asset's own quality gate; `score(model folder)`: `metric` on the new validation data, for this model and the
+    champion). Returns (version, metadata)."""
+    from recsys_assets.serving import registry as R
+
+    asset, data_path, splits = data
+    version = input_data_version(context, asset)
+    client = run.resource.client()
+    R.log_input_folders(
+        client,
+        run.id,
+        {
+            split: {"name": f"{asset}/{split}", "path": str(path), "rows": int(rows), "data_version": version}
+            for split, (path, rows) in splits.items()
+        },
+    )
+    name = R.REGISTERED_MODELS[model]
+    tags = {
+        "dagster.run_id": context.run.run_id,
+        "dagster.root_run_id": root_run_id(context),
+        "dagster.asset_key": context.asset_key.to_user_string(),
+        "data_path": data_path,
+        "data_version": version or "",
+        R.MODEL_FOLDER_TAG: str(out.path),
+        "gates_passed": gate.passed,
+        R.METRIC_TAG: metric,
+    }
+    mv = R.register_version(client, name, model_info, run.id, tags)
+    decision = R.promote(
+        client,
+        name,
+        mv.version,
+        lambda: score(out.staging),
+        lambda champion: score(R.champion_folder(champion)),
+        gate.passed,
+        gate_reason=gate.description or "",
+        metric=metric,
+    )
+    context.log.info(f"{name} v{mv.version}: {decision.alias} ({decision.reason})")
+    return str(mv.version), {
+        "registered_model": name,
+        "model_version": str(mv.version),
+        "model_version_url": dg.MetadataValue.url(R.model_version_url(run.resource.ui_url, name, mv.version)),
+        "registry_alias": decision.alias,
+        "registry_reason": decision.reason,
+        "registry_previous_champion": decision.champion_version or "",
+        "data_version": version or "",
+    }
+
+
+def register_two_tower(context, run: MLflowRun, model_info, out: OutputFolder, mds_root: str, meta) -> tuple[str, dict]:
+    """`register_model` for the Two Tower: gate = validation NDCG@K beats MostPopular (the blocking check's
+    code); champion comparison = the train-only fits' validation NDCG@K on the new mds_splits."""
+    from recsys_assets.data import schema as S
+    from recsys_assets.evaluation.gates import two_tower_beats_most_popular
+    from recsys_assets.serving.registry import two_tower_validation_score
+
+    paths = S.DatasetPaths(Path(mds_root))
+    return register_model(
+        context,
+        run,
+        model_info,
+        model="two_tower",
+        out=out,
+        data=("mds_splits", mds_root, {split: (paths.mds(split), rows) for split, rows in meta.rows.items()}),
+        gate=two_tower_beats_most_popular(out.staging, mds_root, k=TOP_K),
+        score=lambda folder: two_tower_validation_score(folder, mds_root, TOP_K),
+        metric=f"validation_ndcg@{TOP_K}",
+    )
+
+
+def register_dlrm(
+    context, run: MLflowRun, model_info, out: OutputFolder, ranking_root: str, info: dict, gate_evidence: dict
+) -> tuple[str, dict]:
+    """`register_model` for the DLRM: gate = the holdout-list gate (DLRM order >= Two Tower order + min gain);
+    champion comparison = both DLRMs' NDCG@K over the new ranking_dataset's holdout lists."""
+    from recsys_assets.evaluation.gates import two_stage_at_least_two_tower
+    from recsys_assets.serving.registry import dlrm_holdout_score
+
+    root = Path(ranking_root)
+    files = {"train": root / "mds" / "train", "holdout": root / "holdout.parquet", "test": root / "test.parquet"}
+    return register_model(
+        context,
+        run,
+        model_info,
+        model="dlrm",
+        out=out,
+        data=("ranking_dataset", ranking_root, {k: (p, info["rows"].get(k, 0)) for k, p in files.items()}),
+        gate=two_stage_at_least_two_tower(gate_evidence, k=TOP_K),
+        score=lambda folder: dlrm_holdout_score(folder, ranking_root, TOP_K),
+        metric=f"holdout_ndcg@{TOP_K}",
+    )
+
+
+def served_versions(mlflow, two_tower_run_id: str, dlrm_model) -> dict[str, Any]:
+    """The registered versions behind a recommendations table, as metadata: the DLRM's from its asset value, the
+    Two Tower's (the run that proposed the candidates) looked up by its MLflow run; links to their pages."""
+    from recsys_assets.serving import registry as R
+
+    versions = {
+        "two_tower": R.version_of_run(mlflow.client(), R.REGISTERED_MODELS["two_tower"], two_tower_run_id),
+        "dlrm": dlrm_model.model_version,
+    }
+    metadata: dict[str, Any] = {f"{m}_version": v or "" for m, v in versions.items()}
+    for m, v in versions.items():
+        if v:
+            url = R.model_version_url(mlflow.ui_url, R.REGISTERED_MODELS[m], v)
+            metadata[f"{m}_version_url"] = dg.MetadataValue.url(url)
+    return metadata
