@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   materializes the whole asset graph on the embedded defaults
 #   make test   runs the test suite
-#   make test-fast  the tests without multi-process training or a Spark cluster (a few minutes)
+#   make test-fast  the tests without multi-process training, UI servers or a Spark cluster (~2 minutes)
 #   make lint       ruff lint + format check (part of make test)
 # Both create (or reuse) the virtual environment via scripts/bootstrap.sh; it is cached outside the clone
 # (~/.cache/recsys_assets/venv-<variant>-<hash of the dependency spec>). RECSYS_VARIANT=cuda selects the

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # a dagster-webserver and a headless browser
+
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = {"data", "retrieval", "ranking", "evaluation"}
 PROBE_ASSET = "ui_probe_training_curves"
@@ -87,6 +89,7 @@ from pathlib import Path
 import dagster as dg
 
 from recsys_assets.evaluation.plots import image_markdown, training_curves_png
+
 
 
 @dg.asset(group_name="evaluation", kinds={{"python"}}, tags={{"stage": "test"}}, description="UI test probe.")

@@ -15,7 +15,7 @@ from recsys_assets.ui import descendants
 REPO = Path(__file__).resolve().parents[1]
 STOP_BOUND_S = 10.0
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(400)]  # both servers and their helpers
 
 
 def _free_port() -> int:
