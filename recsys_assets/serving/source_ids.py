@@ -50,11 +50,11 @@ def id_maps(dataset_root: str | Path) -> tuple[pd.Series, pd.DataFrame]:
     return user_ids.sort_index(), item_info.sort_index()
 
 
-def with_source_ids(table: pd.DataFrame, dataset_root: str | Path) -> pd.DataFrame:
+def with_source_ids(table: pd.DataFrame, dataset_root: str | Path, maps=None) -> pd.DataFrame:
     """`table` with user_id (where it has `user`), item_id, title and categories (where it has `item`) in the
     source's ids, those columns first; the internal ids stay as `user` / `item`. An id the dataset does not
-    know raises KeyError."""
-    user_ids, item_info = id_maps(dataset_root)
+    know raises KeyError. `maps`: `id_maps(dataset_root)` already read (else read here)."""
+    user_ids, item_info = maps if maps is not None else id_maps(dataset_root)
     out = table.reset_index(drop=True).copy()
     if S.USER in out:
         out[S.USER_ID] = user_ids.loc[out[S.USER].to_numpy()].to_numpy()
@@ -66,7 +66,7 @@ def with_source_ids(table: pd.DataFrame, dataset_root: str | Path) -> pd.DataFra
     return out[first + [c for c in out.columns if c not in first]]
 
 
-def popular_items(dataset_root: str | Path, n: int = POPULAR_ITEMS) -> pd.DataFrame:
+def popular_items(dataset_root: str | Path, n: int = POPULAR_ITEMS, maps=None) -> pd.DataFrame:
     """The `n` items with the most train + validation interactions (ties: lower internal id), in source ids:
     item_id, title, categories, popularity (the count), item."""
     splits = load_splits_frame(dataset_root, [S.ITEM, S.SPLIT])
@@ -74,13 +74,14 @@ def popular_items(dataset_root: str | Path, n: int = POPULAR_ITEMS) -> pd.DataFr
     counts = fit.groupby(S.ITEM).size().rename(POPULARITY).reset_index()
     top = counts.sort_values([POPULARITY, S.ITEM], ascending=[False, True], kind="stable").head(n)
     top[POPULARITY] = top[POPULARITY].astype("int64")
-    return with_source_ids(top, dataset_root)
+    return with_source_ids(top, dataset_root, maps)
 
 
 def publish_recommendations(top: pd.DataFrame, dataset_root: str | Path, out_dir: Path) -> pd.DataFrame:
     """recommendations.parquet (`top` with the source's ids) and popular.parquet (`popular_items`, the
     lookup's fallback) into `out_dir`; returns the recommendations as written."""
-    out = with_source_ids(top, dataset_root)
+    maps = id_maps(dataset_root)  # read once for both tables
+    out = with_source_ids(top, dataset_root, maps)
     out.to_parquet(Path(out_dir) / RECOMMENDATIONS_FILE, index=False)
-    popular_items(dataset_root).to_parquet(Path(out_dir) / POPULAR_FILE, index=False)
+    popular_items(dataset_root, maps=maps).to_parquet(Path(out_dir) / POPULAR_FILE, index=False)
     return out
