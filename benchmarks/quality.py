@@ -1,35 +1,70 @@
-"""Quality of the two-stage recommender on MovieLens (ml-latest-small), against the baselines, one evaluator.
+"""Quality of the served list and of every stage against the baselines, on any interaction table, over seeds.
 
-Reproduce (prints the tables below; ~8 min on 2 cores):
-    V=$(bash scripts/bootstrap.sh); PYSPARK_PYTHON=$V/bin/python $V/bin/python benchmarks/quality.py \
-        [--movielens ../shared/data/ml-latest-small] [--work /tmp/quality] [--run-config extra.yaml]
+Reproduce (one evaluator, test phase; ~8 min per seed on 2 cores for ml-latest-small, ~12 for Last.fm):
+    V=$(bash scripts/bootstrap.sh); export PYSPARK_PYTHON=$V/bin/python
+    $V/bin/python benchmarks/quality.py --dataset movielens --seeds 3 --sasrec
+    $V/bin/python benchmarks/quality.py --dataset lastfm --seeds 3
+    $V/bin/python benchmarks/quality.py --source-config my_table.yaml --seeds 3   # any table
 
-What it does: materializes the whole Dagster graph (real Spark, TorchDistributor with 2 gloo processes, MLflow
-on a SQLite file under --work) with the MovieLens source, then prints
-1. the `evaluation` asset's table: test phase, full ranking, train and validation items excluded — retrieval
-   HR@K, the Two Tower alone, the two-stage list (Two Tower top-K → DLRM top-10), MostPopular, LastItemMarkov,
-   EASE and Spark ALS (each tuned on validation), with the issue's target (1.5 × the best baseline);
-2. the ranker's own numbers: AUROC / log-loss on holdout and test pairs, and the holdout users' validation
-   lists ordered by the Two Tower vs by the DLRM (the quality gate's evidence: the only numbers any setting was
-   chosen on, together with the validation metrics of the Two Tower).
-Settings are chosen on validation only (epochs by early stopping; EASE λ and ALS by `tune`); test is reported
-once per run.
+Datasets: `movielens` (../shared/data/ml-latest-small, or --path to any MovieLens folder), `lastfm` (HetRec 2011
+Last.fm, ../shared/data/hetrec2011-lastfm-2k: play counts without time, so each user's rows are put in a seeded
+random order; artist names and tags through side tables), or `--source-config` (the `raw_interactions` config
+block as YAML/JSON: a table path and its column mapping).
+
+What it does: materializes the whole Dagster graph (real Spark, TorchDistributor with 2 gloo processes, MLflow on
+SQLite under --work) for seed 0; for each further seed it materializes the model stages again (two_tower_model
+→ … → evaluation) on the same data assets with every model seed changed. Baselines are deterministic: their
+settings are chosen on validation in the first run and pinned afterwards (same numbers, less time); SASRec,
+seeded by itself, runs once and its row is reused. It prints
+the mean ± std over seeds of each row of the `evaluation` asset's table (HR@10, NDCG@10, retrieval HR@100), the
+served stage of each seed, and the targets: the served list against the best classical baseline (MostPopular,
+LastItemMarkov, EASE, ALS) and SASRec, and the retrieval pool's HR@K against the best baseline HR@100.
+Settings are chosen on validation only; test is read once per run, in `evaluation`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data"
+MODEL_STAGES = (
+    "two_tower_model",
+    "item_embeddings",
+    "item_index",
+    "retrieval_candidates",
+    "ranking_dataset",
+    "dlrm_model",
+    "recommendations",
+    "evaluation",
+)
+CLASSICAL = ("mostpopular", "lastitemmarkov", "ease", "spark_als")
 
-DEFAULT_RUN_CONFIG = {
-    "two_tower_model": {"config": {"epochs": 10, "patience": 3}},
-}
+
+def lastfm_source(root: Path) -> dict:
+    """The Last.fm files through the `table` source: a column mapping and two side tables, nothing else."""
+    return {
+        "source": "table",
+        "table": {
+            "path": str(root / "user_artists.dat"),
+            "user_column": "userID",
+            "item_column": "artistID",
+            "timestamp_column": None,
+            "order": "random",
+            "rating_column": "weight",
+            "integer_ids": True,
+            "item_tables": [
+                {"path": str(root / "artists.dat"), "item_column": "id", "name_column": "name"},
+                {"path": str(root / "user_taggedartists.dat"), "item_column": "artistID", "category_column": "tagID"},
+            ],
+        },
+    }
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -39,19 +74,25 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def run(movielens: Path, work: Path, extra: dict) -> dict:
+def _seeded(seed: int) -> dict:
+    return {
+        "two_tower_model": {"config": {"seed": seed}},
+        "retrieval_candidates": {"config": {"seed": seed}},
+        "ranking_dataset": {"config": {"seed": seed}},
+        "dlrm_model": {"config": {"seed": seed}},
+    }
+
+
+def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dict:
     import dagster as dg
 
     from recsys_assets.definitions import defs
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
-    ops = _merge(
-        DEFAULT_RUN_CONFIG, {"raw_interactions": {"config": {"source": "movielens", "movielens_path": str(movielens)}}}
-    )
-    ops = _merge(ops, extra.get("ops", {}))
     t0 = time.time()
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
+        selection=dg.AssetSelection.assets(*selection) if selection else None,
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
             "state": StateResource(root=str(work / "state")),
@@ -59,69 +100,137 @@ def run(movielens: Path, work: Path, extra: dict) -> dict:
             "mlflow": MLflowResource(
                 tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_location=(work / "artifacts").as_uri()
             ),
+            # on disk: a later run of the model stages loads the data assets of the first run
+            "io_manager": dg.FilesystemIOManager(base_dir=str(work / "io")),
         },
-        run_config={"ops": ops},
+        run_config={"ops": {k: v for k, v in ops.items() if not selection or k in selection}},
         raise_on_error=False,
     )
-    seconds = time.time() - t0
-    md = {}
-    for e in result.get_asset_materialization_events():
-        md[e.asset_key.to_user_string()] = {k: v.value for k, v in e.materialization.metadata.items()}
+    md = {
+        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
     checks = {e.check_name: (e.passed, e.description) for e in result.get_asset_check_evaluations()}
-    return {"success": result.success, "metadata": md, "checks": checks, "seconds": seconds}
+    return {"success": result.success, "metadata": md, "checks": checks, "seconds": time.time() - t0}
+
+
+def pinned_baselines(evaluation_folder: Path) -> dict:
+    """The evaluation config that re-runs the baselines with the settings chosen on validation in run 1."""
+    chosen = json.loads((evaluation_folder / "evaluation.json").read_text())["chosen"]
+    pins: dict = {}
+    if "EASE" in chosen:
+        pins["ease_lambdas"] = [float(chosen["EASE"]["lam"])]
+    if "Spark ALS" in chosen:
+        p = chosen["Spark ALS"]
+        pins.update(als_ranks=[int(p["rank"])], als_reg_params=[float(p["reg_param"])], als_alphas=[float(p["alpha"])])
+    if "SASRec" in chosen:
+        pins.update({f"sasrec_{k}": [v] for k, v in chosen["SASRec"].items()})
+    return pins
+
+
+def summarize(runs: list[dict]) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """Mean and std (population std over seeds; 0 for one seed) of every flat evaluation metric."""
+    keys = sorted({k for r in runs for k, v in r.items() if isinstance(v, float)})
+    out = {}
+    for k in keys:
+        values = [r[k] for r in runs if k in r]
+        out[k] = (statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
+    models = sorted({k.rsplit("_", 1)[0] for k in keys if k.endswith("_hr@10")})
+    return out, models
+
+
+def report(name: str, runs: list[dict], served: list[str], seconds: list[float]) -> str:
+    stats, models = summarize(runs)
+    fmt = lambda k: f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" if k in stats else ""  # noqa: E731
+    k100 = next((k.split("@")[1] for k in stats if k.startswith("two_stage_retrieval_hr@")), "100")
+    lines = [
+        f"\n## {name}: test phase, mean ± std over {len(runs)} seed(s); served stage per seed: {served}; "
+        f"graph seconds per seed: {[round(s) for s in seconds]}",
+        f"| model | HR@10 | NDCG@10 | HR@{k100} |",
+        "|---|---|---|---|",
+    ]
+    for m in models:
+        hr100 = f"{m}_retrieval_hr@{k100}" if f"{m}_retrieval_hr@{k100}" in stats else f"{m}_hr@{k100}"
+        lines.append(f"| {m} | {fmt(f'{m}_hr@10')} | {fmt(f'{m}_ndcg@10')} | {fmt(hr100)} |")
+    classical = [m for m in models if m.startswith(CLASSICAL)]
+    lines += ["", "| target | value | reference | ratio |", "|---|---|---|---|"]
+    for metric in ("hr@10", "ndcg@10"):
+        served_v = stats[f"served_list_{metric}"][0]
+        best = max(classical, key=lambda m: stats[f"{m}_{metric}"][0])
+        ref = stats[f"{best}_{metric}"][0]
+        lines.append(
+            f"| served {metric.upper()} vs best classical ({best}) | {served_v:.4f} | {ref:.4f} | "
+            f"{served_v / ref:.2f}x |"
+        )
+        if f"sasrec_{metric}" in stats:
+            sas = stats[f"sasrec_{metric}"][0]
+            lines.append(f"| served {metric.upper()} vs SASRec | {served_v:.4f} | {sas:.4f} | {served_v / sas:.2f}x |")
+    pool = stats.get(f"two_stage_retrieval_hr@{k100}", (float("nan"),))[0]
+    best_hr = max(classical, key=lambda m: stats.get(f"{m}_hr@{k100}", (0.0,))[0])
+    ref = stats.get(f"{best_hr}_hr@{k100}", (float("nan"),))[0]
+    lines.append(
+        f"| retrieval pool HR@{k100} vs best baseline ({best_hr}) | {pool:.4f} | {ref:.4f} | {pool / ref:.2f}x |"
+    )
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--movielens", default=str(REPO.parent / "shared" / "data" / "ml-latest-small"))
+    ap.add_argument("--dataset", choices=("movielens", "lastfm"), default="movielens")
+    ap.add_argument("--path", default=None, help="The dataset's folder (default: under ../shared/data).")
+    ap.add_argument("--source-config", default=None, help="YAML/JSON raw_interactions config (any table).")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--sasrec", action="store_true", help="Add the SASRec reference to the evaluation.")
     ap.add_argument("--work", default="/tmp/recsys-quality")
-    ap.add_argument("--run-config", default=None, help="YAML/JSON with extra {'ops': ...} run config")
+    ap.add_argument("--run-config", default=None, help="YAML/JSON with extra {'ops': ...} run config.")
     args = ap.parse_args()
-    ml = Path(args.movielens)
-    if not (ml / "ratings.csv").exists():
-        print(f"skipped: {ml} has no ratings.csv (MovieLens latest-small is expected beside the repo)")
-        return 0
-    extra = {}
-    if args.run_config:
-        import yaml
+    import yaml
 
-        extra = yaml.safe_load(Path(args.run_config).read_text())
+    if args.source_config:
+        source, name = yaml.safe_load(Path(args.source_config).read_text()), args.source_config
+    elif args.dataset == "lastfm":
+        root = Path(args.path or SHARED / "hetrec2011-lastfm-2k")
+        if not (root / "user_artists.dat").exists():
+            print(f"skipped: {root} has no user_artists.dat (HetRec 2011 Last.fm is expected beside the repo)")
+            return 0
+        source, name = lastfm_source(root), f"Last.fm ({root.name}, random order)"
+    else:
+        root = Path(args.path or SHARED / "ml-latest-small")
+        if not root.exists():
+            print(f"skipped: {root} does not exist (MovieLens latest-small is expected beside the repo)")
+            return 0
+        source, name = {"source": "movielens", "movielens_path": str(root)}, f"MovieLens ({root.name})"
+    ops = {"raw_interactions": {"config": source}}
+    if args.sasrec:
+        ops["evaluation"] = {"config": {"sasrec": True}}
+    if args.run_config:
+        ops = _merge(ops, yaml.safe_load(Path(args.run_config).read_text()).get("ops", {}))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    out = run(ml, work, extra)
-    md = out["metadata"]
-    print(f"\nml-latest-small, whole graph materialized in {out['seconds']:.0f} s, success={out['success']}")
-    for name, (passed, why) in sorted(out["checks"].items()):
-        print(f"  check {name}: {'passed' if passed else 'FAILED'}{'' if passed else ' — ' + str(why)}")
-    tt = md.get("two_tower_model", {})
-    print(
-        f"\nTwo Tower validation (fit train): HR@10 {tt.get('validation_hr@10', float('nan')):.4f} "
-        f"NDCG@10 {tt.get('validation_ndcg@10', float('nan')):.4f} (best epoch {tt.get('best_epoch')})"
-    )
-    d = md.get("dlrm_model", {})
-    if d:
-        print("\nDLRM ranker (pairs):")
-        print(d["metrics"])
-    ev = md.get("evaluation")
-    if not ev:
-        print("\n(no evaluation: the graph stopped before it; see the checks above)")
-        return 1
-    print("\nTest phase (evaluation asset):")
-    print(ev["metrics"])
-    baselines = {k: v for k, v in ev.items() if isinstance(v, float) and not k.startswith(("two_stage", "two_tower"))}
-    best_hr = max(v for k, v in baselines.items() if k.endswith("_hr@10"))
-    best_ndcg = max(v for k, v in baselines.items() if k.endswith("_ndcg@10"))
-    print("\n| | two-stage | best baseline | target (1.5x) | ratio |\n|---|---|---|---|---|")
-    for m, best in (("hr@10", best_hr), ("ndcg@10", best_ndcg)):
-        v = ev[f"two_stage_{m}"]
-        print(f"| {m.upper()} | {v:.4f} | {best:.4f} | {1.5 * best:.4f} | {v / best:.2f}x |")
-    print(
-        f"| NDCG@10 two-stage vs Two Tower alone | {ev['two_stage_ndcg@10']:.4f} | {ev['two_tower_ndcg@10']:.4f} | | "
-        f"{ev['two_stage_ndcg@10'] / ev['two_tower_ndcg@10']:.2f}x |"
-    )
-    (work / "quality.json").write_text(
-        json.dumps({k: v for k, v in ev.items() if isinstance(v, (int, float))}, indent=2)
-    )
+    runs, served, seconds = [], [], []
+    for seed in range(args.seeds):
+        out = materialize(work, _merge(ops, _seeded(seed)), None if seed == 0 else MODEL_STAGES)
+        for check, (passed, why) in sorted(out["checks"].items()):
+            if not passed:
+                print(f"seed {seed}: check {check} FAILED — {why}")
+        ev = out["metadata"].get("evaluation")
+        if not ev:
+            print(f"seed {seed}: no evaluation (the graph stopped before it; see the checks above)")
+            return 1
+        print(f"seed {seed}: {out['seconds']:.0f} s, served {ev['served_stage']}\n{ev['metrics']}", flush=True)
+        metrics = {k: v for k, v in ev.items() if isinstance(v, float)}
+        if seed > 0 and args.sasrec:  # deterministic (seeded by itself): computed once, in run 1
+            metrics.update({k: v for k, v in runs[0].items() if k.startswith("sasrec_")})
+        runs.append(metrics)
+        served.append(ev["served_stage"])
+        seconds.append(out["seconds"])
+        if seed == 0:
+            pins = pinned_baselines(Path(ev["published_path"]))
+            ops = _merge(ops, {"evaluation": {"config": {**pins, "sasrec": False}}})
+    text = report(name, runs, served, seconds)
+    print(text)
+    (work / "quality.md").write_text(text + "\n")
+    (work / "quality.json").write_text(json.dumps({"runs": runs, "served": served, "seconds": seconds}, indent=2))
     return 0
 
 

@@ -59,6 +59,14 @@ def ml_latest_small(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lastfm(shared_data: Path) -> Path:
+    path = shared_data / "hetrec2011-lastfm-2k"
+    if not (path / "user_artists.dat").is_file():
+        pytest.skip(f"HetRec 2011 Last.fm not found at {path} (expected beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def pyspark_sample_ratings() -> Path:
     """pyspark's bundled ``data/mllib/als/sample_movielens_ratings.txt`` (user::item::rating::timestamp)."""
     import pyspark

@@ -16,6 +16,8 @@ from recsys_assets.defs import automation as A
 from recsys_assets.defs.data_assets import RawInteractionsConfig, TableSourceConfig, data_assets
 from recsys_assets.defs.data_checks import data_checks
 from recsys_assets.defs.model_assets import model_assets, two_tower_model
+from recsys_assets.defs.ranking_assets import ranking_assets
+from recsys_assets.defs.retrieval_assets import retrieval_assets
 
 ENV_VARS = (A.RETRAIN_CRON_ENV, A.RETRAIN_TIMEZONE_ENV, A.RUN_CONFIG_ENV, A.SENSOR_INTERVAL_ENV)
 
@@ -30,7 +32,8 @@ def _defs(schedules=None, sensors=None) -> dg.Definitions:
     from recsys_assets.definitions import default_resources
 
     return dg.Definitions(
-        assets=[*data_assets, *model_assets],
+        # the graph up to the ranker: the demo run config sets dlrm_model too
+        assets=[*data_assets, *model_assets, *retrieval_assets, *ranking_assets],
         asset_checks=[*data_checks],
         resources=default_resources(),
         jobs=A.jobs,
@@ -176,6 +179,7 @@ def test_sensor_first_tick_records_then_skips_then_requests_on_change(tmp_path):
                     "source": "movielens",
                     "movielens_path": str(folder),
                     "synthetic": {"size": "small", "seed": 0},
+                    "bad_lines": "fail",
                 }
             }
         }

@@ -257,3 +257,61 @@ def test_failure_inside_publish_leaves_no_version_and_no_temp_folder(spark, tmp_
         result, state_root, ["raw_interactions", "interactions", "interaction_splits", "mds_splits"]
     )
     assert not any(".tmp-" in p.name for p in state_root.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------------ malformed lines
+def _u_data(tmp_path: Path, *bad: str) -> Path:
+    root = tmp_path / "ml-100k"
+    root.mkdir()
+    lines = ["1\t10\t4\t881250949", "1\t20\t3\t881250950", *bad, "2\t10\t5\t881250951"]
+    (root / "u.data").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("garbage line here", "no value for column 'item'"),
+        ("196\tx\t3\t881250949", "column 'item': x is not an integer"),
+        ("196\t10\tgood\t881250949", "column 'rating': good is not a number"),
+        ("196\t10\t3\t881250949\textra", "more than 4 fields"),
+    ],
+)
+def test_movielens_malformed_line_is_named_by_file_and_line(spark, tmp_path: Path, line: str, problem: str):
+    """u.data line 3 is malformed: the read fails naming u.data:3 and what is wrong; with bad_lines='drop'
+    the line is dropped and counted."""
+    root = _u_data(tmp_path, line)
+    with pytest.raises(DataValidationError, match="1 of 4 lines are malformed") as e:
+        read_movielens(spark, root)
+    assert f"u.data:3: {problem}" in str(e.value)
+    assert "bad_lines='drop'" in str(e.value)
+
+    raw = read_movielens(spark, root, bad_lines="drop")
+    assert raw.bad_lines == 1 and raw.bad_examples[0].startswith("u.data:3:")
+    assert sorted((r.user, r.item) for r in raw.interactions.collect()) == [("1", "10"), ("1", "20"), ("2", "10")]
+
+
+def test_table_text_malformed_lines(spark, tmp_path: Path):
+    """A CSV table: a bad timestamp and, with integer ids, a non-integer id are named with their line."""
+    path = tmp_path / "events.csv"
+    path.write_text("uid,iid,ts\n1,10,1000\n1,abc,1001\n2,10,yesterday\n2,11,2021-01-01\n")
+    with pytest.raises(DataValidationError, match="events.csv:4: column 'ts': yesterday is neither") as e:
+        read_table(spark, str(path), ColumnMapping(user="uid", item="iid", timestamp="ts"))
+    assert "1 of 4 lines" in str(e.value)  # string ids: "abc" is a valid id
+    with pytest.raises(DataValidationError, match="2 of 4 lines") as e:
+        read_table(spark, str(path), ColumnMapping(user="uid", item="iid", timestamp="ts", integer_ids=True))
+    assert "events.csv:3: column 'iid': abc is not an integer" in str(e.value)
+    raw = read_table(spark, str(path), ColumnMapping(user="uid", item="iid", timestamp="ts"), bad_lines="drop")
+    assert sorted(tuple(r)[:3] for r in raw.interactions.collect()) == [
+        ("1", "10", 1000),
+        ("1", "abc", 1001),
+        ("2", "11", 1609459200),
+    ]
+
+
+def test_table_without_time_needs_an_order(spark, tmp_path: Path):
+    path = _parquet(tmp_path, pd.DataFrame(GOOD))
+    with pytest.raises(DataValidationError, match="no timestamp column; set order to 'random'"):
+        read_table(spark, path, ColumnMapping(timestamp=None))
+    with pytest.raises(DataValidationError, match="order 'random' is for a table without time"):
+        read_table(spark, path, ColumnMapping(order="random"))

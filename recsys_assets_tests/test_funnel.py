@@ -55,13 +55,13 @@ def _assets_and_checks():
 def funnel(tmp_path_factory, spark):
     assets, checks, _ = _assets_and_checks()
     root = tmp_path_factory.mktemp("funnel")
-    # The gate's threshold is lowered here so the mechanics of every downstream asset are tested whatever the
-    # ranker's quality on tiny data; `test_failed_gate_*` below raises it to make the gate fail.
+    # The served stage is whichever wins on the holdout lists (on tiny data often the retrieval order);
+    # `test_when_the_ranker_loses_*` below demands an impossible gain to force the retrieval order.
     # a persistent instance, so the `recsys-assets` command can read it (test_recommendations_in_source_ids_…)
     (root / "dagster_home").mkdir()
     instance = dg.DagsterInstance.local_temp(str(root / "dagster_home"))
     result = dg.materialize(
-        [*assets, *checks], resources=_resources(root), run_config=_run_config(-1.0), instance=instance
+        [*assets, *checks], resources=_resources(root), run_config=_run_config(0.0), instance=instance
     )
     return result, root
 
@@ -85,7 +85,7 @@ def test_every_asset_and_check_of_the_graph_ran(funnel):
     assert done == {k.to_user_string() for k in graph.get_all_asset_keys()}
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["ranking_data_has_no_test_period"] and checks["two_tower_beats_most_popular"]
-    assert checks["two_stage_at_least_two_tower"]
+    assert checks["served_list_beats_most_popular"]
 
 
 def test_candidates_never_include_fit_items(funnel):
@@ -99,9 +99,14 @@ def test_candidates_never_include_fit_items(funnel):
         seen = splits[splits["split"].isin(fit)][["user", "item"]].drop_duplicates()
         clash = c.merge(seen, on=["user", "item"])
         assert clash.empty, f"{phase} candidates contain fit items: {clash.head()}"
-        # ranks are 0..k-1 in descending score order
+        # Two Tower ranks follow its scores; the pool holds the Two Tower's and EASE's best items, interleaved
         c = c.sort_values(["user", "retrieval_rank"])
         assert (c.groupby("user")["retrieval_score"].diff().dropna() <= 1e-6).all()
+        assert (c.groupby("user")["pool_rank"].agg(lambda r: sorted(r) == list(range(len(r))))).all()
+        share = _md(result, "retrieval_candidates")["item_item_share"]
+        best = c.groupby("user").agg(tt=("retrieval_rank", "min"), ii=("item_item_rank", "min"))
+        assert share == 1.0 or (best["tt"] == 0).all()
+        assert share == 0.0 or (best["ii"] == 0).all()
 
 
 def test_ranker_training_data_has_no_test_period_rows(funnel):
@@ -157,8 +162,10 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     assert "categories" in names and any(n.startswith("attr_") for n in names)
     assert not names & {"user", "item", "history"}
     assert isinstance(model, torch.nn.Module)
-    # registered: the first version of recsys_dlrm, champion (gate passed), tagged with the Dagster run
-    assert md["model_version"] == "1" and md["registry_alias"] == "champion"
+    # registered: the first version of recsys_dlrm, champion when the ranker improves the list (its gate),
+    # else challenger; tagged with the Dagster run
+    improves = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}["two_stage_at_least_two_tower"]
+    assert md["model_version"] == "1" and md["registry_alias"] == ("champion" if improves else "challenger")
     assert md["model_version_url"].endswith("/#/models/recsys_dlrm/versions/1")
     version = client.get_model_version("recsys_dlrm", "1")
     assert version.run_id == md["mlflow_run_id"] and version.tags["dagster.run_id"] == result.run_id
@@ -180,7 +187,10 @@ def test_recommendations_are_top10_reranked_unseen_items(funnel):
     splits = _splits(result)
     assert recs.groupby("user").size().max() == 10
     assert recs["user"].nunique() == splits["user"].nunique()  # every user gets a list
-    assert (recs.groupby("user")["dlrm_score"].diff().dropna() <= 1e-6).all()
+    if md["served_stage"] == "dlrm":
+        assert (recs.groupby("user")["dlrm_score"].diff().dropna() <= 1e-6).all()
+    else:
+        assert (recs.groupby("user")["pool_rank"].diff().dropna() > 0).all()
     seen = splits[splits["split"].isin(["train", "validation"])][["user", "item"]].drop_duplicates()
     assert recs.merge(seen, on=["user", "item"]).empty
     assert set(recs["dlrm_run_id"]) == {_md(result, "dlrm_model")["mlflow_run_id"]}
@@ -232,15 +242,20 @@ def test_evaluation_reports_every_model_through_one_evaluator(funnel):
         "two_stage_hr@10",
         "two_stage_ndcg@10",
         "two_stage_retrieval_hr@50",
+        "retrieval_hr@10",
+        "served_list_hr@10",
         "mostpopular_hr@10",
         "lastitemmarkov_ndcg@10",
         "ease_hr@10",
         "spark_als_ndcg@10",
     ):
         assert key in md and 0.0 <= md[key] <= 1.0, key
-    assert "| Two-stage (Two Tower → DLRM) |" in md["metrics"]
+    assert "| Two-stage (retrieval → DLRM) |" in md["metrics"] and "| Retrieval (pool order) |" in md["metrics"]
+    served_row = "two_stage" if md["served_stage"] == "dlrm" else "retrieval"
+    assert md["served_list_hr@10"] == md[f"{served_row}_hr@10"]
+    assert md["split"].startswith("leave-last-out by timestamp")
     assert md["chart"].startswith("![")
-    # two-stage HR@10 recomputed from the published recommendations with the evaluator
+    # the served list's HR@10 recomputed from the published recommendations with the evaluator
     splits = _splits(result)
     recs = pd.read_parquet(Path(_md(result, "recommendations")["published_path"]) / "recommendations.parquet")
     task = EvalTask.from_splits(splits[["user", "item", "timestamp", "split"]], "test")
@@ -254,43 +269,98 @@ def test_evaluation_reports_every_model_through_one_evaluator(funnel):
                     out[row, i] = float(s)
         return out
 
-    assert evaluate(score, task)["hr@10"] == pytest.approx(md["two_stage_hr@10"])
+    assert evaluate(score, task)["hr@10"] == pytest.approx(md["served_list_hr@10"])
     # retrieval bounds the funnel: the two-stage list cannot hit more than the candidates hold
     assert md["two_stage_hr@10"] <= md["two_stage_retrieval_hr@50"] + 1e-9
     run = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db").get_run(md["mlflow_run"].rsplit("/", 1)[-1])
     assert run.info.status == "FINISHED" and "two_stage_ndcg_at_10" in run.data.metrics
 
 
-def test_failed_gate_stops_recommendations_and_says_why(funnel):
-    """Demand an impossible gain: the blocking gate fails, recommendations and evaluation are not run, and the
-    last published recommendations stay the previous ones."""
+def test_when_the_ranker_loses_the_retrieval_order_is_served_and_evaluation_runs(funnel):
+    """Demand an impossible gain from the ranker: it loses on the holdout lists, so `recommendations` serves the
+    retrieval order and says why, `evaluation` still runs and reports every stage, and the registry keeps the
+    DLRM as a challenger only."""
     result, root = funnel
     assets, checks, _ = _assets_and_checks()
-    before = sorted((root / "state" / "assets" / "recommendations").iterdir())
-    failed = dg.materialize(
+    names = ("dlrm_model", "recommendations", "evaluation")
+    run = dg.materialize(
         [*assets, *checks],
-        selection=dg.AssetSelection.assets("dlrm_model", "recommendations", "evaluation"),
+        selection=dg.AssetSelection.assets(*names),
         resources=_resources(root),
-        run_config={
-            "ops": {
-                k: v for k, v in _run_config(1.0)["ops"].items() if k in ("dlrm_model", "recommendations", "evaluation")
-            }
-        },
-        raise_on_error=False,
+        run_config={"ops": {k: v for k, v in _run_config(1.0)["ops"].items() if k in names}},
     )
-    assert not failed.success
-    [gate] = [e for e in failed.get_asset_check_evaluations() if e.check_name == "two_stage_at_least_two_tower"]
-    assert not gate.passed
-    assert "does not improve the list" in (gate.description or "")
-    done = {e.asset_key.to_user_string() for e in failed.get_asset_materialization_events()}
-    assert done == {"dlrm_model"}
-    # the failed gate's version is registered as challenger; the champion stays the first version
-    [dlrm] = [e for e in failed.get_asset_materialization_events() if e.asset_key.to_user_string() == "dlrm_model"]
-    md = {k: v.value for k, v in dlrm.materialization.metadata.items()}
-    assert md["registry_alias"] == "challenger" and md["registry_reason"].startswith("quality gate failed: two-stage")
+    assert run.success
+    verdicts = {e.check_name: e for e in run.get_asset_check_evaluations()}
+    assert not verdicts["two_stage_at_least_two_tower"].passed  # not blocking any more
+    assert "retrieval order is served" in (verdicts["two_stage_at_least_two_tower"].description or "")
+    assert verdicts["served_list_beats_most_popular"].passed
+    done = {e.asset_key.to_user_string() for e in run.get_asset_materialization_events()}
+    assert done == set(names)
+    md = _md(run, "recommendations")
+    assert md["served_stage"] == "retrieval" and "does not improve" in md["served_stage_reason"]
+    recs = pd.read_parquet(Path(md["published_path"]) / "recommendations.parquet")
+    assert (recs["served_stage"] == "retrieval").all()
+    assert (recs.sort_values(["user", "rank"]).groupby("user")["pool_rank"].diff().dropna() > 0).all()
+    ev = _md(run, "evaluation")
+    assert ev["served_stage"] == "retrieval"
+    assert ev["served_list_hr@10"] == ev["retrieval_hr@10"] and "two_stage_hr@10" in ev
+    [dlrm] = [e for e in run.get_asset_materialization_events() if e.asset_key.to_user_string() == "dlrm_model"]
+    dlrm_md = {k: v.value for k, v in dlrm.materialization.metadata.items()}
+    assert dlrm_md["registry_alias"] == "challenger" and dlrm_md["model_version"] != "1"
+    assert dlrm_md["registry_reason"].startswith("quality gate failed: two-stage")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    assert str(client.get_model_version_by_alias("recsys_dlrm", "champion").version) == "1"
-    assert str(client.get_model_version_by_alias("recsys_dlrm", "challenger").version) == md["model_version"] != "1"
-    assert sorted((root / "state" / "assets" / "recommendations").iterdir()) == before
+    champions = [v for v in client.search_model_versions("name='recsys_dlrm'") if "champion" in v.aliases]
+    assert all(v.version == "1" for v in champions)  # the losing ranker never becomes champion
+
+
+def test_recommend_in_the_dlrm_order(funnel, tmp_path):
+    """The DLRM-served path on the funnel's folders: each user's list follows the DLRM score (ties: the pool
+    rank), and candidate_scores.parquet keeps both orders of every candidate for the evaluation."""
+    from recsys_assets.serving.rerank import recommend
+
+    result, _ = funnel
+    dlrm = _md(result, "dlrm_model")
+    top = recommend(
+        dlrm["published_path"],
+        _md(result, "ranking_dataset")["published_path"],
+        tmp_path,
+        dataset_root=_md(result, "mds_splits")["published_path"],
+        top_k=10,
+        served="dlrm",
+        two_tower_run_id="tt",
+        dlrm_run_id=dlrm["mlflow_run_id"],
+    )
+    assert (top["served_stage"] == "dlrm").all() and top.groupby("user").size().max() == 10
+    assert (top.sort_values(["user", "rank"]).groupby("user")["dlrm_score"].diff().dropna() <= 1e-6).all()
+    scored = pd.read_parquet(tmp_path / "candidate_scores.parquet")
+    assert {"pool_rank", "dlrm_score"} <= set(scored.columns) and len(scored) >= len(top)
+    with pytest.raises(ValueError, match="served must be one of"):
+        recommend(
+            dlrm["published_path"],
+            "",
+            tmp_path,
+            dataset_root="",
+            top_k=10,
+            served="x",
+            two_tower_run_id="",
+            dlrm_run_id="",
+        )
+
+
+def test_served_list_gate_fails_with_a_message_that_says_so(funnel):
+    """A served list that never finds the target does not beat MostPopular: the blocking gate fails and says
+    that no recommendations are published."""
+    from recsys_assets.evaluation.gates import served_list_beats_most_popular
+
+    result, _ = funnel
+    zero = {"hr@10": 0.0, "ndcg@10": 0.0}
+    gate = {"holdout_two_stage": zero, "holdout_retrieval": zero, "holdout_queries": 10, "min_gain": 0.0}
+    outcome = served_list_beats_most_popular(
+        gate, _md(result, "ranking_dataset")["published_path"], _md(result, "mds_splits")["published_path"], k=10
+    )
+    assert not outcome.passed
+    assert "does not beat MostPopular on validation" in outcome.description
+    assert "no recommendations are published" in outcome.description
+    assert outcome.metadata["most_popular_validation_ndcg@10"] > 0

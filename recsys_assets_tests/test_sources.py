@@ -243,3 +243,123 @@ def test_table_reader_csv_with_column_mapping(spark, tmp_path: Path):
         ("10", 4.0),
         ("11", 5.0),
     ]
+
+
+# ------------------------------------------------------------------------------------------------ no time
+PLAYS = "userID\tartistID\tweight\r\n" + "".join(f"{u}\t{a}\t{10 * u + a}\r\n" for u in (1, 2) for a in range(1, 9))
+
+
+def _plays(tmp_path: Path) -> Path:
+    path = tmp_path / "user_artists.dat"
+    path.write_text(PLAYS)
+    (tmp_path / "artists.dat").write_text(
+        "id\tname\turl\n" + "".join(f"{a}\tArtist {a}\thttp://x/{a}\n" for a in range(1, 9))
+    )
+    (tmp_path / "tagged.dat").write_text("userID\tartistID\ttagID\n1\t1\t7\n2\t1\t8\n1\t2\t7\n")
+    return path
+
+
+def _by_user(raw) -> dict[str, list[str]]:
+    rows = raw.interactions.orderBy("user", "timestamp").collect()
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(r.user, []).append(r.item)
+    return out
+
+
+def test_table_without_time_in_row_order(spark, tmp_path: Path):
+    """A tab-separated file with CRLF line ends, no timestamp: each user's rows keep the file's order, and the
+    timestamp is the position 0..n-1 in it."""
+    mapping = ColumnMapping(user="userID", item="artistID", timestamp=None, order="row", rating="weight")
+    raw = read_table(spark, str(_plays(tmp_path)), mapping)
+    assert raw.order == "row" and "no time" in raw.description
+    assert _by_user(raw) == {u: [str(a) for a in range(1, 9)] for u in ("1", "2")}
+    assert sorted(r.timestamp for r in raw.interactions.collect() if r.user == "1") == list(range(8))
+    assert {r.rating for r in raw.interactions.collect() if r.user == "2"} == {20.0 + a for a in range(1, 9)}
+
+
+def test_table_without_time_in_a_seeded_random_order(spark, tmp_path: Path):
+    """A seeded shuffle per user: the same seed gives the same order, another seed another one; all rows kept."""
+    path = str(_plays(tmp_path))
+
+    def order(seed: int) -> dict[str, list[str]]:
+        m = ColumnMapping(user="userID", item="artistID", timestamp=None, order="random", order_seed=seed)
+        return _by_user(read_table(spark, path, m))
+
+    first, again, other = order(0), order(0), order(1)
+    assert first == again
+    assert first != other
+    assert all(sorted(v, key=int) == [str(a) for a in range(1, 9)] for v in first.values())
+    assert any(v != sorted(v, key=int) for v in first.values())  # not the file order
+
+
+def test_table_without_time_splits_leave_last_out_in_its_order(spark, tmp_path: Path):
+    """Through cleaning, indexing and the split: test = the last row in the user's order, validation the one
+    before; the dataset's meta.json says the split is not temporal."""
+    from recsys_assets.data import schema as S
+    from recsys_assets.data import stages
+
+    for order in ("row", "random"):
+        raw_dir, clean_dir, split_dir = (tmp_path / order / n for n in ("raw", "clean", "split"))
+        for d in (raw_dir, clean_dir, split_dir):
+            d.mkdir(parents=True)
+        mapping = ColumnMapping(user="userID", item="artistID", timestamp=None, order=order)
+        raw = read_table(spark, str(_plays(tmp_path)), mapping)
+        expected = {u: items for u, items in _by_user(raw).items()}
+        stages.write_raw(spark, raw, raw_dir)
+        stages.clean_and_index(spark, raw_dir, clean_dir, null_keys="fail", require_rating=False)
+        stages.split(spark, clean_dir, split_dir, history_length=4)
+        assert S.read_order(split_dir) == order
+        splits = spark.read.parquet(str(split_dir / "splits")).toPandas()
+        users = spark.read.parquet(str(clean_dir / "user_index")).toPandas().set_index("user")["raw_user"]
+        items = spark.read.parquet(str(clean_dir / "item_index")).toPandas().set_index("item")["raw_item"]
+        for u, g in splits.groupby("user"):
+            seq = expected[users[u]]
+            held = {s: items[int(g.loc[g.split == s, "item"].iloc[0])] for s in ("test", "validation")}
+            assert held == {"test": seq[-1], "validation": seq[-2]}, order
+
+
+def test_table_side_tables_give_item_names_and_tags(spark, tmp_path: Path):
+    """Last.fm's shape: names from one side table, tags (one (artist, tag) pair per row) from another."""
+    from recsys_assets.data.sources import ItemTable
+
+    mapping = ColumnMapping(
+        user="userID",
+        item="artistID",
+        timestamp=None,
+        order="random",
+        integer_ids=True,
+        item_tables=(
+            ItemTable(str(tmp_path / "artists.dat"), "id", name="name"),
+            ItemTable(str(tmp_path / "tagged.dat"), "artistID", category="tagID"),
+        ),
+    )
+    raw = read_table(spark, str(_plays(tmp_path)), mapping)
+    items = {r.item: (r.title, list(r.categories)) for r in raw.items.collect()}
+    assert items["1"] == ("Artist 1", ["7", "8"])
+    assert items["2"] == ("Artist 2", ["7"])
+    assert items["3"] == ("Artist 3", [])
+
+
+def test_lastfm_loads_through_the_table_source(spark, lastfm: Path):
+    """The HetRec Last.fm files through a column mapping only: 92,834 plays, artist names and tags."""
+    from recsys_assets.data.sources import ItemTable
+
+    mapping = ColumnMapping(
+        user="userID",
+        item="artistID",
+        timestamp=None,
+        order="random",
+        rating="weight",
+        integer_ids=True,
+        item_tables=(
+            ItemTable(str(lastfm / "artists.dat"), "id", name="name"),
+            ItemTable(str(lastfm / "user_taggedartists.dat"), "artistID", category="tagID"),
+        ),
+    )
+    raw = read_table(spark, str(lastfm / "user_artists.dat"), mapping)
+    counts = raw.interactions.agg(F.count("*"), F.countDistinct("user"), F.countDistinct("item")).first()
+    assert tuple(counts) == (92834, 1892, 17632)
+    assert raw.bad_lines == 0
+    titles = {r.item: r.title for r in raw.items.filter(F.col("item").isin("1", "89")).collect()}
+    assert titles["1"] == "MALICE MIZER"

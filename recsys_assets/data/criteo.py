@@ -31,17 +31,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from recsys_assets.data import schema as S
 from recsys_assets.data.errors import DataValidationError
+from recsys_assets.data.lines import INT_RE, ROW_INDEX, check_policy, input_files, read_numbered_lines
 
 NUM_INT = 13
 NUM_CAT = 26
@@ -49,12 +48,10 @@ NUM_FIELDS = 1 + NUM_INT + NUM_CAT
 INT_COLUMNS = [f"int_{i}" for i in range(NUM_INT)]
 CAT_COLUMNS = [f"cat_{i}" for i in range(NUM_CAT)]
 LABEL, DENSE = S.LABEL, S.DENSE  # the DLRM's pair columns
-ROW_INDEX = "row_index"
 MISSING_ID = 0  # the embedding row of a missing categorical value
 DEFAULT_NUM_EMBEDDINGS = 100_000
 SPLITS = ("train", "validation", "test")
 MDS_COLUMNS = {LABEL: "float32", DENSE: "ndarray:float32", **{c: "int32" for c in CAT_COLUMNS}}
-_INT_RE = r"^-?[0-9]{1,18}$"
 
 
 @dataclasses.dataclass
@@ -68,28 +65,12 @@ class CriteoRead:
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def _input_files(path: str | Path | Sequence[str | Path]) -> list[str]:
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
-    files: list[str] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith((".", "_")))
-            if not found:
-                raise DataValidationError(f"criteo source: folder {str(p)!r} holds no files")
-            files += [os.path.abspath(x) for x in found]
-        elif p.is_file():
-            files.append(os.path.abspath(p))
-        else:
-            raise DataValidationError(f"criteo source: path {str(p)!r} does not exist")
-    return files
-
-
-def _problem(fields: F.Column) -> F.Column:
+def _problem(value: F.Column) -> F.Column:
     """Null for a good line, else a short description of what is wrong with it."""
+    fields = F.split(value, "\t", -1)
     n = F.size(fields)
     label = fields.getItem(0)
-    bad_int = F.filter(F.slice(fields, 2, NUM_INT), lambda v: (v != F.lit("")) & ~v.rlike(_INT_RE))
+    bad_int = F.filter(F.slice(fields, 2, NUM_INT), lambda v: (v != F.lit("")) & ~v.rlike(INT_RE))
     return (
         F.when(n != NUM_FIELDS, F.format_string(f"%d tab-separated fields, expected {NUM_FIELDS}", n))
         .when(~label.isin("0", "1"), F.format_string("label %s is not 0 or 1", F.substring(label, 1, 20)))
@@ -101,79 +82,17 @@ def _problem(fields: F.Column) -> F.Column:
 
 
 def read_criteo_report(
-    spark: SparkSession, path: str | Path | Sequence[str | Path], *, bad_lines: str = "fail", max_examples: int = 5
+    spark: SparkSession, path: str | Path | Sequence[str | Path], *, bad_lines: str = "fail"
 ) -> CriteoRead:
-    """Parses Criteo lines (see the module docstring); one pass over the data to index and validate them."""
-    if bad_lines not in ("fail", "drop"):
-        raise DataValidationError(f"criteo source: bad_lines must be 'fail' or 'drop', got {bad_lines!r}")
-    files = _input_files(path)
-    raw = spark.read.text(files).select(
-        F.col("value"),
-        F.col("_metadata.file_path").alias("_file"),
-        F.col("_metadata.file_block_start").alias("_block"),
-        F.monotonically_increasing_id().alias("_mid"),
+    """Parses Criteo lines (see the module docstring), each numbered in its file and validated."""
+    check_policy(bad_lines, "criteo source")
+    files = input_files(path, "criteo source")
+    lines = read_numbered_lines(spark, files, _problem, what="criteo source")
+    good, examples = lines.good(
+        bad_lines,
+        "criteo source",
+        f"{NUM_FIELDS} tab-separated fields: label 0/1, {NUM_INT} integers, {NUM_CAT} categorical values",
     )
-    fields = F.split(F.col("value"), "\t", -1)
-    raw = raw.withColumn("_problem", _problem(fields))
-
-    # Line numbers without a global sort: rows of one (file, block) are contiguous in one partition, so a row's
-    # position in its block is _mid - min(_mid); blocks are ordered by file (as given) and byte offset.
-    blocks = (
-        raw.groupBy("_file", "_block")
-        .agg(F.count(F.lit(1)).alias("n"), F.min("_mid").alias("mid0"), F.count("_problem").alias("bad"))
-        .collect()
-    )
-    file_order = {}
-    for b in blocks:  # spark's _metadata.file_path is a URI; map it back to the order of `files`
-        local = b["_file"].removeprefix("file://").removeprefix("file:")
-        file_order[b["_file"]] = files.index(local) if local in files else len(files) + len(file_order)
-    blocks = sorted(blocks, key=lambda b: (file_order[b["_file"]], b["_block"]))
-    offsets, seen_in_file, total = [], {}, 0
-    for b in blocks:
-        line0 = seen_in_file.get(b["_file"], 0)
-        offsets.append((b["_file"], int(b["_block"]), int(b["mid0"]), total, line0))
-        seen_in_file[b["_file"]] = line0 + int(b["n"])
-        total += int(b["n"])
-    n_bad = int(sum(b["bad"] for b in blocks))
-    if total == 0:
-        raise DataValidationError(f"criteo source: {files} hold no lines")
-    offsets_df = spark.createDataFrame(
-        offsets,
-        T.StructType(
-            [
-                T.StructField("_file", T.StringType()),
-                T.StructField("_block", T.LongType()),
-                T.StructField("_mid0", T.LongType()),
-                T.StructField("_row0", T.LongType()),
-                T.StructField("_line0", T.LongType()),
-            ]
-        ),
-    )
-    indexed = (
-        raw.join(F.broadcast(offsets_df), ["_file", "_block"])
-        .withColumn(ROW_INDEX, F.col("_row0") + F.col("_mid") - F.col("_mid0"))
-        .withColumn("_line", F.col("_line0") + F.col("_mid") - F.col("_mid0") + 1)
-    )
-
-    examples: list[str] = []
-    if n_bad:
-        bad = (
-            indexed.filter(F.col("_problem").isNotNull())
-            .orderBy(ROW_INDEX)
-            .select("_file", "_line", "_problem")
-            .limit(max_examples)
-            .collect()
-        )
-        examples = [f"{Path(r['_file'].removeprefix('file:')).name}:{r['_line']}: {r['_problem']}" for r in bad]
-        if bad_lines == "fail":
-            names = ", ".join(files) if len(files) <= 3 else f"{files[0]} and {len(files) - 1} more files"
-            raise DataValidationError(
-                f"criteo source {names}: {n_bad} of {total} lines are malformed (expected {NUM_FIELDS} "
-                f"tab-separated fields: label 0/1, {NUM_INT} integers, {NUM_CAT} categorical values); first: "
-                + "; ".join(examples)
-                + ". Fix the input or read with bad_lines='drop' (drops and counts them)."
-            )
-    good = indexed.filter(F.col("_problem").isNull())
     parts = F.split(F.col("value"), "\t", -1)
     empty_to_null = lambda c: F.when(c != F.lit(""), c)  # noqa: E731
     df = good.select(
@@ -182,7 +101,14 @@ def read_criteo_report(
         *[empty_to_null(parts.getItem(1 + NUM_INT + i)).alias(c) for i, c in enumerate(CAT_COLUMNS)],
         F.col(ROW_INDEX),
     )
-    return CriteoRead(df=df, rows=total - n_bad, lines=total, bad_lines=n_bad, bad_examples=examples, files=files)
+    return CriteoRead(
+        df=df,
+        rows=lines.lines - lines.bad_lines,
+        lines=lines.lines,
+        bad_lines=lines.bad_lines,
+        bad_examples=examples,
+        files=files,
+    )
 
 
 def read_criteo(spark: SparkSession, path: str | Path | Sequence[str | Path], *, bad_lines: str = "fail") -> DataFrame:

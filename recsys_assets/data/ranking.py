@@ -21,6 +21,9 @@ Dense features (``DENSE_FEATURES``, in this order; standardized with the trainin
   log_item_idle_days    log1p(days from the item's last fit interaction to the query time)
   log_user_idle_days    log1p(days from the user's last fit interaction to the query time)
   category_overlap      share of the item's categories found among the query history's categories
+  item_item_score_gap   the EASE score of (query user, item) minus the user's best EASE score among candidates
+  log_item_item_rank    log1p(the item's rank in the user's full EASE ranking)
+  (the collaborative source of serving.item_item; both 0 when it is off)
 Sequence order carries much of the signal in interaction logs: the transition / co-occurrence features are
 the recency-aware history features; the history bag itself is a sparse DLRM feature.
 """
@@ -53,10 +56,15 @@ DENSE_FEATURES = (
     "log_item_idle_days",
     "log_user_idle_days",
     "category_overlap",
+    "item_item_score_gap",
+    "log_item_item_rank",
 )
 LABEL, DENSE, QUERY_ID = S.LABEL, S.DENSE, S.QUERY_ID
 RETRIEVAL_SCORE = "retrieval_score"
 RETRIEVAL_RANK = "retrieval_rank"
+ITEM_ITEM_SCORE = "item_item_score"
+ITEM_ITEM_RANK = "item_item_rank"
+POOL_RANK = "pool_rank"  # the candidate's position in the retrieval order (the merged pool); k beyond it
 SOURCE = "source"  # retrieved | target | random
 PHASE = "phase"
 QUERY_TIMESTAMP = "query_timestamp"
@@ -68,6 +76,9 @@ PAIR_COLUMNS = {
     S.ITEM: "int",
     RETRIEVAL_SCORE: "float",
     RETRIEVAL_RANK: "int",
+    ITEM_ITEM_SCORE: "float",
+    ITEM_ITEM_RANK: "int",
+    POOL_RANK: "int",
     SOURCE: "string",
 }
 SECONDS_PER_DAY = 86400.0
@@ -98,7 +109,7 @@ def phase_features(
 
     splits: the splits table; queries: QUERY_COLUMNS (one row per (phase, user)); pairs: PAIR_COLUMNS;
     item_features: item, categories. Output columns: phase, user, item, label, query_timestamp, source,
-    retrieval_rank, categories, history + DENSE_FEATURES.
+    retrieval_rank, pool_rank, categories, history + DENSE_FEATURES.
     """
     from pyspark.sql import functions as F
 
@@ -132,7 +143,7 @@ def phase_features(
     )
     p = (
         pairs.filter(F.col(PHASE) == phase)
-        .select(S.USER, S.ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, SOURCE)
+        .select(S.USER, S.ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, ITEM_ITEM_SCORE, ITEM_ITEM_RANK, POOL_RANK, SOURCE)
         .join(q, S.USER, "inner")
         .withColumn("_prev", F.col(S.HISTORY).getItem(0))
     )
@@ -153,7 +164,11 @@ def phase_features(
         .groupBy(S.USER)
         .agg(F.collect_set("_c").alias("_hist_cats"))
     )
-    best = p.filter(F.col(SOURCE) == "retrieved").groupBy(S.USER).agg(F.max(RETRIEVAL_SCORE).alias("_best_score"))
+    best = (
+        p.filter(F.col(SOURCE) == "retrieved")
+        .groupBy(S.USER)
+        .agg(F.max(RETRIEVAL_SCORE).alias("_best_score"), F.max(ITEM_ITEM_SCORE).alias("_best_ii"))
+    )
     days = lambda a, b: F.log1p(F.greatest(F.col(a) - F.col(b), F.lit(0)).cast("double") / SECONDS_PER_DAY)  # noqa: E731
     out = (
         p.join(item_stats, S.ITEM, "left")
@@ -173,6 +188,7 @@ def phase_features(
             F.col(QUERY_TIMESTAMP),
             F.col(SOURCE),
             F.col(RETRIEVAL_RANK).cast("int"),
+            F.col(POOL_RANK).cast("int"),
             F.coalesce("_cats", F.array().cast("array<int>")).alias(S.CATEGORIES),
             F.col(S.HISTORY),
             F.col(RETRIEVAL_SCORE).cast("double").alias(RETRIEVAL_SCORE),
@@ -198,6 +214,10 @@ def phase_features(
             )
             .cast("double")
             .alias("category_overlap"),
+            (F.col(ITEM_ITEM_SCORE) - F.coalesce("_best_ii", F.col(ITEM_ITEM_SCORE)))
+            .cast("double")
+            .alias("item_item_score_gap"),
+            F.log1p(F.greatest(F.col(ITEM_ITEM_RANK), F.lit(0)).cast("double")).alias("log_item_item_rank"),
         )
     )
     return out
@@ -228,7 +248,7 @@ def model_columns(
 ) -> DataFrame:
     """The columns the DLRM reads: label, dense (standardized, array<float>), user, item, history (fixed
     length, -1 padded), categories (fixed `max_categories`, -1 padded), attr_* (0 = unknown), query_id, plus
-    the bookkeeping columns (phase, source, retrieval_rank, raw retrieval_score, query_timestamp)."""
+    the bookkeeping columns (phase, source, retrieval_rank, pool_rank, raw retrieval_score, query_timestamp)."""
     from pyspark.sql import functions as F
 
     def pad(col: str, n: int):
@@ -251,6 +271,7 @@ def model_columns(
         F.col(PHASE),
         F.col(SOURCE),
         F.col(RETRIEVAL_RANK).cast("int"),
+        F.col(POOL_RANK).cast("int"),
         F.col(RETRIEVAL_SCORE).cast("float").alias(RETRIEVAL_SCORE),
         F.col(QUERY_TIMESTAMP).cast("long"),
     )

@@ -60,6 +60,29 @@ MDS_COLUMNS = {
 }
 
 
+# How each user's rows were ordered for the leave-last-out split: "timestamp" (a temporal split), or, for a
+# table without time, "random" (seeded, per user) or "row" (the file's row order): not temporal. Each data
+# stage folder carries it in ORDER_FILE; the dataset's meta.json as `order`.
+ORDER_FILE = "order.json"
+SPLIT_DESCRIPTIONS = {
+    "timestamp": "leave-last-out by timestamp (temporal)",
+    "random": "leave-last-out in a seeded random order per user (the table has no time: not temporal)",
+    "row": "leave-last-out in the file's row order (the table has no time: not temporal)",
+}
+
+
+def write_order(folder: str | Path, order: str) -> None:
+    if order not in SPLIT_DESCRIPTIONS:
+        raise ValueError(f"unknown order {order!r}; expected one of {list(SPLIT_DESCRIPTIONS)}")
+    (Path(folder) / ORDER_FILE).write_text(json.dumps({"order": order}))
+
+
+def read_order(folder: str | Path) -> str:
+    """The order recorded in a stage folder ("timestamp" for a folder written before orders were recorded)."""
+    path = Path(folder) / ORDER_FILE
+    return json.loads(path.read_text())["order"] if path.exists() else "timestamp"
+
+
 # User attribute columns are named attr_<name> in user_features (and in the models' feature keys).
 ATTR_PREFIX = "attr_"
 
@@ -84,6 +107,11 @@ class DatasetMeta:
     # decimal form of an integer (MovieLens userId/movieId), else "string"; user_index/item_index map them back.
     user_id_type: str = "string"
     item_id_type: str = "string"
+    order: str = "timestamp"  # see ORDER_FILE
+
+    @property
+    def split_description(self) -> str:
+        return SPLIT_DESCRIPTIONS[self.order]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

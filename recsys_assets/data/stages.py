@@ -40,6 +40,7 @@ def write_raw(session, raw: sources.RawTables, out_dir: Path) -> tuple[dict[str,
     """The source's tables as Parquet (interactions, and items / users where the source has them);
     (rows, users, items, t_min, t_max) of the interactions. An empty source is refused."""
     raw.interactions.write.parquet(str(out_dir / "interactions"))
+    S.write_order(out_dir, raw.order)
     if raw.items is not None:
         raw.items.write.parquet(str(out_dir / "items"))
     if raw.users is not None:
@@ -89,6 +90,7 @@ def clean_and_index(
     indexed = transforms.index(cleaned, raw)
     for name in ("interactions", "item_features", "user_features", "user_index", "item_index", "category_index"):
         getattr(indexed, name).write.parquet(str(out_dir / name))
+    S.write_order(out_dir, S.read_order(raw_root))
     num_categories = session.read.parquet(str(out_dir / "category_index")).count()
     (out_dir / "cardinalities.json").write_text(
         json.dumps(
@@ -106,13 +108,14 @@ def clean_and_index(
 
 
 def split(session, interactions_root: str | Path, out_dir: Path, history_length: int) -> tuple[dict[str, int], Preview]:
-    """Temporal leave-last-out splits (partitioned by split) with each row's history; rows per split and a
-    sample of test rows."""
+    """Leave-last-out splits in each user's order (by timestamp, or the order a table without time was given:
+    schema.ORDER_FILE), partitioned by split, with each row's history; rows per split and a sample of test rows."""
     indexed = session.read.parquet(str(Path(interactions_root) / "interactions"))
     transforms.temporal_split(indexed, history_length).write.partitionBy(S.SPLIT).parquet(str(out_dir / "splits"))
     written = session.read.parquet(str(out_dir / "splits"))
     counts = {r[S.SPLIT]: int(r["count"]) for r in written.groupBy(S.SPLIT).count().collect()}
     (out_dir / "history_length.txt").write_text(str(history_length))
+    S.write_order(out_dir, S.read_order(interactions_root))
     return counts, Preview.of(written.filter(F.col(S.SPLIT) == "test"))
 
 
@@ -168,6 +171,7 @@ def build_mds_dataset(
         history_length=history_length,
         rows={s: summaries[s]["rows"] for s in S.SPLITS},
         mds_remote=mds_remote,
+        order=S.read_order(splits_root),
         **id_types,
     )
     paths.meta.write_text(meta.to_json())

@@ -18,6 +18,7 @@ import pydantic
 from pydantic import Field
 
 from recsys_assets.training.dlrm import DLRMTrainConfig
+from recsys_assets.training.search import SearchBudget
 from recsys_assets.training.two_tower import TwoTowerTrainConfig
 
 
@@ -62,6 +63,47 @@ def train_config(train_cls: type, config: dg.Config, **run_settings: Any):
     return train_cls(**{**values, **run_settings})
 
 
+def search_fields() -> dict[str, tuple[Any, Any]]:
+    """The budget of a settings search on validation (training.search): asset settings of both models."""
+    return {
+        "search_trials": (
+            int,
+            Field(
+                0,
+                ge=0,
+                description="Optuna trials choosing the settings on validation before the fit (0 = no search; the "
+                "first trial is the configured settings). Each trial is a nested MLflow run.",
+            ),
+        ),
+        "search_timeout_seconds": (
+            float,
+            Field(
+                1800.0,
+                gt=0,
+                description="Wall-clock budget of the whole search: no trial starts after it and a running one is "
+                "stopped.",
+            ),
+        ),
+        "search_trial_timeout_seconds": (
+            float,
+            Field(
+                600.0, gt=0, description="A trial running longer is stopped (its processes killed), recorded, skipped."
+            ),
+        ),
+        "search_seed": (int, Field(0, description="Seeds the search's sampler (TPE).")),
+    }
+
+
+def search_budget(config: dg.Config) -> SearchBudget:
+    """The search budget of a model asset's config (`search_fields`)."""
+    return SearchBudget(
+        trials=config.search_trials,
+        timeout_seconds=config.search_timeout_seconds,
+        trial_timeout_seconds=config.search_trial_timeout_seconds,
+        seed=config.search_seed,
+    )
+
+
 TwoTowerConfig = dagster_config(
     "TwoTowerConfig",
     TwoTowerTrainConfig,
@@ -71,6 +113,7 @@ TwoTowerConfig = dagster_config(
         bool,
         Field(True, description="Refit on train+validation for the best epoch count (the protocol's test report)."),
     ),
+    **search_fields(),
 )
 
 DLRMConfig = dagster_config(
@@ -95,4 +138,5 @@ DLRMConfig = dagster_config(
             "Two Tower order's + this (0 = at least as good; negative tolerates a loss).",
         ),
     ),
+    **search_fields(),
 )

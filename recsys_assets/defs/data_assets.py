@@ -30,17 +30,43 @@ class SyntheticSourceConfig(dg.Config):
     mean_interactions_per_user: int | None = None
 
 
+class ItemTableConfig(dg.Config):
+    """A side table of item features joined by item id (e.g. names, or one (item, tag) pair per row)."""
+
+    path: str = Field(description="A Parquet file/folder, or a delimited text file with a header.")
+    item_column: str
+    category_column: str | None = Field(None, description="One category per row, or a delimited string.")
+    category_separator: str | None = Field(None, description="Set when category_column holds several.")
+    name_column: str | None = None
+    max_categories: int = Field(20, ge=1, description="The item's most frequent categories kept.")
+
+
 class TableSourceConfig(dg.Config):
-    path: str = Field(description="A Parquet or CSV file or folder (local path or URI Spark can read).")
-    format: Literal["auto", "csv", "parquet"] = "auto"
+    path: str = Field(
+        description="A Parquet file or folder, or a delimited text file with a header line (.csv/.tsv/.dat/.txt)."
+    )
+    format: Literal["auto", "csv", "parquet"] = Field("auto", description="'csv' stands for any delimited text.")
+    separator: str | None = Field(None, description="Text files: None = a tab when the header has one, else ','.")
     user_column: str = "user"
     item_column: str = "item"
-    timestamp_column: str = "timestamp"
+    timestamp_column: str | None = Field(
+        "timestamp", description="None for a table without time: then `order` says how a user's rows are ordered."
+    )
+    order: Literal["timestamp", "random", "row"] = Field(
+        "timestamp",
+        description="Without a timestamp column: 'random' (a seeded random order per user) or 'row' (the file's "
+        "row order). The split is then leave-last-out in that order, not temporal.",
+    )
+    order_seed: int = 0
+    integer_ids: bool = Field(False, description="Ids must be integers: a line whose id is not is malformed.")
     rating_column: str | None = None
     item_categories_column: str | None = None
     category_separator: str = "|"
     user_feature_columns: list[str] = []
     item_name_column: str | None = Field(None, description="The item's title / name, shown with its source id.")
+    item_tables: list[ItemTableConfig] = Field(
+        [], description="Side tables of item features (categories, names), joined by item id."
+    )
 
 
 class RawInteractionsConfig(dg.Config):
@@ -50,6 +76,11 @@ class RawInteractionsConfig(dg.Config):
     synthetic: SyntheticSourceConfig = SyntheticSourceConfig()
     movielens_path: str | None = Field(None, description="A MovieLens folder (any public layout) or a '::' file.")
     table: TableSourceConfig | None = None
+    bad_lines: Literal["fail", "drop"] = Field(
+        "fail",
+        description="Text sources: a malformed line (fields, ids, timestamp, rating) fails the read, naming its "
+        "file and line, or is dropped and counted.",
+    )
 
 
 class InteractionsConfig(dg.Config):
@@ -91,7 +122,7 @@ def _read_source(spark, config: RawInteractionsConfig) -> sources.RawTables:
     if config.source == "movielens":
         if not config.movielens_path:
             raise DataValidationError("raw_interactions: source 'movielens' needs config 'movielens_path'")
-        return sources.read_movielens(spark, config.movielens_path)
+        return sources.read_movielens(spark, config.movielens_path, bad_lines=config.bad_lines)
     if config.table is None:
         raise DataValidationError("raw_interactions: source 'table' needs the 'table' config block (path, columns)")
     t = config.table
@@ -104,8 +135,18 @@ def _read_source(spark, config: RawInteractionsConfig) -> sources.RawTables:
         category_separator=t.category_separator,
         user_features=tuple(t.user_feature_columns),
         item_name=t.item_name_column,
+        order=t.order,
+        order_seed=t.order_seed,
+        integer_ids=t.integer_ids,
+        separator=t.separator,
+        item_tables=tuple(
+            sources.ItemTable(
+                x.path, x.item_column, x.category_column, x.category_separator, x.name_column, x.max_categories
+            )
+            for x in t.item_tables
+        ),
     )
-    return sources.read_table(spark, t.path, mapping, t.format)
+    return sources.read_table(spark, t.path, mapping, t.format, bad_lines=config.bad_lines)
 
 
 # ------------------------------------------------------------------------------------------------ assets
@@ -128,7 +169,15 @@ def raw_interactions(
             "dagster/row_count": int(stats["rows"]),
             "distinct_users": int(stats["users"]),
             "distinct_items": int(stats["items"]),
-            "time_range": f"{stats['t_min']} .. {stats['t_max']} (epoch s)",
+            "order": raw.order,
+            "time_range": f"{stats['t_min']} .. {stats['t_max']} "
+            + ("(epoch s)" if raw.order == "timestamp" else "(positions in each user's order: no time)"),
+            "malformed_lines_dropped": int(raw.bad_lines),
+            **(
+                {"malformed_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in raw.bad_examples))}
+                if raw.bad_examples
+                else {}
+            ),
             "has_item_features": raw.items is not None,
             "has_user_features": raw.users is not None,
             **table_metadata(preview),
@@ -183,7 +232,8 @@ def interactions(
     group_name=DATA_GROUP,
     kinds={"spark", "parquet"},
     tags={"stage": "split"},
-    description="Temporal leave-last-out splits; every row carries the user's history before it.",
+    description="Leave-last-out splits in each user's order (temporal by timestamp; a table without time in its "
+    "seeded random or row order: not temporal); every row carries the user's history before it.",
 )
 def interaction_splits(
     context: dg.AssetExecutionContext,
@@ -197,6 +247,7 @@ def interaction_splits(
     return out.output(
         {
             "history_length": config.history_length,
+            "split": S.SPLIT_DESCRIPTIONS[S.read_order(interactions.path)],
             **{f"rows_{s}": counts.get(s, 0) for s in S.SPLITS},
             "dagster/row_count": sum(counts.values()),
             **table_metadata(preview),

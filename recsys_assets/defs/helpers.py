@@ -77,6 +77,23 @@ def curves_metadata(folder: Path, curves: dict[str, Path], model_name: str) -> d
     }
 
 
+def record_search(run: Any, search: Any) -> dict[str, Any]:
+    """A settings search (training.search.SearchResult) in the asset's MLflow run (the best score, the trial
+    table) and as metadata: the trial table, the chosen settings and their score."""
+    if search.best_value is not None:
+        run.log_metrics({f"search_best_{search.metric}": search.best_value})
+    table = search.markdown()
+    run.log_text(table, "search/trials.md")
+    metadata = {
+        "search_trials": dg.MetadataValue.md(table),
+        "chosen_settings": dg.MetadataValue.json(search.settings),  # {}: no trial succeeded, configured ones kept
+        "search_seconds": float(search.seconds),
+    }
+    if search.best_value is not None:
+        metadata[f"search_best_{search.metric}"] = float(search.best_value)
+    return metadata
+
+
 def table_metadata(preview: Preview) -> dict[str, Any]:
     """A written table's column schema and a markdown sample of its rows."""
     schema = dg.TableSchema(columns=[dg.TableColumn(name=n, type=t) for n, t in preview.columns])

@@ -6,9 +6,9 @@ from pathlib import Path
 import dagster as dg
 
 from recsys_assets.data import schema as S
-from recsys_assets.defs.configs import TwoTowerConfig, train_config
+from recsys_assets.defs.configs import TwoTowerConfig, search_budget, train_config
 from recsys_assets.defs.constants import RETRIEVAL_GROUP, TRAINING_POOL
-from recsys_assets.defs.helpers import curves_metadata, launcher, training_metadata
+from recsys_assets.defs.helpers import curves_metadata, launcher, record_search, training_metadata
 from recsys_assets.defs.registry import register_two_tower
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import PublishedFolder, TrainedModel
@@ -41,7 +41,8 @@ def _check_inputs(config: TwoTowerConfig, data_root: str) -> S.DatasetMeta:
     tags={"stage": "train", "model": "two_tower"},
     pool=TRAINING_POOL,
     description="Two Tower retrieval model (TorchRec, sharded embeddings) trained by TorchDistributor; "
-    "early-stopped on validation NDCG@10, refit on train+validation; recorded in MLflow.",
+    "early-stopped on validation NDCG@10, refit on train+validation; recorded in MLflow. With search_trials, "
+    "an Optuna search chooses the settings on validation first (each trial a nested MLflow run).",
 )
 def two_tower_model(
     context: dg.AssetExecutionContext,
@@ -62,6 +63,10 @@ def two_tower_model(
         mlflow.asset_run(context, model="two_tower", checkpoint_dir=checkpoints) as run,
         state.output_folder(context) as out,
     ):
+        search = None
+        if config.search_trials:
+            search = _search(context, config, mds_splits.path, meta, torch_distributor, spark, run, out.staging)
+            config = config.model_copy(update=search.settings)  # the fit below trains the chosen settings
         run.log_params(
             {
                 **config.model_dump(),
@@ -91,13 +96,37 @@ def two_tower_model(
         model_info = run.log_model(fit.final.load_model())
         version, registry = register_two_tower(context, run, model_info, out, mds_splits.path, meta)
         run.log_metrics({f"final_{phase}/{k}": v for phase, m in fit.phase_metrics().items() for k, v in m.items()})
+        searched = record_search(run, search) if search is not None else {}
     metadata = {
         **run.metadata(),
         **_fit_metadata(fit, out.path),
         "checkpoint_dir": dg.MetadataValue.path(str(checkpoints)),
+        **searched,
         **registry,
     }
     return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
+
+
+def _search(context, config, data_root: str, meta, torch_distributor, spark, run, folder: Path):
+    """The settings search on the validation phase (training.search); trials' progress in `folder`/search."""
+    from recsys_assets.training.search import MlflowTrialRuns, search_two_tower
+
+    return search_two_tower(
+        launcher(context, torch_distributor, spark, "two_tower search"),
+        lambda settings, **fields: _train_config(
+            config.model_copy(update=settings),
+            data_root,
+            use_gpu=torch_distributor.use_gpu,
+            mlflow_tracking_uri=run.tracking_uri,
+            **fields,
+        ),
+        search_budget(config),
+        baseline=config.model_dump(),
+        history_length=meta.history_length,
+        work_dir=folder / "search",
+        trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
+        log=context.log.info,
+    )
 
 
 def _fit_metadata(fit, folder: Path) -> dict:

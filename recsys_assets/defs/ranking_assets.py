@@ -7,9 +7,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from recsys_assets.defs.configs import DLRMConfig, train_config
+from recsys_assets.defs.configs import DLRMConfig, search_budget, train_config
 from recsys_assets.defs.constants import RANKING_GROUP, TOP_K, TRAINING_POOL
-from recsys_assets.defs.helpers import curves_metadata, launcher, training_metadata
+from recsys_assets.defs.helpers import curves_metadata, launcher, record_search, training_metadata
 from recsys_assets.defs.registry import register_dlrm, served_versions
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import CandidateSet, PublishedFolder, RankingData, TrainedModel
@@ -78,7 +78,8 @@ def ranking_dataset(
     pool=TRAINING_POOL,
     description="DLRM ranker (TorchRec EmbeddingBagCollection + bottom MLP + pairwise dot interaction + top MLP), "
     "trained by TorchDistributor on ranking_dataset; epochs chosen on the holdout users' candidate lists "
-    "(NDCG@10); AUROC / log-loss on holdout and test pairs; recorded in MLflow.",
+    "(NDCG@10); AUROC / log-loss on holdout and test pairs; recorded in MLflow. With search_trials, an Optuna "
+    "search chooses the settings and feature switches on the holdout lists first (each trial a nested MLflow run).",
 )
 def dlrm_model(
     context: dg.AssetExecutionContext,
@@ -103,6 +104,11 @@ def dlrm_model(
         ) as run,
         state.output_folder(context) as out,
     ):
+        search = None
+        if config.search_trials:
+            search = _search(context, config, ranking_dataset, info, torch_distributor, mlflow, spark, state, run, out)
+            config = config.model_copy(update=search.settings)  # the fit below trains the chosen settings
+            layout, settings = _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state)
         run.log_params(
             {
                 **config.model_dump(),
@@ -119,20 +125,46 @@ def dlrm_model(
             min_gain=config.gate_min_gain,
             k=TOP_K,
         )
-        result, two_tower = fit.result, fit.gate["holdout_two_tower"]
+        result, retrieval = fit.result, fit.gate["holdout_retrieval"]
         model_info = run.log_model(result.load_model())
         version, registry = register_dlrm(context, run, model_info, out, ranking_dataset.path, info, fit.gate)
         run.log_metrics({f"final_{name}/{k}": v for name, m in result.final_metrics.items() for k, v in m.items()})
-        run.log_metrics({f"final_holdout/two_tower_{k}": v for k, v in two_tower.items()})
+        run.log_metrics({f"final_holdout/retrieval_{k}": v for k, v in retrieval.items()})
         if fit.curves is not None:
             run.log_artifact(fit.curves, "plots")
+        searched = record_search(run, search) if search is not None else {}
     metadata = {
         **run.metadata(),
         **_fit_metadata(fit, out.path),
         "sparse_features": dg.MetadataValue.json([f["name"] for f in layout]),
+        **searched,
         **registry,
     }
     return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
+
+
+def _search(context, config, ranking_dataset, info, torch_distributor, mlflow, spark, state, run, out):
+    """The settings search on the holdout lists (training.search); trials' progress in the model folder's
+    search/. A trial's feature switches choose its sparse layout."""
+    from recsys_assets.training.dlrm import DLRMTrainConfig
+    from recsys_assets.training.search import MlflowTrialRuns, search_dlrm
+
+    def make_config(settings, **fields):
+        trial_config = config.model_copy(update=settings)
+        _, trial_settings = _dlrm_settings(
+            context, trial_config, ranking_dataset, info, torch_distributor, mlflow, state
+        )
+        return train_config(DLRMTrainConfig, trial_config, **{**trial_settings, **fields})
+
+    return search_dlrm(
+        launcher(context, torch_distributor, spark, "dlrm search"),
+        make_config,
+        search_budget(config),
+        baseline=config.model_dump(),
+        work_dir=out.staging / "search",
+        trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
+        log=context.log.info,
+    )
 
 
 def _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state) -> tuple[list, dict]:
@@ -156,14 +188,14 @@ def _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, ml
 
 def _fit_metadata(fit, folder: Path) -> dict:
     """The ranker's metrics on every evaluation set, the Two Tower order of the holdout lists, curves."""
-    result, two_tower = fit.result, fit.gate["holdout_two_tower"]
+    result, retrieval = fit.result, fit.gate["holdout_retrieval"]
     rows = {
         **{f"{name} pairs": m for name, m in result.final_metrics.items()},
-        "holdout lists: Two Tower order": two_tower,
+        "holdout lists: retrieval order": retrieval,
     }
     return {
         **training_metadata(result, fit.train_seconds, rows),
-        f"holdout_two_tower_ndcg@{TOP_K}": float(two_tower[f"ndcg@{TOP_K}"]),
+        f"holdout_retrieval_ndcg@{TOP_K}": float(retrieval[f"ndcg@{TOP_K}"]),
         "resumed_from_step": -1 if result.resumed_from_step is None else int(result.resumed_from_step),
         **curves_metadata(folder, {"holdout": fit.curves} if fit.curves else {}, "dlrm"),
         **{f"{name}_{k}": float(v) for name, m in result.final_metrics.items() for k, v in m.items()},
@@ -174,9 +206,10 @@ def _fit_metadata(fit, folder: Path) -> dict:
     group_name=RANKING_GROUP,
     kinds={"pytorch", "parquet"},
     tags={"stage": "ranking"},
-    description=f"Top-K per user (K={TOP_K}) after the DLRM re-ranks the Two Tower's candidates at the evaluation "
-    "cutoff: Parquet (the source's user_id, rank, item_id, title, categories, dlrm_score, retrieval_score, "
-    "retrieval_rank, internal user/item ids, model run ids) + popular.parquet (the lookup's fallback). "
+    description=f"Top-K per user (K={TOP_K}) over the retrieval candidates at the evaluation cutoff, in the order "
+    "of the stage that wins on the holdout lists (the DLRM's, or the retrieval order when the ranker does not "
+    "improve it; metadata says which and why): Parquet (the source's user_id, rank, item_id, title, categories, dlrm_score, retrieval_score, "
+    "retrieval_rank, pool_rank, served_stage, internal user/item ids, model run ids) + popular.parquet (the lookup's fallback). "
     "Look a user up with `python -m recsys_assets.cli recommend --user <id>`.",
 )
 def recommendations(
@@ -188,15 +221,26 @@ def recommendations(
     state: StateResource,
     mlflow: MLflowResource,
 ) -> dg.Output[PublishedFolder]:
+    from recsys_assets.evaluation.gates import served_stage
     from recsys_assets.serving.rerank import recommend
 
     run_ids = {"two_tower_run_id": ranking_dataset.two_tower_run_id, "dlrm_run_id": dlrm_model.mlflow_run_id}
+    served, why = served_stage(json.loads((Path(dlrm_model.path) / "result.json").read_text())["gate"], TOP_K)
+    context.log.info(why)
     with state.output_folder(context) as out:
         top = recommend(
-            dlrm_model, ranking_dataset.path, out.staging, dataset_root=mds_splits.path, top_k=config.top_k, **run_ids
+            dlrm_model,
+            ranking_dataset.path,
+            out.staging,
+            dataset_root=mds_splits.path,
+            top_k=config.top_k,
+            served=served,
+            **run_ids,
         )
     return out.output(
         {
+            "served_stage": served,
+            "served_stage_reason": why,
             "users": int(top["user"].nunique()),
             "rows": int(len(top)),
             "share_from_beyond_retrieval_top_k": float((top["retrieval_rank"] >= config.top_k).mean())

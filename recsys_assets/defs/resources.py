@@ -296,12 +296,23 @@ class TorchDistributorResource(ConfigurableResource):
                     f"{cores} CPU cores available in local mode"
                 )
 
-    def run(self, context, spark: SparkResource, fn, *args, progress_file: Path | None = None, on_progress=None):
+    def run(
+        self,
+        context,
+        spark: SparkResource,
+        fn,
+        *args,
+        progress_file: Path | None = None,
+        on_progress=None,
+        timeout_seconds: float | None = None,
+    ):
         """``fn(*args)`` on every rank; returns rank 0's result. Progress lines go to `on_progress`, else to the
-        Dagster log; timeouts and failed ranks raise (see run_distributed)."""
+        Dagster log; timeouts and failed ranks raise (see run_distributed). `timeout_seconds` shortens the
+        resource's own limit for this launch (a search trial's)."""
         from recsys_assets.training.launch import run_distributed
 
         self.validate()
+        limit = self.timeout_seconds if timeout_seconds is None else min(self.timeout_seconds, timeout_seconds)
         return run_distributed(
             fn,
             *args,
@@ -309,7 +320,7 @@ class TorchDistributorResource(ConfigurableResource):
             num_processes=self.num_processes,
             local_mode=self.local_mode,
             use_gpu=self.use_gpu,
-            timeout_seconds=self.timeout_seconds,
+            timeout_seconds=limit,
             single_machine=self.single_machine,
             progress_file=progress_file,
             on_progress=on_progress or (lambda rec: context.log.info(json.dumps(rec))),

@@ -26,6 +26,19 @@ class RetrievalConfig(dg.Config):
         10, ge=0, description="Uniform random items per validation query (ranker negatives)."
     )
     seed: int = 0
+    item_item_lambdas: list[float] = Field(
+        [50.0, 200.0, 500.0, 1000.0],
+        description="The collaborative candidate source: EASE's top-k merged with the Two Tower's (interleaved by "
+        "rank), with EASE scores and ranks as ranker features; λ chosen on validation from this grid. [] = off.",
+    )
+    item_item_max_items: int = Field(
+        20_000, ge=1, description="EASE is dense items × items: the item-item source is off above this catalog."
+    )
+    item_item_shares: list[float] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="Shares of EASE items in the pool (0: the Two Tower's alone, 1: EASE's alone); the one whose "
+        "merged order has the best validation NDCG@10 is used at both cutoffs.",
+    )
 
 
 @dg.asset(
@@ -70,10 +83,11 @@ def item_index(
     group_name=RETRIEVAL_GROUP,
     kinds={"pytorch", "parquet"},
     tags={"stage": "retrieval"},
-    description="Top-K items per user from the Two Tower (the user's fit items excluded), for two cutoffs: "
+    description="Top-K items per user from the Two Tower merged with the EASE item-item source (the user's fit "
+    "items excluded; item_item_lambdas: [] for the Two Tower alone), for two cutoffs: "
     "'test' (the served model, refit on train+validation; every user) and 'validation' (the train-only fit; "
     "users with a validation row: the ranker's training queries). Parquet: candidates (phase, user, item, "
-    "retrieval_score, retrieval_rank, source), training_pool (the validation item when it was not retrieved, "
+    "retrieval_score, retrieval_rank, item_item_score, item_item_rank, pool_rank, source), training_pool (the validation item when it was not retrieved, "
     "random negatives), queries (the query states).",
 )
 def retrieval_candidates(
@@ -106,7 +120,14 @@ def retrieval_candidates(
     }
     for phase, st in info["phases"].items():
         metadata[f"{phase}_queries"] = st["queries"]
-        metadata[f"{phase}_retrieval_hr_at_{k}"] = float(st[f"hr@{k}"])
+        metadata[f"{phase}_retrieval_hr_at_{k}"] = float(st[f"hr@{k}"])  # the merged pool's recall
+        for source in ("two_tower", "item_item"):
+            if f"{source}_hr@{k}" in st:
+                metadata[f"{phase}_{source}_hr_at_{k}"] = float(st[f"{source}_hr@{k}"])
+    if info.get("item_item_share") is not None:
+        metadata["item_item_lambda"] = float(info["item_item_lambda"])
+        metadata["item_item_share"] = float(info["item_item_share"])
+        metadata["pool_order_validation_ndcg@10"] = dg.MetadataValue.json(info["pool_order_validation_ndcg@10"])
     return out.output(metadata, CandidateSet(path=str(out.path), two_tower_run_id=run_id))
 
 

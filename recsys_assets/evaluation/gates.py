@@ -16,33 +16,89 @@ EVAL_COLUMNS = [S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]
 
 
 def holdout_gate(holdout_path: str | Path, dlrm_scores: np.ndarray, *, min_gain: float, k: int) -> dict[str, Any]:
-    """On the holdout users' candidate lists: HR@k / NDCG@k of the DLRM order ("two_stage") and of the Two
-    Tower's own order ("two_tower"), the number of lists and the required gain (the gate's evidence)."""
+    """On the holdout users' candidate lists: HR@k / NDCG@k of the DLRM order ("two_stage") and of the
+    retrieval order ("retrieval": the pool rank, the Two Tower's order merged with the item-item source's), the
+    number of lists and the required gain (the evidence that decides the served stage)."""
     import pandas as pd
 
     from recsys_assets.evaluation.lists import compare_orders
 
-    holdout = pd.read_parquet(holdout_path, columns=[S.QUERY_ID, S.LABEL, "retrieval_score"])
+    holdout = pd.read_parquet(holdout_path, columns=[S.QUERY_ID, S.LABEL, "pool_rank"])
     qids = holdout[S.QUERY_ID].to_numpy()
     orders = compare_orders(
         qids,
         holdout[S.LABEL].to_numpy(),
-        {"two_stage": dlrm_scores, "two_tower": holdout["retrieval_score"].to_numpy()},
+        {"two_stage": dlrm_scores, "retrieval": -holdout["pool_rank"].to_numpy().astype(np.float64)},
         (k,),
     )
     return {
         "holdout_two_stage": orders["two_stage"],
-        "holdout_two_tower": orders["two_tower"],
+        "holdout_retrieval": orders["retrieval"],
         "holdout_queries": int(len(np.unique(qids))),
         "min_gain": min_gain,
     }
 
 
+def served_stage(gate: dict[str, Any], k: int) -> tuple[str, str]:
+    """Which list is served, and why: "dlrm" when the DLRM order's holdout NDCG@k >= the retrieval order's +
+    min_gain, else "retrieval" (the ranker does not improve the list, so it is not used)."""
+    metric = f"ndcg@{k}"
+    ranker, retrieval = float(gate["holdout_two_stage"][metric]), float(gate["holdout_retrieval"][metric])
+    min_gain = float(gate.get("min_gain", 0.0))
+    evidence = (
+        f"on {gate['holdout_queries']} holdout users' validation lists, DLRM order NDCG@{k} {ranker:.4f} vs "
+        f"retrieval order {retrieval:.4f} (required gain {min_gain:g})"
+    )
+    if ranker >= retrieval + min_gain:
+        return "dlrm", f"the DLRM order is served: {evidence}"
+    return "retrieval", f"the retrieval order is served, the ranker does not improve it: {evidence}"
+
+
+def served_list_beats_most_popular(
+    gate: dict[str, Any], ranking_root: str | Path, dataset_root: str | Path, k: int
+) -> CheckOutcome:
+    """The served stage's validation lists (holdout users) beat MostPopular on the same users' validation
+    rows (NDCG@k, the one evaluator's metrics; a list without the target counts as a miss)."""
+    import pandas as pd
+
+    from recsys_assets.data.splits import load_splits_frame
+    from recsys_assets.evaluation.baselines import MostPopular
+    from recsys_assets.evaluation.protocol import EvalTask, evaluate, metrics_from_ranks
+
+    metric = f"ndcg@{k}"
+    stage, why = served_stage(gate, k)
+    served = float(gate["holdout_two_stage" if stage == "dlrm" else "holdout_retrieval"][metric])
+    holdout_users = pd.read_parquet(Path(ranking_root) / "holdout.parquet", columns=[S.USER])[S.USER].unique()
+    meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
+    task = EvalTask.from_splits(
+        load_splits_frame(dataset_root, EVAL_COLUMNS), "validation", num_users=meta.num_users, num_items=meta.num_items
+    )
+    result = evaluate(MostPopular().fit(task).score, task, ks=(k,))
+    popular = float(metrics_from_ranks(result.ranks[np.isin(result.users, holdout_users)], (k,))[metric])
+    ok = served > popular
+    return CheckOutcome(
+        passed=ok,
+        description=None
+        if ok
+        else (
+            f"the served list ({stage}) does not beat MostPopular on validation: NDCG@{k} {served:.4f} <= "
+            f"{popular:.4f} on {len(holdout_users)} holdout users, so no recommendations are published ({why})"
+        ),
+        metadata={
+            "served_stage": stage,
+            "why": why,
+            f"served_validation_{metric}": served,
+            f"most_popular_validation_{metric}": popular,
+            "holdout_users": int(len(holdout_users)),
+        },
+    )
+
+
 def two_stage_at_least_two_tower(gate: dict[str, Any], k: int) -> CheckOutcome:
-    """`holdout_gate`'s evidence: the DLRM order's NDCG@k >= the Two Tower order's + min_gain."""
+    """`holdout_gate`'s evidence: the DLRM order's NDCG@k >= the retrieval order's + min_gain."""
     metric = f"ndcg@{k}"
     two_stage = float(gate["holdout_two_stage"][metric])
-    two_tower = float(gate["holdout_two_tower"][metric])
+    two_tower = float(gate["holdout_retrieval"][metric])  # the retrieval order
     min_gain = float(gate.get("min_gain", 0.0))
     ok = two_stage >= two_tower + min_gain
     return CheckOutcome(
@@ -50,8 +106,9 @@ def two_stage_at_least_two_tower(gate: dict[str, Any], k: int) -> CheckOutcome:
         description=None
         if ok
         else (
-            f"two-stage NDCG@{k} {two_stage:.4f} < Two Tower alone {two_tower:.4f} + required gain {min_gain:g} on "
-            f"{gate['holdout_queries']} holdout users' validation lists: the ranker does not improve the list"
+            f"two-stage NDCG@{k} {two_stage:.4f} < retrieval order {two_tower:.4f} + required gain {min_gain:g} on "
+            f"{gate['holdout_queries']} holdout users' validation lists: the ranker does not improve the list, so "
+            "the retrieval order is served"
         ),
         metadata={
             f"two_stage_{metric}": two_stage,

@@ -14,7 +14,11 @@ import pandas as pd
 
 from recsys_assets.data import schema as S
 
-TWO_STAGE = "Two-stage (Two Tower → DLRM)"
+TWO_STAGE = "Two-stage (retrieval → DLRM)"
+RETRIEVAL_ORDER = "Retrieval (pool order)"
+SERVED = "Served list"
+# in a recommendations folder: every test candidate with its pool rank and DLRM score (both stages' orders)
+CANDIDATE_SCORES_FILE = "candidate_scores.parquet"
 
 
 def metrics_markdown(rows: dict[str, dict[str, float]]) -> str:
@@ -33,6 +37,8 @@ class EvaluationReport:
     chosen: dict[str, dict]  # tuned baseline -> its chosen settings
     test_users: int
     dlrm_run_id: str
+    served_stage: str = "dlrm"
+    split: str = S.SPLIT_DESCRIPTIONS["timestamp"]  # how the held-out rows were chosen
 
     @property
     def table(self) -> str:
@@ -63,10 +69,13 @@ def evaluate_funnel(
     als_reg_params: Sequence[float],
     als_alphas: Sequence[float],
     als_max_iter: int,
+    sasrec: bool = False,
+    sasrec_epochs: Sequence[int] = (5, 10),
     log: Callable[[str], None] = print,
 ) -> EvaluationReport:
     """Test phase, full ranking with train and validation items excluded. `session`: a SparkSession for ALS
-    (unused when `als` is off). EASE is skipped above `ease_max_items` items."""
+    (unused when `als` is off). EASE is skipped above `ease_max_items` items. SASRec (off by default: minutes
+    of training) has its epochs chosen from `sasrec_epochs` on validation."""
     from recsys_assets.data.splits import load_query_splits
     from recsys_assets.evaluation.baselines import EASE, LastItemMarkov, MostPopular, SparkALS, tune
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
@@ -87,10 +96,14 @@ def evaluate_funnel(
 
     rows["Two Tower"] = timed("Two Tower", lambda: evaluate(two_tower_scorer(splits), task).as_dict())
     recs = pd.read_parquet(Path(recommendations_root) / "recommendations.parquet")
-    recs = recs.assign(order_score=(recs["rank"].max() + 1 - recs["rank"]).astype(np.float32))
-    two_stage = timed("Two-stage", lambda: evaluate(_list_scores(recs, n_items, "order_score"), task).as_dict())
-    rows[TWO_STAGE] = {m: v for m, v in two_stage.items() if m.endswith(f"@{top_k}")}
-    rows[TWO_STAGE].update(_retrieval_hit_rate(candidates_root, task))
+    served = str(recs["served_stage"].iloc[0]) if len(recs) else "dlrm"
+    scored = pd.read_parquet(Path(recommendations_root) / CANDIDATE_SCORES_FILE)
+    scored["pool_order"] = -scored["pool_rank"].astype(np.float32)
+    pool_hr = _retrieval_hit_rate(candidates_root, task)
+    for name, column in ((RETRIEVAL_ORDER, "pool_order"), (TWO_STAGE, "dlrm_score")):
+        metrics = timed(name, lambda c=column: evaluate(_list_scores(scored, n_items, c), task).as_dict())
+        rows[name] = {m: v for m, v in metrics.items() if m.endswith(f"@{top_k}")} | pool_hr
+    rows[f"{SERVED} ({served})"] = dict(rows[TWO_STAGE if served == "dlrm" else RETRIEVAL_ORDER])
     rows["MostPopular"] = timed("MostPopular", lambda: evaluate(MostPopular().fit(task).score, task).as_dict())
     rows["LastItemMarkov"] = timed("LastItemMarkov", lambda: evaluate(LastItemMarkov().fit(task).score, task).as_dict())
     chosen: dict[str, dict] = {}
@@ -116,8 +129,30 @@ def evaluate_funnel(
         )
         rows[f"Spark ALS ({', '.join(f'{k}={v}' for k, v in tuned.params.items())})"] = tuned.test.as_dict()
         chosen["Spark ALS"] = tuned.params
+    if sasrec:
+        import torch
+
+        from recsys_assets.evaluation.sasrec import SASRec
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        log(f"SASRec: choosing epochs from {list(sasrec_epochs)} on validation, then refit ({device})")
+        tuned = timed(
+            "SASRec",
+            lambda: tune(
+                lambda **p: SASRec(device=device, log=log, **p),
+                {"epochs": list(sasrec_epochs)},
+                frame,
+                num_users=n_users,
+                num_items=n_items,
+                log=log,
+            ),
+        )
+        rows[f"SASRec (epochs={tuned.params['epochs']})"] = tuned.test.as_dict()
+        chosen["SASRec"] = tuned.params
     dlrm_run_id = str(recs["dlrm_run_id"].iloc[0]) if len(recs) else ""
-    return EvaluationReport(rows, seconds, chosen, int(task.n_queries), dlrm_run_id)
+    return EvaluationReport(
+        rows, seconds, chosen, int(task.n_queries), dlrm_run_id, served_stage=served, split=meta.split_description
+    )
 
 
 def _retrieval_hit_rate(candidates_root: str | Path, task) -> dict[str, float]:
@@ -154,6 +189,8 @@ def write_report(report: EvaluationReport, out_dir: Path, warn: Callable[[str], 
         json.dumps(
             {
                 "phase": "test",
+                "split": report.split,
+                "served_stage": report.served_stage,
                 "users": report.test_users,
                 "rows": report.rows,
                 "chosen": report.chosen,
@@ -163,7 +200,11 @@ def write_report(report: EvaluationReport, out_dir: Path, warn: Callable[[str], 
             default=float,
         )
     )
-    (out_dir / "evaluation.md").write_text(report.table + "\n")
+    (out_dir / "evaluation.md").write_text(
+        f"Test phase, {report.test_users} users; split: {report.split}; served stage: {report.served_stage}.\n\n"
+        + report.table
+        + "\n"
+    )
     try:
         from recsys_assets.evaluation.plots import metrics_bar_chart_png
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -154,15 +154,31 @@ def generate_candidates(
     num_random_negatives: int,
     seed: int,
     two_tower_run_id: str,
+    item_item_lambdas: Sequence[float] = (),
+    item_item_max_items: int = 20_000,
+    item_item_shares: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     log: Callable[[str], None] = print,
 ) -> dict:
     """Top-k items per user (fit items excluded) at both cutoffs: "test" (the served model, every user; exact or
     HNSW search) and "validation" (the train-only fit, users with a validation row), plus the ranker's extra
     validation pairs (training_pool: the target when retrieval missed it, random negatives) and the query
-    states. Writes candidates / training_pool / queries Parquet and info.json; returns k, per-phase stats
-    (queries, with_target, hr@k, seconds) and candidate_rows."""
+    states. With `item_item_lambdas`, the pool is the Two Tower's top-k merged with EASE's top-k (serving.
+    item_item; λ chosen on validation), cut at k. Every pair carries its Two Tower score and rank, its EASE
+    score and rank, and its pool rank (the retrieval order). Writes candidates / training_pool / queries
+    Parquet and info.json; returns k, per-phase stats (queries, with_target, hr@k of the pool and of each
+    source, seconds) and candidate_rows."""
+    from recsys_assets.serving.item_item import choose_lambda, choose_share, item_item_scores, merge_pools
+
     frames, pools, queries, stats = [], [], [], {}
     splits = load_query_splits(dataset_root)
+    meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
+    use_item_item = bool(item_item_lambdas) and meta.num_items <= item_item_max_items
+    if item_item_lambdas and not use_item_item:
+        log(f"item-item source off: {meta.num_items} items > item_item_max_items={item_item_max_items}")
+    frame = splits[[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]]
+    sizes = dict(num_users=meta.num_users, num_items=meta.num_items)
+    lam, lam_trials = choose_lambda(frame, lambdas=item_item_lambdas, log=log, **sizes) if use_item_item else (None, {})
+    share, share_trials = 0.0, {}  # the share of EASE items in the pool: chosen on the validation cutoff
     for phase in CANDIDATE_PHASES:
         t0 = time.time()
         model, store, states, qv = serving_queries(
@@ -174,29 +190,52 @@ def generate_candidates(
         kk = min(k, vectors.shape[0])
         if phase == "test" and index == "hnsw":
             hnsw = HnswIndex.load(Path(index_root) / HNSW_FILE)
-            items, scores = hnsw.search(qv.numpy(), kk, states.exclude_indptr, states.exclude_indices)
+            items, _ = hnsw.search(qv.numpy(), kk, states.exclude_indptr, states.exclude_indices)
         else:
-            items, scores = exact_top_k(qv, vectors, kk, states.exclude_indptr, states.exclude_indices)
-        frames.append(_retrieved(phase, states, items, scores, kk))
+            items, _ = exact_top_k(qv, vectors, kk, states.exclude_indptr, states.exclude_indices)
+        two_tower_items = items
+        item_item = None
+        if use_item_item:
+            item_item = item_item_scores(frame, phase, states, lam, **sizes)
+            if phase == "validation":  # the share of EASE items in the pool, chosen here, kept for test
+                share, share_trials = choose_share(
+                    two_tower_items, item_item.top(kk), states.targets, kk, item_item_shares
+                )
+                log(f"item-item share of the pool: {share:g} (validation NDCG@10 of the merged order {share_trials})")
+            items = merge_pools(two_tower_items, item_item.top(kk), kk, share)
+        frames.append(_retrieved(phase, states, qv, vectors, items, item_item))
         queries.append(states.frame())
         has_target = states.targets >= 0
+        hr = lambda found: float(((found == states.targets[:, None]).any(axis=1) & has_target)[has_target].mean())  # noqa: E731
         hit = (items == states.targets[:, None]).any(axis=1) & has_target
         stats[phase] = {
             "queries": int(states.n),
             "with_target": int(has_target.sum()),
-            f"hr@{kk}": float(hit[has_target].mean()) if has_target.any() else float("nan"),
+            f"hr@{kk}": hr(items) if has_target.any() else float("nan"),
+            f"two_tower_hr@{kk}": hr(two_tower_items) if has_target.any() else float("nan"),
+            **({f"item_item_hr@{kk}": hr(item_item.top(kk))} if item_item is not None and has_target.any() else {}),
             "seconds": time.time() - t0,
         }
         if phase == "validation":
-            pools += _training_pool(phase, states, qv, vectors, items, has_target & ~hit, num_random_negatives, seed)
-        log(f"{phase}: {states.n} queries, HR@{kk} {stats[phase][f'hr@{kk}']:.4f}")
+            pools += _training_pool(
+                phase, states, qv, vectors, items, has_target & ~hit, num_random_negatives, seed, item_item, kk
+            )
+        log(f"{phase}: {states.n} queries, " + ", ".join(f"{m} {v:.4f}" for m, v in stats[phase].items() if "hr@" in m))
     pd.concat(frames, ignore_index=True).to_parquet(out_dir / "candidates.parquet", index=False)
     pd.concat(pools, ignore_index=True).to_parquet(out_dir / "training_pool.parquet", index=False)
     pd.concat(queries, ignore_index=True).to_parquet(out_dir / "queries.parquet", index=False)
+    item_item_info = {
+        "item_item_lambda": lam,
+        "item_item_validation_ndcg@10": {str(x): v for x, v in lam_trials.items()},
+        "item_item_share": share if use_item_item else None,
+        "pool_order_validation_ndcg@10": {str(x): v for x, v in share_trials.items()},
+    }
     (out_dir / "info.json").write_text(
-        json.dumps({"k": k, "index": index, "phases": stats, "two_tower_run_id": two_tower_run_id}, indent=2)
+        json.dumps(
+            {"k": k, "index": index, "phases": stats, "two_tower_run_id": two_tower_run_id, **item_item_info}, indent=2
+        )
     )
-    return {"k": kk, "phases": stats, "candidate_rows": int(sum(len(f) for f in frames))}
+    return {"k": kk, "phases": stats, "candidate_rows": int(sum(len(f) for f in frames)), **item_item_info}
 
 
 def _item_vectors(phase: str, index_root: str | Path, model, store) -> torch.Tensor:
@@ -210,30 +249,33 @@ def _item_vectors(phase: str, index_root: str | Path, model, store) -> torch.Ten
 
 
 def _pairs(
-    phase: str, users: np.ndarray, items: np.ndarray, scores: np.ndarray, ranks: np.ndarray, source: str
+    phase: str, states, qv, vectors, items: np.ndarray, item_item, pool_rank: np.ndarray, source: str
 ) -> pd.DataFrame:
-    return pd.DataFrame(
+    """The (query user, item) pairs of `items` [Q, m] with both sources' scores and ranks (-1 items dropped)."""
+    n = items.shape[1]
+    if item_item is not None:
+        ii_score, ii_rank = item_item.score_of(items), item_item.rank_of(items)
+    else:  # no item-item source: constant features
+        ii_score, ii_rank = np.zeros(items.shape, np.float32), np.full(items.shape, -1, np.int64)
+    frame = pd.DataFrame(
         {
             "phase": phase,
-            S.USER: users.astype(np.int32),
-            S.ITEM: items.astype(np.int32),
-            "retrieval_score": scores.astype(np.float32),
-            "retrieval_rank": ranks.astype(np.int32),
+            S.USER: np.repeat(states.users, n).astype(np.int32),
+            S.ITEM: items.reshape(-1).astype(np.int32),
+            "retrieval_score": pairwise_scores(qv, vectors, items).reshape(-1),
+            "retrieval_rank": item_ranks(qv, vectors, states, items).reshape(-1).astype(np.int32),
+            "item_item_score": np.nan_to_num(ii_score, nan=0.0).reshape(-1),
+            "item_item_rank": ii_rank.reshape(-1).astype(np.int32),
+            "pool_rank": pool_rank.reshape(-1).astype(np.int32),
             "source": source,
         }
     )
+    return frame[frame[S.ITEM] >= 0]
 
 
-def _retrieved(phase: str, states, items: np.ndarray, scores: np.ndarray, k: int) -> pd.DataFrame:
-    cand = _pairs(
-        phase,
-        np.repeat(states.users, k),
-        items.reshape(-1),
-        scores.reshape(-1),
-        np.tile(np.arange(k), states.n),
-        "retrieved",
-    )
-    return cand[cand[S.ITEM] >= 0]
+def _retrieved(phase: str, states, qv, vectors, items: np.ndarray, item_item) -> pd.DataFrame:
+    pool_rank = np.broadcast_to(np.arange(items.shape[1]), items.shape)
+    return _pairs(phase, states, qv, vectors, items, item_item, pool_rank, "retrieved")
 
 
 def _training_pool(
@@ -245,20 +287,15 @@ def _training_pool(
     missed: np.ndarray,
     num_random: int,
     seed: int,
+    item_item,
+    k: int,
 ) -> list[pd.DataFrame]:
-    """The ranker's extra pairs: the target where retrieval missed it, and random negatives, each with its
-    score and its rank in the full ranking (fit items removed: the feature the candidates carry)."""
-    t_score = pairwise_scores(qv, vectors, states.targets[:, None])[:, 0]
-    t_rank = item_ranks(qv, vectors, states, states.targets[:, None])[:, 0]
-    target = _pairs(phase, states.users[missed], states.targets[missed], t_score[missed], t_rank[missed], "target")
+    """The ranker's extra pairs: the target where the pool missed it, and random negatives, each with the
+    features the candidates carry (their pool rank: k, beyond the pool)."""
+    targets = np.where(missed, states.targets, -1)[:, None]
     rnd = sample_random_items(states, items, vectors.shape[0], num_random, seed)
-    ok = rnd >= 0
-    random = _pairs(
-        phase,
-        np.repeat(states.users, rnd.shape[1])[ok.reshape(-1)],
-        rnd[ok],
-        pairwise_scores(qv, vectors, rnd)[ok],
-        item_ranks(qv, vectors, states, rnd)[ok],
-        "random",
-    )
-    return [target, random]
+    beyond = lambda a: np.full(a.shape, k)  # noqa: E731
+    return [
+        _pairs(phase, states, qv, vectors, targets, item_item, beyond(targets), "target"),
+        _pairs(phase, states, qv, vectors, rnd, item_item, beyond(rnd), "random"),
+    ]

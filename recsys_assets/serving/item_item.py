@@ -1,0 +1,139 @@
+"""The funnel's collaborative candidate source: EASE item-item scores of each cutoff's fit rows.
+
+Where the order of a user's rows carries little signal (a table without time, play counts), what the Two
+Tower misses is what EASE / item-kNN capture: items that co-occur with the user's items. This source adds,
+per query user, the EASE top-K to the Two Tower's top-K (one merged pool of K, interleaved by rank with a share
+of EASE items), and gives the ranker every candidate's EASE score and rank as features. λ (EASE's own
+validation NDCG@10) and the share (the merged order's validation NDCG@10: 0 keeps the Two Tower's pool, 1
+takes EASE's) are chosen on the validation cutoff (fit on train) and reused for the test cutoff (fit on
+train + validation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+# users scored per EASE block (a block holds users × items float32 scores)
+SCORE_BLOCK_USERS = 1024
+
+
+@dataclasses.dataclass
+class ItemItemScores:
+    """EASE scores of one cutoff's query users (rows aligned with the query states), fit items excluded."""
+
+    lam: float
+    scores: torch.Tensor  # float32 [Q, n], -inf at each user's fit items
+    ranks: torch.Tensor  # int32 [Q, n], 0 = the user's best non-excluded item
+
+    def top(self, k: int) -> np.ndarray:
+        """int64 [Q, k] the best k items per user (-1 where a user has fewer than k allowed items)."""
+        values, items = torch.topk(self.scores, min(k, self.scores.shape[1]), dim=1)
+        return torch.where(torch.isinf(values), -1, items).numpy().astype(np.int64)
+
+    def score_of(self, items: np.ndarray) -> np.ndarray:
+        """float32 [Q, m] the EASE score of given items (-1 items, and excluded ones → NaN)."""
+        it = torch.as_tensor(np.maximum(items, 0))
+        s = torch.gather(self.scores, 1, it).numpy().astype(np.float32)
+        return np.where((items >= 0) & np.isfinite(s), s, np.nan).astype(np.float32)
+
+    def rank_of(self, items: np.ndarray) -> np.ndarray:
+        it = torch.as_tensor(np.maximum(items, 0))
+        r = torch.gather(self.ranks, 1, it).numpy().astype(np.int64)
+        return np.where(items >= 0, r, -1)
+
+
+def choose_lambda(
+    frame: pd.DataFrame, *, num_users: int, num_items: int, lambdas: Sequence[float], log: Callable[[str], None]
+) -> tuple[float, dict[float, float]]:
+    """The λ with the best validation NDCG@10 (EASE fitted on train); {λ: NDCG@10}."""
+    from recsys_assets.evaluation.baselines import EASE
+    from recsys_assets.evaluation.protocol import EvalTask, evaluate
+
+    task = EvalTask.from_splits(frame, "validation", num_users=num_users, num_items=num_items)
+    results = {}
+    for lam in lambdas:
+        model = EASE(lam, max_items=num_items, dtype=torch.float32).fit(task)
+        results[float(lam)] = float(evaluate(model.score, task)["ndcg@10"])
+        log(f"item-item source: EASE λ={lam:g} validation NDCG@10 {results[float(lam)]:.4f}")
+        del model
+    return max(results, key=results.get), results
+
+
+def item_item_scores(
+    frame: pd.DataFrame, phase: str, states, lam: float, *, num_users: int, num_items: int
+) -> ItemItemScores:
+    """EASE fitted on the phase's fit rows, scoring the phase's query users (`states`)."""
+    from recsys_assets.evaluation.baselines import EASE
+    from recsys_assets.evaluation.protocol import EvalTask
+
+    task = EvalTask.from_splits(frame, phase, num_users=num_users, num_items=num_items)
+    model = EASE(lam, max_items=num_items, dtype=torch.float32).fit(task)
+    scores = torch.empty((states.n, num_items), dtype=torch.float32)
+    ranks = torch.empty((states.n, num_items), dtype=torch.int32)
+    for s in range(0, states.n, SCORE_BLOCK_USERS):
+        e = min(s + SCORE_BLOCK_USERS, states.n)
+        block = model.score(states.users[s:e]).float()
+        lengths = np.diff(states.exclude_indptr[s : e + 1])
+        rows = torch.as_tensor(np.repeat(np.arange(e - s), lengths))
+        cols = torch.as_tensor(states.exclude_indices[states.exclude_indptr[s] : states.exclude_indptr[e]])
+        block[rows, cols] = -torch.inf
+        order = torch.argsort(block, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order, dtype=torch.int32)
+        rank.scatter_(1, order, torch.arange(num_items, dtype=torch.int32).expand(e - s, -1).contiguous())
+        scores[s:e], ranks[s:e] = block, rank
+    return ItemItemScores(lam, scores, ranks)
+
+
+def merge_pools(first: np.ndarray, second: np.ndarray, k: int, share: float = 0.5) -> np.ndarray:
+    """int64 [Q, k]: per row, two ranked lists merged by rank so that about `share` of the pool comes from
+    `second` (0: `first` alone, 1: `second` alone; first's item before second's at equal key), duplicates kept
+    once, cut at k; -1 pads a row with fewer distinct items."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    rank_a, rank_b = np.arange(first.shape[1]) + 0.5, np.arange(second.shape[1]) + 0.5
+    keys = np.concatenate(
+        [
+            rank_a / (1.0 - share) if share < 1 else np.full(len(rank_a), np.inf),
+            rank_b / share if share > 0 else np.full(len(rank_b), np.inf),
+        ]
+    )
+    order = np.argsort(keys, kind="stable")
+    order = order[np.isfinite(keys[order])]
+    both = np.concatenate([first, second], axis=1)[:, order]
+    out = np.full((first.shape[0], k), -1, dtype=np.int64)
+    for i, row in enumerate(both):
+        row = row[row >= 0]
+        _, first_at = np.unique(row, return_index=True)
+        kept = row[np.sort(first_at)][:k]
+        out[i, : len(kept)] = kept
+    return out
+
+
+def choose_share(
+    first: np.ndarray, second: np.ndarray, targets: np.ndarray, k: int, shares: Sequence[float], cutoff: int = 10
+) -> tuple[float, dict[float, float]]:
+    """The share of the second source whose merged order has the best NDCG@cutoff on the queries' targets
+    (validation), among the shares that beat the smallest share by more than twice the standard error of the
+    paired per-query difference (a gain within noise keeps the smaller share: the first source's pool);
+    {share: NDCG@cutoff}."""
+    has = targets >= 0
+    gains = {}
+    for share in sorted(shares):
+        merged = merge_pools(first[has], second[has], k, share)[:, :cutoff]
+        hit_row, hit_pos = np.nonzero(merged == targets[has][:, None])
+        g = np.zeros(int(has.sum()))
+        g[hit_row] = 1.0 / np.log2(hit_pos + 2.0)
+        gains[float(share)] = g
+    results = {s: float(g.mean()) if len(g) else 0.0 for s, g in gains.items()}
+    base = min(gains)
+    chosen = base
+    for share, g in gains.items():
+        diff = g - gains[base]
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+        if diff.mean() > 2 * se and results[share] > results[chosen]:
+            chosen = share
+    return chosen, results
