@@ -7,7 +7,7 @@ Reproduce (prints the tables below):
 Measured side by side in one run, on 2 CPU cores:
 1. Training throughput (samples/s, training only, evaluation excluded) with 1 and 2 torchrun processes on the
    synthetic dataset, and their ratio; peak RSS per process.
-2. The MDS StreamingDataLoader alone (rows/s, same batch size, KeyedJaggedTensors built) vs. what training
+2. The MDS block reader alone (rows/s, same batch size, KeyedJaggedTensors built) vs. what training
    consumes (samples/s): the ratio says how much headroom the loader has.
 3. On MovieLens (ml-latest-small, all ratings as implicit interactions), the protocol's test metrics of the
    Two Tower (early-stopped on validation NDCG@10, refit on train+validation) next to MostPopular,
@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def build_dataset(source: dict, root: Path) -> Path:
@@ -74,27 +75,6 @@ def torchrun(config: dict, nproc: int, work: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
     return torch.load(out, weights_only=False)  # our own result object, written by this benchmark
-
-
-def loader_rows_per_second(data_root: Path, batch_size: int) -> float:
-    """The training loader alone, one process: StreamingDataLoader → KJT, no model."""
-    from recsys_assets.data.schema import DatasetMeta, DatasetPaths
-    from recsys_assets.models.features import FeatureStore, batch_to_kjt
-    from recsys_assets.training.common import streaming_loader
-
-    paths = DatasetPaths(data_root)
-    meta = DatasetMeta.load(paths.meta)
-    from recsys_assets.training.two_tower import TwoTowerTrainConfig
-
-    spec = TwoTowerTrainConfig(data_root=str(data_root)).feature_spec(meta)  # the features training builds
-    store = FeatureStore.load(data_root, spec)
-    _, loader = streaming_loader([str(paths.mds("train"))], batch_size=batch_size, shuffle=True, seed=0)
-    t0 = time.perf_counter()
-    rows = 0
-    for batch in loader:
-        batch_to_kjt(batch, spec, store)
-        rows += len(batch["user"])
-    return rows / (time.perf_counter() - t0)
 
 
 def quality(movielens: Path, work: Path, epochs: int) -> list[tuple[str, dict]]:
@@ -150,7 +130,9 @@ def main() -> None:
     one = torchrun(cfg, 1, work)
     # Same global batch with 2 processes: each takes half.
     two = torchrun({**cfg, "batch_size": args.batch_size // 2}, 2, work)
-    loader = loader_rows_per_second(data_root, args.batch_size)
+    from data_loader import run_reader
+
+    loader = run_reader("blocks", data_root, data_root / "mds" / "train", args.batch_size, work)["rows_per_s"]
 
     print(
         f"\n## Two Tower training throughput, synthetic {args.size} ({args.epochs} epochs, global batch {args.batch_size})"
@@ -164,7 +146,7 @@ def main() -> None:
     print("\n## loader vs. training consumption")
     print("| what | rows/s |")
     print("|---|---|")
-    print(f"| StreamingDataLoader → KJT alone (1 process) | {loader:,.0f} |")
+    print(f"| MDS block reader → KJT alone (1 process) | {loader:,.0f} |")
     print(f"| training consumes (2 processes, total) | {two.samples_per_second:,.0f} |")
     print(f"| ratio loader / training | {loader / two.samples_per_second:.1f} |")
 

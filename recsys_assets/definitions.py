@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from recsys_assets.defs.automation import jobs, schedules, sensors
+from recsys_assets.defs.automation import RUN_EXECUTOR, jobs, schedules, sensors
 from recsys_assets.defs.data_assets import data_assets
 from recsys_assets.defs.data_checks import data_checks
 from recsys_assets.defs.evaluation_assets import evaluation_assets, funnel_checks
@@ -30,4 +30,5 @@ defs = dg.Definitions(
     jobs=jobs,
     schedules=schedules,
     sensors=sensors,
+    executor=RUN_EXECUTOR,  # also `dagster asset materialize`'s implicit job (make demo)
 )

@@ -27,12 +27,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys_assets.data.blocks import read_layout
 from recsys_assets.data.schema import (
     CATEGORIES,
     HISTORY,
     HISTORY_LEN,
     ITEM,
-    MDS_COLUMNS,
     PAD_ID,
     RATING,
     SPLIT,
@@ -150,22 +150,12 @@ def _write_parquet(df: pd.DataFrame, folder: Path, schema: pa.Schema) -> None:
     (folder / "_SUCCESS").write_text("")
 
 
-def _write_mds(df: pd.DataFrame, folder: Path) -> None:
-    from streaming import MDSWriter
+def _write_mds(df: pd.DataFrame, folder: Path, history_length: int) -> None:
+    from recsys_assets.data.blocks import write_blocks
+    from recsys_assets.data.mds import split_layout
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with MDSWriter(out=str(folder), columns=dict(MDS_COLUMNS), compression="zstd", size_limit=1 << 16) as w:
-        for row in df.itertuples(index=False):
-            w.write(
-                {
-                    USER: np.int32(getattr(row, USER)),
-                    ITEM: np.int32(getattr(row, ITEM)),
-                    TIMESTAMP: np.int64(getattr(row, TIMESTAMP)),
-                    RATING: np.float32(getattr(row, RATING)),
-                    HISTORY: np.asarray(getattr(row, HISTORY), dtype=np.int32),
-                    HISTORY_LEN: np.int32(getattr(row, HISTORY_LEN)),
-                }
-            )
+    # rows shuffled before blocking, as the Spark writer does, so that a block mixes users
+    write_blocks(folder, df.sample(frac=1.0, random_state=0), split_layout(history_length), size_limit=1 << 16)
 
 
 def write_synthetic_dataset(
@@ -257,7 +247,7 @@ def write_synthetic_dataset(
     rows = {}
     for s in SPLITS:
         part = splits.loc[splits[SPLIT] == s]
-        _write_mds(part, paths.mds(s))
+        _write_mds(part, paths.mds(s), history_length)
         rows[s] = int(len(part))
     meta = DatasetMeta(
         num_users=num_users,
@@ -266,6 +256,7 @@ def write_synthetic_dataset(
         user_attribute_cardinalities={"attr_group": group_card, "attr_region": region_card},
         history_length=history_length,
         rows=rows,
+        mds_layout=read_layout(paths.mds("train")).to_dict(),
     )
     paths.meta.write_text(meta.to_json())
     return SyntheticDataset(

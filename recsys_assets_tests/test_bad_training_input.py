@@ -84,7 +84,7 @@ def test_corrupt_shard_fails_its_recorded_hash(tmp_path):
     with MDSWriter(out=str(out), columns={"user": "int32"}, hashes=["sha1"]) as w:
         for u in range(100):
             w.write({"user": np.int32(u)})
-    assert validate_mds(out)["rows"] == 100
+    assert validate_mds(out)["samples"] == 100
     [shard] = [out / s["raw_data"]["basename"] for s in json.loads((out / "index.json").read_text())["shards"]]
     blob = bytearray(shard.read_bytes())
     blob[-1] ^= 0xFF
@@ -93,19 +93,47 @@ def test_corrupt_shard_fails_its_recorded_hash(tmp_path):
         validate_mds(out)
 
 
-def test_split_without_the_history_column(data, tmp_path):
+def test_split_without_the_history_column(data, tmp_path, clean_dataset):
     """An MDS split written with other columns than the model reads (no `history`)."""
-    from streaming import MDSWriter
-
-    from recsys_assets.data.mds import CorruptMDSError
+    from recsys_assets.data.blocks import BlockLayout, LayoutMismatchError, write_blocks
 
     train = data / "mds" / "train"
     shutil.rmtree(train)
-    with MDSWriter(out=str(train), columns={"user": "int32", "item": "int32", "history_len": "int32"}) as w:
-        for u in range(10):
-            w.write({"user": np.int32(u), "item": np.int32(u), "history_len": np.int32(0)})
-    err = _train_fails(data, tmp_path, CorruptMDSError, r"lacks column\(s\) \['history'\]")
+    layout = BlockLayout.of({"user": ("int32", 0), "item": ("int32", 0), "history_len": ("int32", 0)})
+    write_blocks(train, {"user": np.arange(10), "item": np.arange(10), "history_len": np.zeros(10)}, layout)
+    h = clean_dataset.meta.history_length
+    err = _train_fails(
+        data, tmp_path, LayoutMismatchError, rf"column\(s\) \['history: int32\[{h}\] \(found nothing\)'\]"
+    )
     assert str(train) in str(err)
+
+
+def test_history_width_differs_from_the_dataset(data, tmp_path, clean_dataset):
+    """Blocks whose history is narrower than meta.json's history_length: refused, both widths named."""
+    from recsys_assets.data.blocks import LayoutMismatchError, write_blocks
+    from recsys_assets.data.mds import split_layout
+
+    h = clean_dataset.meta.history_length
+    train = data / "mds" / "train"
+    shutil.rmtree(train)
+    rows = {c: np.zeros(8) for c in ("user", "item", "timestamp", "rating", "history_len")}
+    write_blocks(train, {**rows, "history": np.zeros((8, h - 1))}, split_layout(h - 1))
+    _train_fails(data, tmp_path, LayoutMismatchError, rf"history: int32\[{h}\] \(found history: int32\[{h - 1}\]\)")
+
+
+def test_row_layout_mds_is_refused(data, tmp_path):
+    """MDS written one row per sample (the layout before blocks, no layout.json): refused, saying what to do."""
+    from streaming import MDSWriter
+
+    from recsys_assets.data.blocks import LayoutMismatchError
+
+    train = data / "mds" / "train"
+    shutil.rmtree(train)
+    with MDSWriter(out=str(train), columns={"user": "int32", "item": "int32"}) as w:
+        for u in range(10):
+            w.write({"user": np.int32(u), "item": np.int32(u)})
+    err = _train_fails(data, tmp_path, LayoutMismatchError, "written in the row layout")
+    assert "re-materialize" in str(err) and str(train) in str(err)
 
 
 def test_max_history_beyond_the_data_history_length(data, tmp_path, clean_dataset):

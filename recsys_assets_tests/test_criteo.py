@@ -132,7 +132,9 @@ def test_written_dataset(dataset):
     assert {f["num_embeddings"] for f in meta["layout"]} == {NUM_EMBEDDINGS}
     summary = summarize_mds(dataset / "train")
     assert summary["rows"] == 720
-    assert summary["columns"] == C.MDS_COLUMNS
+    assert (
+        summary["columns"] == C.BLOCK_LAYOUT.mds_columns() and summary["blocks"] >= 60
+    )  # blocks of 12 rows: at least 64 blocks where rows allow
     val = pd.read_parquet(dataset / "validation.parquet")
     assert len(val) == 90 and len(val[C.DENSE].iloc[0]) == 13
     assert not [p for p in dataset.parent.iterdir() if p.name.startswith(".") or p.name == "latest"]

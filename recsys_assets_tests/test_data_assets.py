@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from recsys_assets.data import schema as S
+from recsys_assets.data.mds import split_layout
 from recsys_assets.defs.data_assets import data_assets
 from recsys_assets.defs.data_checks import data_checks
 
@@ -82,7 +83,7 @@ def test_metadata_row_counts_are_consistent(tiny_run):
     assert {s: mds[f"{s}_rows"] for s in S.SPLITS} == {s: splits[f"rows_{s}"] for s in S.SPLITS}
     assert sum(mds[f"{s}_rows"] for s in S.SPLITS) == n
     assert all(mds[f"{s}_shards"] >= 1 and mds[f"{s}_bytes"] > 0 for s in S.SPLITS)
-    assert mds["columns"] == S.MDS_COLUMNS
+    assert mds["columns"] == split_layout(20).mds_columns()
     # Each asset records the folder it published (the value handed downstream), one per run.
     for asset in DATA_ASSETS:
         published = Path(_metadata(result, asset)["published_path"])

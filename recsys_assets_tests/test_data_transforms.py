@@ -245,9 +245,8 @@ def test_temporal_split_rejects_history_length_zero(spark):
 
 # ------------------------------------------------------------------------------------------------ end to end
 def test_id_zero_survives_into_splits_and_mds(spark, tmp_path: Path):
-    from streaming import StreamingDataset
-
     from recsys_assets.data.mds import write_split_to_mds
+    from recsys_assets.training.block_loader import read_blocks
 
     rows, raw = _tables_for_index(spark)
     cleaned, _ = clean(raw.interactions)
@@ -263,15 +262,15 @@ def test_id_zero_survives_into_splits_and_mds(spark, tmp_path: Path):
     total = 0
     for split in S.SPLITS:
         out = tmp_path / "mds" / split
-        summary = write_split_to_mds(splits, split, out, partitions=2)
-        ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
-        assert summary["rows"] == len(ds) == splits.filter(F.col("split") == split).count()
-        for k in range(len(ds)):
-            s = ds[k]
-            seen_users.add(int(s["user"]))
-            seen_items.add(int(s["item"]))
-            seen_in_history.update(int(h) for h in s["history"][: int(s["history_len"])])
-        total += len(ds)
+        n = splits.filter(F.col("split") == split).count()
+        summary = write_split_to_mds(splits, split, out, history_length=5, split_rows=n, partitions=2)
+        columns = read_blocks([out])
+        assert summary["rows"] == len(columns["user"]) == n
+        seen_users.update(columns["user"].tolist())
+        seen_items.update(columns["item"].tolist())
+        for history, length in zip(columns["history"], columns["history_len"]):
+            seen_in_history.update(history[:length].tolist())
+        total += n
     assert total == len(rows)
     assert 0 in seen_users and 0 in seen_items and 0 in seen_in_history
     assert seen_users == {0, 1, 2} and seen_items == set(range(5))

@@ -20,7 +20,7 @@ LAYOUT = (
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     """Label = item is even XOR dense[0] > 1: learnable from the item table and the dense part together."""
-    from streaming import MDSWriter
+    from recsys_assets.data.blocks import BlockLayout, write_blocks
 
     root = tmp_path_factory.mktemp("dlrm_pairs")
     rng = np.random.default_rng(0)
@@ -34,26 +34,19 @@ def pairs(tmp_path_factory) -> Path:
     dense = rng.normal(size=(n, 3)).astype(np.float32)
     label = ((item % 2 == 0) ^ (dense[:, 0] > 1)).astype(np.float32)
     cut = 2400
-    with MDSWriter(
-        out=str(root / "train"),
-        columns={
-            "label": "float32",
-            "dense": "ndarray:float32",
-            "user": "int32",
-            "item": "int32",
-            "history": "ndarray:int32",
-        },
-    ) as w:
-        for i in range(cut):
-            w.write(
-                {
-                    "label": label[i],
-                    "dense": dense[i],
-                    "user": np.int32(user[i]),
-                    "item": np.int32(item[i]),
-                    "history": hist[i],
-                }
-            )
+    write_blocks(
+        root / "train",
+        {"label": label[:cut], "dense": dense[:cut], "user": user[:cut], "item": item[:cut], "history": hist[:cut]},
+        BlockLayout.of(
+            {
+                "label": ("float32", 0),
+                "dense": ("float32", 3),
+                "user": ("int32", 0),
+                "item": ("int32", 0),
+                "history": ("int32", 5),
+            }
+        ),
+    )
     pd.DataFrame(
         {
             "label": label[cut:],
@@ -158,3 +151,14 @@ def test_explicit_resume_without_checkpoint_is_refused(pairs, tmp_path):
 def test_selecting_epochs_on_test_is_refused(pairs):
     with pytest.raises(ValueError, match="leak"):
         _config(pairs, eval_sets={"test": str(pairs / "validation.parquet")}, selection_set="test")
+
+
+def test_training_pairs_in_another_layout_are_refused_before_training(pairs):
+    """dense_in_features=4 against blocks of 3-wide dense vectors: refused before any model is built, naming
+    the folder and both widths."""
+    from recsys_assets.data.blocks import LayoutMismatchError
+    from recsys_assets.training.dlrm import train_dlrm
+
+    with pytest.raises(LayoutMismatchError, match=r"dense: float32\[4\] \(found dense: float32\[3\]\)") as err:
+        train_dlrm(_config(pairs, dense_in_features=4))
+    assert str(pairs / "train") in str(err.value)

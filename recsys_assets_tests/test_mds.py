@@ -13,11 +13,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from recsys_assets.data import schema as S
-from recsys_assets.data.mds import summarize_mds, write_split_to_mds
+from recsys_assets.data.mds import split_layout, summarize_mds, write_split_to_mds
 from recsys_assets.data.publish import publish_folder
 from recsys_assets.data.transforms import temporal_split
 
@@ -50,36 +49,58 @@ def _spark_rows(splits, split: str) -> dict:
     }
 
 
-def test_mds_round_trip_one_process(splits, tmp_path: Path):
+def _write_train(splits, out: Path, block_rows: int = 4) -> dict:
+    """The train split in blocks of `block_rows` (min_blocks=1: the configured size, not a smaller one)."""
+    return write_split_to_mds(
+        splits, "train", out, history_length=H, split_rows=23, block_rows=block_rows, partitions=2, min_blocks=1
+    )
+
+
+def _loader(out: Path, batch_size: int, **kwargs):
+    from recsys_assets.training import common
+    from recsys_assets.training.block_loader import open_loader
+
+    common.prepare_streaming()
+    return open_loader([out], split_layout(H, 4).columns, batch_size, seed=3, **kwargs)
+
+
+def _batch_rows(batch) -> dict:
+    out = {}
+    for k in range(len(batch[S.USER])):
+        key = _key(batch[S.USER][k], batch[S.ITEM][k], batch[S.TIMESTAMP][k])
+        out[key] = (float(batch[S.RATING][k]), batch[S.HISTORY][k].tolist(), int(batch[S.HISTORY_LEN][k]))
+    return out
+
+
+def test_blocks_round_trip_every_column(splits, tmp_path: Path):
+    """Spark writes 23 rows in blocks of 4 from 2 partitions (so partial final blocks); the loader gives back
+    every row exactly once with every column: id 0, the -1 history padding, NaN for a null rating, dtypes."""
     import torch
-    from streaming import StreamingDataLoader, StreamingDataset
 
     out = tmp_path / "train"
-    summary = write_split_to_mds(splits, "train", out, partitions=2)
+    summary = _write_train(splits, out)
     expected = _spark_rows(splits, "train")
-    assert len(expected) == 23
-    assert summary["rows"] == 23 and summary["columns"] == S.MDS_COLUMNS
-    assert summary == summarize_mds(out)
-    index = json.loads((out / "index.json").read_text())
-    assert sum(s["samples"] for s in index["shards"]) == 23
+    assert len(expected) == 23 and summary["rows"] == 23
+    assert summary["columns"] == split_layout(H).mds_columns() and summary == summarize_mds(out)
+    sizes = [int(ds_sample["rows"]) for ds_sample in _samples(out)]
+    assert sum(sizes) == 23 and max(sizes) == 4 and min(sizes) < 4  # full blocks and partial ones
+    assert (
+        summary["blocks"]
+        == len(sizes)
+        == sum(s["samples"] for s in json.loads((out / "index.json").read_text())["shards"])
+    )
 
-    ds = StreamingDataset(local=str(out), shuffle=False, batch_size=4)
-    assert len(ds) == 23
     got = {}
-    for k in range(len(ds)):
-        s = ds[k]
-        assert set(s) == set(S.MDS_COLUMNS)
-        for col in (S.USER, S.ITEM, S.HISTORY_LEN):
-            assert isinstance(s[col], np.int32), (col, type(s[col]))
-        assert isinstance(s[S.TIMESTAMP], np.int64)
-        assert isinstance(s[S.RATING], np.float32)
-        assert s[S.HISTORY].dtype == np.int32 and s[S.HISTORY].shape == (H,)
-        got[_key(s[S.USER], s[S.ITEM], s[S.TIMESTAMP])] = (
-            float(s[S.RATING]),
-            s[S.HISTORY].tolist(),
-            int(s[S.HISTORY_LEN]),
-        )
+    for batch in _loader(out, batch_size=5):
+        assert batch[S.USER].dtype == torch.int32 and batch[S.ITEM].dtype == torch.int32
+        assert batch[S.TIMESTAMP].dtype == torch.int64 and batch[S.RATING].dtype == torch.float32
+        assert batch[S.HISTORY].dtype == torch.int32 and batch[S.HISTORY].shape[1:] == (H,)
+        rows = _batch_rows(batch)
+        assert not rows.keys() & got.keys()
+        got.update(rows)
     assert got.keys() == expected.keys()
+    assert any(key[0] == 0 for key in got) and any(key[1] == 0 for key in got)  # id 0 is a real id
+    assert any(-1 in h for _, h, _ in got.values())  # the padding survives
     for key, (rating, history, history_len) in expected.items():
         g_rating, g_history, g_len = got[key]
         assert (g_history, g_len) == (history, history_len), key
@@ -88,31 +109,64 @@ def test_mds_round_trip_one_process(splits, tmp_path: Path):
         else:
             assert g_rating == pytest.approx(rating), key
 
-    # Through the loader: int32 columns stay int32 tensors, the history is a fixed-width matrix.
-    loader = StreamingDataLoader(ds, batch_size=4)
-    seen = 0
-    for batch in loader:
-        assert batch[S.USER].dtype == torch.int32 and batch[S.ITEM].dtype == torch.int32
-        assert batch[S.HISTORY_LEN].dtype == torch.int32
-        assert batch[S.HISTORY].dtype == torch.int32 and batch[S.HISTORY].shape[1] == H
-        assert batch[S.TIMESTAMP].dtype == torch.int64
-        seen += len(batch[S.USER])
-    assert seen == 23
+
+def _samples(out: Path) -> list[dict]:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
+    return [ds[k] for k in range(ds.num_samples)]
+
+
+def test_batches_shuffle_blocks_and_rows_per_epoch(splits, tmp_path: Path):
+    """Another epoch reorders the blocks and the rows inside them; the same seed repeats an epoch."""
+    out = tmp_path / "train"
+    _write_train(splits, out)
+    loader = _loader(out, 23)
+    first, second = ([k for b in loader for k in _batch_rows(b)] for _ in range(2))
+    again = [k for b in _loader(out, 23) for k in _batch_rows(b)]
+    assert again == first and first != second and sorted(first) == sorted(second) and len(first) == 23
+    blocks = [{_key(u, i, t) for u, i, t in zip(s[S.USER], s[S.ITEM], s[S.TIMESTAMP])} for s in _samples(out)]
+    in_block = [[k for k in first if k in b] for b in blocks]  # each block's rows, in epoch-0 order
+    assert any(rows != [k for k in second if k in b] for rows, b in zip(in_block, blocks) if len(b) > 1)
+
+
+def test_resumed_epoch_yields_exactly_the_rows_that_remained(splits, tmp_path: Path):
+    out = tmp_path / "train"
+    _write_train(splits, out)
+    loader = _loader(out, 3)
+    batches = iter(loader)
+    before = [k for _ in range(3) for k in _batch_rows(next(batches))]  # 9 rows: stops inside a block
+    state = loader.state_dict()
+    assert state["rows_done"] == 9 and 9 % 4  # inside a block of 4
+    remaining = [k for b in batches for k in _batch_rows(b)]
+    assert len(before) + len(remaining) == 23
+
+    resumed = _loader(out, 3)
+    resumed.load_state_dict(state)
+    assert [k for b in resumed for k in _batch_rows(b)] == remaining
+    assert resumed.state_dict()["epoch"] == state["epoch"] + 1  # the next iteration is the next epoch
 
 
 RANK_WORKER = textwrap.dedent(
     """
     import json, os, sys
-    from streaming import StreamingDataLoader, StreamingDataset
+    import torch.distributed as dist
+    from recsys_assets.data.mds import split_layout
+    from recsys_assets.training import common
+    from recsys_assets.training.block_loader import open_loader
 
     local, out = sys.argv[1], sys.argv[2]
-    ds = StreamingDataset(local=local, shuffle=False, batch_size=2)
-    keys = []
-    for batch in StreamingDataLoader(ds, batch_size=2):
+    dist.init_process_group("gloo")
+    common.prepare_streaming()
+    loader = open_loader([local], split_layout(4, 4).columns, 2, seed=0, rank=dist.get_rank(), world_size=2)
+    keys, sizes = [], []
+    for batch in loader:
+        sizes.append(len(batch["user"]))
         for u, i, t in zip(batch["user"].tolist(), batch["item"].tolist(), batch["timestamp"].tolist()):
             keys.append([u, i, t])
     with open(out, "w") as f:
-        json.dump({"rank": int(os.environ["RANK"]), "len": len(ds), "keys": keys}, f)
+        json.dump({"rank": dist.get_rank(), "keys": keys, "sizes": sizes}, f)
+    dist.destroy_process_group()
     """
 )
 
@@ -124,12 +178,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_mds_two_ranks_get_disjoint_partitions(splits, tmp_path: Path):
+def test_two_ranks_never_see_the_same_row(splits, tmp_path: Path):
     out = tmp_path / "train"
-    write_split_to_mds(splits, "train", out, partitions=2)
+    _write_train(splits, out)
     expected = set(_spark_rows(splits, "train"))
     n = len(expected)
-    assert n % 2 == 1  # odd: one rank gets a padding repeat
 
     script = tmp_path / "rank_worker.py"
     script.write_text(RANK_WORKER)
@@ -169,14 +222,12 @@ def test_mds_two_ranks_get_disjoint_partitions(splits, tmp_path: Path):
 
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     ranks = [[tuple(k) for k in r["keys"]] for r in results]
-    per_rank = math.ceil(n / 2)
     assert [r["rank"] for r in results] == [0, 1]
-    assert [len(k) for k in ranks] == [per_rank, per_rank]  # each rank its half, padded to equal size
-    assert set(ranks[0]) | set(ranks[1]) == expected  # together every row
+    assert results[0]["sizes"] == results[1]["sizes"] == [2] * 5 + [1]  # equal batches: 11 rows each
     both = Counter(ranks[0]) + Counter(ranks[1])
-    repeats = {k: c for k, c in both.items() if c > 1}
-    assert sum(c - 1 for c in repeats.values()) == 2 * per_rank - n == 1  # only the padding repeat
-    assert len(set(ranks[0]) & set(ranks[1])) <= 1
+    assert max(both.values()) == 1  # no row twice, within or across ranks
+    assert set(both) <= expected
+    assert len(both) == n - n % 2  # every row but the odd one out: the ranks share the longer rank's tail
 
 
 # ------------------------------------------------------------------------------------------------ publish

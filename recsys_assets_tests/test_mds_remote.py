@@ -49,9 +49,10 @@ def _rows(samples) -> list[tuple]:
 
 
 def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path: Path):
-    from streaming import StreamingDataset
 
-    from recsys_assets.training.common import streaming_loader
+    from recsys_assets.data.blocks import read_layout
+    from recsys_assets.training import common
+    from recsys_assets.training.block_loader import open_loader, read_blocks
 
     rows = [(u, (u * 3 + k) % 11, 1000 + 10 * k, float(1 + k)) for u in range(7) for k in range(5)]
     splits = temporal_split(spark.createDataFrame(rows, "user int, item int, timestamp bigint, rating float"), H)
@@ -61,7 +62,7 @@ def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path
     )
     local, remote_dir = tmp_path / "local" / "train", tmp_path / "bucket" / "mds" / "train"
     remote = remote_dir.as_uri()  # file:///.../bucket/mds/train
-    summary = write_split_to_mds(splits, "train", local, partitions=2, remote=remote)
+    summary = write_split_to_mds(splits, "train", local, history_length=H, split_rows=21, partitions=2, remote=remote)
     assert summary["rows"] == len(expected) == 21
 
     # the remote holds the merged index and every shard it names; the local copy is kept and equal
@@ -72,17 +73,19 @@ def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path
         assert (remote_dir / name).read_bytes() == (local / name).read_bytes()
     assert summarize_mds(remote_dir)["rows"] == summary["rows"]
 
+    layout = read_layout(local)
     shutil.rmtree(local)  # what follows can only come from the remote
     cache = tmp_path / "cache" / "train"
-    ds = StreamingDataset(remote=streaming_remote(remote), local=str(cache), shuffle=False, batch_size=4)
-    assert _rows(ds[i] for i in range(len(ds))) == expected
+    columns = read_blocks([cache], layout, remotes=[remote])
+    assert _rows(dict(zip(columns, row)) for row in zip(*columns.values())) == expected
     assert (cache / "index.json").is_file()
-    del ds
 
-    # the trainers' loader: remote + a fresh cache folder
-    _, loader = streaming_loader([tmp_path / "cache2"], 4, seed=0, shuffle=False, remotes=[remote])
+    # the trainers' loader: remote + a fresh cache folder (the layout file is fetched from the remote too)
+    common.prepare_streaming()
+    needed = [layout.column(c) for c in (S.USER, S.ITEM, S.TIMESTAMP, S.HISTORY, S.HISTORY_LEN)]
+    batches = list(open_loader([tmp_path / "cache2"], needed, 4, seed=0, remotes=[remote]))
     got = []
-    for batch in loader:
+    for batch in batches:
         got += [
             {k: batch[k][i] for k in (S.USER, S.ITEM, S.TIMESTAMP, S.HISTORY, S.HISTORY_LEN)}
             for i in range(len(batch[S.USER]))

@@ -113,17 +113,14 @@ LAYOUT = ({"name": "item", "table": "item", "num_embeddings": 30},)
 @pytest.fixture(scope="module")
 def dlrm_pairs(tmp_path_factory) -> Path:
     """Label = the item id is even: MDS training pairs, holdout and test lists (Parquet)."""
-    from streaming import MDSWriter
+    from recsys_assets.data.blocks import BlockLayout, write_blocks
 
     root = tmp_path_factory.mktemp("search_pairs")
     rng = np.random.default_rng(0)
     item, dense = rng.integers(0, 30, 900), rng.normal(size=(900, 2)).astype(np.float32)
     label = (item % 2 == 0).astype(np.float32)
-    with MDSWriter(
-        out=str(root / "train"), columns={"label": "float32", "dense": "ndarray:float32", "item": "int32"}
-    ) as w:
-        for i in range(600):
-            w.write({"label": label[i], "dense": dense[i], "item": np.int32(item[i])})
+    layout = BlockLayout.of({"label": ("float32", 0), "dense": ("float32", 2), "item": ("int32", 0)})
+    write_blocks(root / "train", {"label": label[:600], "dense": dense[:600], "item": item[:600]}, layout)
     for name, rows in (("holdout", slice(600, 750)), ("test", slice(750, 900))):
         pd.DataFrame(
             {

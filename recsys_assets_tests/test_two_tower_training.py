@@ -145,18 +145,21 @@ def test_kjt_keeps_id_zero_and_respects_lengths(dataset):
 
 
 def test_training_batches_contain_id_zero(dataset):
-    """Real Streaming batches of the train split -> KJTs that contain user 0 and item 0 (no `if value:`)."""
-    from streaming import StreamingDataset
-    from torch.utils.data import DataLoader
-
+    """Real block batches of the train split -> KJTs that contain user 0 and item 0 (no `if value:`)."""
     from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
+    from recsys_assets.training import common
+    from recsys_assets.training.block_loader import open_loader
+    from recsys_assets.training.two_tower import train_block_columns
 
     spec = FeatureSpec.from_meta(dataset.meta, recent_items=1, use_user_id=True)
     store = FeatureStore.load(dataset.root, spec)
-    ds = StreamingDataset(local=str(dataset.paths.mds("train")), shuffle=False, batch_size=512)
+    needed = train_block_columns(dataset.meta.history_length)
+    folder = dataset.paths.mds("train")
+    common.prepare_streaming()
+    loader = open_loader([folder], needed, 512, seed=0)
     seen = {"user_id": False, "history": False, "recent_items": False, "item_id": False}
     n_hist = n_recent = 0
-    for batch in DataLoader(ds, batch_size=512):
+    for batch in loader:
         assert batch[USER].dtype == torch.int32
         d = batch_to_kjt(batch, spec, store).to_dict()
         for k in seen:
@@ -475,3 +478,19 @@ def test_torchrun_cli_refit_on_train_and_validation_logs_to_mlflow(dataset, tmp_
     assert [m.step for m in hist] == [0, 1]
     assert [m.value for m in hist] == [h["metrics"]["hr@10"] for h in r.history]
     assert len(client.get_metric_history(run_id, "train_loss")) == 2
+
+
+def test_category_bags_padded_gather_equals_the_csr_ranges():
+    """The padded-matrix gather returns exactly the CSR ranges (values in row order, lengths; id 0 kept)."""
+    from recsys_assets.models.features import _gather_ranges, _padded_rows
+
+    rng = np.random.default_rng(0)
+    lengths = torch.from_numpy(rng.integers(0, 5, 50))
+    indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+    indices = torch.from_numpy(rng.integers(0, 7, int(lengths.sum())))
+    rows = _padded_rows(indptr, indices)
+    items = torch.from_numpy(rng.integers(0, 50, 300))
+    picked = rows[items]
+    values, counts = picked[picked >= 0], (picked >= 0).sum(dim=1)
+    assert torch.equal(counts, lengths[items]) and bool((indices == 0).any())
+    assert torch.equal(values, _gather_ranges(indices, indptr[items], lengths[items]))

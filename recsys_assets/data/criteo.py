@@ -39,6 +39,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from recsys_assets.data import schema as S
+from recsys_assets.data.blocks import BlockLayout, read_layout
 from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.lines import INT_RE, ROW_INDEX, check_policy, input_files, read_numbered_lines
 
@@ -51,7 +52,10 @@ LABEL, DENSE = S.LABEL, S.DENSE  # the DLRM's pair columns
 MISSING_ID = 0  # the embedding row of a missing categorical value
 DEFAULT_NUM_EMBEDDINGS = 100_000
 SPLITS = ("train", "validation", "test")
-MDS_COLUMNS = {LABEL: "float32", DENSE: "ndarray:float32", **{c: "int32" for c in CAT_COLUMNS}}
+# The train split's MDS block layout (data/blocks.py).
+BLOCK_LAYOUT = BlockLayout.of(
+    {LABEL: ("float32", 0), DENSE: ("float32", NUM_INT), **{c: ("int32", 0) for c in CAT_COLUMNS}}
+)
 
 
 @dataclasses.dataclass
@@ -210,10 +214,9 @@ def write_criteo_dataset(
     compression: str | None = "zstd",
     size_limit: str = "64mb",
 ) -> dict:
-    """Writes ``out_dir/{train (MDS), validation.parquet, test.parquet, meta.json}`` atomically; returns meta."""
-    from streaming.base.converters import dataframe_to_mds
-
-    from recsys_assets.data.mds import summarize_mds
+    """Writes ``out_dir/{train (MDS blocks), validation.parquet, test.parquet, meta.json}`` atomically; returns
+    meta."""
+    from recsys_assets.data.mds import write_blocks_with_spark
     from recsys_assets.data.publish import publish_folder
 
     read = read_criteo_report(spark, path, bad_lines=bad_lines)
@@ -223,13 +226,16 @@ def write_criteo_dataset(
     out_dir = Path(out_dir)
     columns = [LABEL, DENSE, *CAT_COLUMNS]
     with publish_folder(out_dir, keep_versions=0, point_latest=False) as tmp:
-        mds_kwargs = {"out": str(tmp.resolve() / "train"), "columns": dict(MDS_COLUMNS), "size_limit": size_limit}
-        if compression:
-            mds_kwargs["compression"] = compression
-        dataframe_to_mds(
-            parts["train"].select(*columns).repartition(partitions), merge_index=True, mds_kwargs=mds_kwargs
+        train_summary = write_blocks_with_spark(
+            parts["train"],
+            BLOCK_LAYOUT,
+            tmp / "train",
+            rows=parts["train"].count(),
+            partitions=partitions,
+            compression=compression,
+            size_limit=size_limit,
+            seed=seed,
         )
-        train_summary = summarize_mds(tmp / "train")
         stats = {"train": {"rows": train_summary["rows"]}}
         for name in ("validation", "test"):
             parts[name].select(*columns).coalesce(partitions).write.parquet(str(tmp / f"{name}.parquet"))
@@ -267,7 +273,7 @@ def write_criteo_dataset(
             "categorical_hashing": f"1 + pmod(xxhash64(value), num_embeddings - 1) (Spark xxhash64, seed 42); "
             f"missing -> {MISSING_ID}",
             "missing_id": MISSING_ID,
-            "mds_columns": dict(MDS_COLUMNS),
+            "mds_layout": read_layout(tmp / "train").to_dict(),
             "mds_bytes": train_summary["bytes"],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys_assets.data import schema as S
+from recsys_assets.data.blocks import DEFAULT_BLOCK_ROWS, BlockLayout, read_layout
 from recsys_assets.data.errors import DataValidationError
+from recsys_assets.data.mds import write_blocks_with_spark
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -277,18 +279,21 @@ def model_columns(
     )
 
 
-def mds_columns(attribute_columns: Sequence[str]) -> dict[str, str]:
-    cols = {
-        LABEL: "float32",
-        DENSE: "ndarray:float32",
-        S.USER: "int32",
-        S.ITEM: "int32",
-        S.HISTORY: "ndarray:int32",
-        S.CATEGORIES: "ndarray:int32",
+def pairs_layout(
+    attribute_columns: Sequence[str], *, history_length: int, max_categories: int, block_rows: int = DEFAULT_BLOCK_ROWS
+) -> BlockLayout:
+    """The MDS block layout of the ranker's training pairs (`model_columns`' model columns)."""
+    spec = {
+        LABEL: ("float32", 0),
+        DENSE: ("float32", len(DENSE_FEATURES)),
+        S.USER: ("int32", 0),
+        S.ITEM: ("int32", 0),
+        S.HISTORY: ("int32", history_length),
+        S.CATEGORIES: ("int32", max(1, max_categories)),
+        **{a: ("int32", 0) for a in attribute_columns},
+        QUERY_ID: ("int64", 0),
     }
-    cols.update({a: "int32" for a in attribute_columns})
-    cols[QUERY_ID] = "int64"
-    return cols
+    return BlockLayout.of(spec, block_rows)
 
 
 def sample_training_pairs(pairs: DataFrame, num_hard_negatives: int, seed: int) -> DataFrame:
@@ -302,16 +307,6 @@ def sample_training_pairs(pairs: DataFrame, num_hard_negatives: int, seed: int) 
     w = Window.partitionBy(S.USER, "_hard").orderBy(F.rand(seed))
     ranked = pairs.withColumn("_hard", hard_negative).withColumn("_r", F.row_number().over(w))
     return ranked.filter(~F.col("_hard") | (F.col("_r") <= num_hard_negatives)).drop("_r", "_hard")
-
-
-def write_pairs_to_mds(df: DataFrame, out: str, columns: dict[str, str], partitions: int = 2) -> None:
-    from streaming.base.converters import dataframe_to_mds
-
-    dataframe_to_mds(
-        df.select(*columns).repartition(partitions),
-        merge_index=True,
-        mds_kwargs={"out": str(out), "columns": dict(columns), "compression": "zstd", "size_limit": "64mb"},
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,11 +376,14 @@ def build_ranking_dataset(
         history_length=meta.history_length,
         max_categories=max_categories,
     )
-    write_pairs_to_mds(
+    layout = pairs_layout(attribute_keys, history_length=meta.history_length, max_categories=max_categories)
+    write_blocks_with_spark(
         session.read.parquet(str(out_dir / "train.parquet")),
-        str(out_dir / "mds" / "train"),
-        mds_columns(attribute_keys),
+        layout,
+        out_dir / "mds" / "train",
+        rows=counts["train"],
         partitions=settings.mds_partitions,
+        seed=settings.seed,
     )
     shutil.rmtree(raw)
     info = {
@@ -398,6 +396,7 @@ def build_ranking_dataset(
         "num_categories": meta.num_categories,
         "history_length": meta.history_length,
         "max_categories": max(1, max_categories),
+        "mds_layout": read_layout(out_dir / "mds" / "train").to_dict(),
         "rows": counts,
         "positives": positives,
         **(provenance or {}),

@@ -8,7 +8,7 @@ On disk (under a dataset folder, see `DatasetPaths`):
 - ``item_features/``  Parquet: item (int32), categories (array<int32>, may be empty), popularity (int64)
 - ``user_features/``  Parquet: user (int32), one int32 column per user attribute (``attr_<name>``)
 - ``splits/``         Parquet: SPLIT_COLUMNS (+ ``split`` in {train, validation, test})
-- ``mds/<split>/``    MDS: MDS_COLUMNS, one folder per split, with a merged index.json
+- ``mds/<split>/``    MDS blocks (data/blocks.py) of MDS_COLUMNS, one folder per split: index.json + layout.json
 - ``user_index/``     Parquet: user (int32), raw_user (string): the source's id of every user
 - ``item_index/``     Parquet: item (int32), raw_item (string), title (string, null where the source has none),
                       categories (array<string>, the source's names): the source's id of every item
@@ -49,13 +49,13 @@ QUERY_ID = "query_id"
 # Spark type names of the cleaned interactions table.
 INTERACTION_COLUMNS = {USER: "int", ITEM: "int", TIMESTAMP: "bigint", RATING: "float"}
 
-# MDS column encodings. Spark int -> int32, bigint -> int64, float -> float32 (MDS has no bool/date types).
+# The split columns' numpy dtypes in the MDS blocks (data/mds.py split_layout; history is history_length wide).
 MDS_COLUMNS = {
     USER: "int32",
     ITEM: "int32",
     TIMESTAMP: "int64",
     RATING: "float32",
-    HISTORY: "ndarray:int32",
+    HISTORY: "int32",
     HISTORY_LEN: "int32",
 }
 
@@ -108,6 +108,8 @@ class DatasetMeta:
     user_id_type: str = "string"
     item_id_type: str = "string"
     order: str = "timestamp"  # see ORDER_FILE
+    # The MDS splits' block layout (data/blocks.py: BlockLayout.to_dict()); readers of a remote copy check it.
+    mds_layout: dict | None = None
 
     @property
     def split_description(self) -> str:

@@ -11,9 +11,11 @@ from typing import Any
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from recsys_assets.data import blocks as B
 from recsys_assets.data import mds as M
 from recsys_assets.data import schema as S
 from recsys_assets.data import sources, transforms
+from recsys_assets.data.blocks import DEFAULT_BLOCK_ROWS
 from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.publish import hardlink_tree
 
@@ -129,6 +131,7 @@ def build_mds_dataset(
     compression: str | None,
     shard_size_limit: str,
     mds_remote: str | None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
     log=print,
 ) -> tuple[S.DatasetMeta, dict[str, dict]]:
     """The training dataset (schema.DatasetPaths): each split as MDS (also uploaded under `mds_remote`), item
@@ -140,17 +143,24 @@ def build_mds_dataset(
     history_length = int((Path(splits_root) / "history_length.txt").read_text())
     paths = S.DatasetPaths(out_dir)
     summaries: dict[str, dict] = {}
+    split_rows = {r[S.SPLIT]: int(r["count"]) for r in splits.groupBy(S.SPLIT).count().collect()}
     for name in S.SPLITS:
         summaries[name] = M.write_split_to_mds(
             splits,
             name,
             paths.mds(name),
+            history_length=history_length,
+            split_rows=split_rows.get(name, 0),
+            block_rows=block_rows,
             partitions=partitions,
             compression=compression,
             size_limit=shard_size_limit,
             remote=M.join_remote(mds_remote, name) if mds_remote else None,
         )
-        log(f"mds {name}: {summaries[name]['rows']} rows in {summaries[name]['shards']} shards")
+        log(
+            f"mds {name}: {summaries[name]['rows']} rows in {summaries[name]['blocks']} blocks, "
+            f"{summaries[name]['shards']} shards"
+        )
     # Popularity for log-Q correction and features comes from train rows only: no test-period leak.
     popularity = splits.filter(F.col(S.SPLIT) == "train").groupBy(S.ITEM).agg(F.count(F.lit(1)).alias("popularity"))
     item_features = session.read.parquet(str(Path(interactions_root) / "item_features"))
@@ -171,6 +181,7 @@ def build_mds_dataset(
         history_length=history_length,
         rows={s: summaries[s]["rows"] for s in S.SPLITS},
         mds_remote=mds_remote,
+        mds_layout=B.read_layout(paths.mds("train")).to_dict(),
         order=S.read_order(splits_root),
         **id_types,
     )

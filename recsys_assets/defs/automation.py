@@ -45,6 +45,10 @@ RETRAIN_RUN_TAGS = {
     "dagster/retry_strategy": "FROM_FAILURE",
 }
 
+# One process and one SparkSession serve a whole run: the multiprocess default starts a Python process per step
+# (torch/pyspark imports, ~4 s) and a Spark JVM per Spark step; on a chain-shaped graph it buys little overlap.
+RUN_EXECUTOR = dg.in_process_executor
+
 # ------------------------------------------------------------------------------------------------ the job
 retrain_all = dg.define_asset_job(
     name="retrain_all",
@@ -52,6 +56,7 @@ retrain_all = dg.define_asset_job(
     description="Materialize the whole graph: source -> splits -> MDS -> Two Tower model -> item embeddings. "
     f"Retried up to {RETRAIN_MAX_RETRIES} times from the failed step (instance run retries must be enabled).",
     tags=RETRAIN_RUN_TAGS,  # no run_tags given: Dagster appends these job tags to every run of the job
+    executor_def=RUN_EXECUTOR,
 )
 
 

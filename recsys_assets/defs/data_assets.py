@@ -11,6 +11,7 @@ from pydantic import Field
 from recsys_assets.data import mds as M
 from recsys_assets.data import schema as S
 from recsys_assets.data import sources, stages
+from recsys_assets.data.blocks import DEFAULT_BLOCK_ROWS
 from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.synthetic import SyntheticSpec
 from recsys_assets.defs.constants import DATA_GROUP
@@ -96,6 +97,9 @@ class MdsConfig(dg.Config):
     partitions: int = Field(2, ge=1, description="Spark partitions (= MDS writer tasks) per split.")
     compression: str | None = "zstd"
     shard_size_limit: str = "64mb"
+    block_rows: int = Field(
+        default=DEFAULT_BLOCK_ROWS, ge=1, description="Rows per MDS sample (a block of rows stored column by column)."
+    )
     remote_root: str | None = Field(
         None,
         description="Also upload the MDS splits to object storage under this URI (s3://, gs://, dbfs:/, file://), "
@@ -282,12 +286,18 @@ def mds_splits(
             compression=config.compression,
             shard_size_limit=config.shard_size_limit,
             mds_remote=mds_remote,
+            block_rows=config.block_rows,
             log=context.log.info,
         )
     metadata: dict = {"meta": dg.MetadataValue.json(json.loads(meta.to_json()))}
     for split, summary in summaries.items():
         metadata.update(
-            {f"{split}_rows": summary["rows"], f"{split}_shards": summary["shards"], f"{split}_bytes": summary["bytes"]}
+            {
+                f"{split}_rows": summary["rows"],
+                f"{split}_blocks": summary["blocks"],
+                f"{split}_shards": summary["shards"],
+                f"{split}_bytes": summary["bytes"],
+            }
         )
     metadata["columns"] = dg.MetadataValue.json(summaries["train"]["columns"])
     return out.output(metadata)

@@ -23,10 +23,18 @@ class EvaluationConfig(dg.Config):
         20_000, description="EASE is closed form (items × items): skipped above this catalog size."
     )
     als: bool = Field(True, description="Spark ALS (implicit), tuned on validation.")
-    als_ranks: list[int] = Field([32, 64])
+    als_ranks: list[int] = Field(
+        [64, 32], description="ALS grid, tried in order (first values first): put the most promising first."
+    )
     als_reg_params: list[float] = Field([0.1])
     als_alphas: list[float] = Field([1.0])
     als_max_iter: int = Field(10, ge=1)
+    als_budget_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="ALS validation grid budget: a point starts only if the grid would end within it at the "
+        "slowest point's pace (the first always runs); the skipped points are logged and in `grids` metadata.",
+    )
     sasrec: bool = Field(
         False, description="SASRec (self-attention over each user's sequence), epochs chosen on validation; minutes."
     )
@@ -86,6 +94,9 @@ def evaluation(
         "test_users": report.test_users,
         "split": report.split,
         "served_stage": report.served_stage,
+        # where the minutes went, and which grid points ran (or were skipped by a budget)
+        "stage_seconds": dg.MetadataValue.json({k: round(v, 2) for k, v in report.seconds.items()}),
+        "grids": dg.MetadataValue.json(report.grids),
         **flat,
     }
     if chart is not None:

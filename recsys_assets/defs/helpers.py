@@ -3,7 +3,9 @@ Dagster's types."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,6 @@ import dagster as dg
 from recsys_assets.data.checks import CheckOutcome
 from recsys_assets.data.stages import Preview
 from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
-from recsys_assets.evaluation.plots import image_markdown
-from recsys_assets.evaluation.report import metrics_markdown
 
 
 def progress_logger(context: dg.AssetExecutionContext, model_name: str):
@@ -46,11 +46,53 @@ def launcher(
     return functools.partial(torch_distributor.run, context, spark, on_progress=progress_logger(context, model_name))
 
 
+# Fields of a training config that say where a run reports, not what it trains.
+REPORTING_FIELDS = ("mlflow_run_id", "mlflow_prefix", "progress_file", "checkpoint_dir")
+
+
+class TrainedOnce:
+    """Launch results by what they trained (the config less REPORTING_FIELDS). A settings search's trial trains
+    exactly what the fit's validation phase trains when the fit keeps its settings (trial 0: the configured ones),
+    so the fit takes the trial's result instead of a second launch (~10 s start-up plus the epochs)."""
+
+    def __init__(self, log) -> None:
+        self.log, self.results = log, {}
+
+    def record(self, launch):
+        """`launch`, remembering each result."""
+
+        def run(fn, config, **kwargs):
+            result = launch(fn, config, **kwargs)
+            self.results[_trained_key(config)] = result
+            return result
+
+        return run
+
+    def reuse(self, launch):
+        """`launch`, except that a config already trained through `record` returns that result."""
+
+        def run(fn, config, **kwargs):
+            result = self.results.get(_trained_key(config))
+            if result is None:
+                return launch(fn, config, **kwargs)
+            self.log(f"{config.eval_phase} phase: the search trial with these settings is reused, not retrained")
+            return result
+
+        return run
+
+
+def _trained_key(config) -> str:
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in REPORTING_FIELDS}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 def training_metadata(
     result: Any, train_seconds: float, rows: dict[str, dict[str, float]], plan_text: str | None = None
 ) -> dict[str, Any]:
     """What both model assets show of a training result (`rows`: the metrics table; `plan_text`: the sharding
     plan shown, default the result's)."""
+    from recsys_assets.evaluation.report import metrics_markdown
+
     return {
         "metrics": dg.MetadataValue.md(metrics_markdown(rows)),
         "best_epoch": result.best_epoch,
@@ -65,6 +107,9 @@ def training_metadata(
 def curves_metadata(folder: Path, curves: dict[str, Path], model_name: str) -> dict[str, Any]:
     """Training curves (name -> PNG, as written before publishing) inline, and the first one's path in the
     published `folder`."""
+    # imported here: evaluation imports torch, which the data assets (and `make demo`'s dagster.yaml step) skip
+    from recsys_assets.evaluation.plots import image_markdown
+
     if not curves:
         return {}
     pngs = {name: folder / png.name for name, png in curves.items()}

@@ -8,7 +8,7 @@ import dagster as dg
 from recsys_assets.data import schema as S
 from recsys_assets.defs.configs import TwoTowerConfig, search_budget, train_config
 from recsys_assets.defs.constants import RETRIEVAL_GROUP, TRAINING_POOL
-from recsys_assets.defs.helpers import curves_metadata, launcher, record_search, training_metadata
+from recsys_assets.defs.helpers import TrainedOnce, curves_metadata, launcher, record_search, training_metadata
 from recsys_assets.defs.registry import register_two_tower
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import PublishedFolder, TrainedModel
@@ -24,14 +24,12 @@ def _train_config(config: TwoTowerConfig, data_root: str, **overrides):
 
 def _check_inputs(config: TwoTowerConfig, data_root: str) -> S.DatasetMeta:
     """Bad settings and corrupt / truncated shards fail here, before MLflow, Spark or any process starts."""
-    from recsys_assets.data.mds import validate_mds
-    from recsys_assets.training.two_tower import TRAIN_MDS_COLUMNS
+    from recsys_assets.training.two_tower import validate_fit_mds
 
     paths = S.DatasetPaths(Path(data_root))
     meta = S.DatasetMeta.load(paths.meta)
     _train_config(config, data_root).check_dataset(meta)
-    for split in ("train", "validation"):
-        validate_mds(paths.mds(split), columns=TRAIN_MDS_COLUMNS)
+    validate_fit_mds([paths.mds(split) for split in ("train", "validation")], meta)
     return meta
 
 
@@ -63,9 +61,12 @@ def two_tower_model(
         mlflow.asset_run(context, model="two_tower", checkpoint_dir=checkpoints) as run,
         state.output_folder(context) as out,
     ):
+        trained = TrainedOnce(context.log.info)  # the fit's validation phase reuses the chosen trial's run
         search = None
         if config.search_trials:
-            search = _search(context, config, mds_splits.path, meta, torch_distributor, spark, run, out.staging)
+            search = _search(
+                context, config, mds_splits.path, meta, torch_distributor, spark, run, out.staging, trained
+            )
             config = config.model_copy(update=search.settings)  # the fit below trains the chosen settings
         run.log_params(
             {
@@ -77,7 +78,7 @@ def two_tower_model(
             }
         )
         fit = fit_two_tower(
-            launcher(context, torch_distributor, spark, "two_tower"),
+            trained.reuse(launcher(context, torch_distributor, spark, "two_tower")),
             lambda **phase: _train_config(
                 config,
                 mds_splits.path,
@@ -107,12 +108,13 @@ def two_tower_model(
     return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
 
 
-def _search(context, config, data_root: str, meta, torch_distributor, spark, run, folder: Path):
-    """The settings search on the validation phase (training.search); trials' progress in `folder`/search."""
+def _search(context, config, data_root: str, meta, torch_distributor, spark, run, folder: Path, trained: TrainedOnce):
+    """The settings search on the validation phase (training.search); trials' progress in `folder`/search; their
+    results kept in `trained`."""
     from recsys_assets.training.search import MlflowTrialRuns, search_two_tower
 
     return search_two_tower(
-        launcher(context, torch_distributor, spark, "two_tower search"),
+        trained.record(launcher(context, torch_distributor, spark, "two_tower search")),
         lambda settings, **fields: _train_config(
             config.model_copy(update=settings),
             data_root,

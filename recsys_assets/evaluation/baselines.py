@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -123,13 +124,118 @@ class LastItemMarkov:
         return scores
 
 
+def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, n_cols: int, like: torch.Tensor):
+    """Sparse CSR [len(rows), n_cols] with a 1 at each (row, column) of the given rows of a CSR structure."""
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    crow = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=crow[1:])
+    offsets = np.repeat(starts - crow[:-1], lengths) + np.arange(crow[-1], dtype=np.int64)
+    ones = torch.ones(int(crow[-1]), dtype=like.dtype, device=like.device)
+    with warnings.catch_warnings():  # "sparse CSR is in beta": CSR times dense is all we use of it
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.as_tensor(crow, device=like.device),
+            torch.as_tensor(indices[offsets], device=like.device),
+            ones,
+            size=(len(rows), n_cols),
+            check_invariants=False,  # built sorted and in range above
+        )
+
+
+class EASEGram:
+    """What every λ of one EASE fit matrix X (binary users × items) shares, built once per fit task: X as
+    sparse rows, and G = XᵀX, or with few users (Woodbury) X dense and K = XXᵀ. Each λ then costs one
+    Cholesky factorisation. (A shared eigendecomposition of G was slower: on CPU eigh costs ~7 Cholesky
+    inverses, and V diag(1/(w+λ)) Vᵀ per λ as much as one.)
+
+    `solver`: "gram" factorises G + λI (O(n^3)); "woodbury" factorises K + λI (O(U^3 + nnz n)); "auto" takes
+    woodbury when 2 U <= n."""
+
+    def __init__(
+        self,
+        task: EvalTask,
+        *,
+        solver: str = "auto",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        if solver not in ("auto", "gram", "woodbury"):
+            raise ValueError(f"solver must be 'auto', 'gram' or 'woodbury', got {solver!r}")
+        self.task, self.n = task, task.num_items
+        self.settings = (solver, torch.device(device), dtype)
+        self.woodbury = solver == "woodbury" or (solver == "auto" and 2 * task.num_users <= self.n)
+        like = torch.empty(0, dtype=dtype, device=device)
+        indptr, items = task.user_items_indptr, task.user_items_indices
+        users = np.repeat(np.arange(task.num_users, dtype=np.int64), np.diff(indptr))
+        order = np.argsort(items, kind="stable")  # Xᵀ's rows: the users of each item
+        self._item_indptr = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(items, minlength=self.n), out=self._item_indptr[1:])
+        self._item_users = users[order]
+        self.xt = self._item_rows(np.arange(self.n), like)  # sparse [n, U]
+        if self.woodbury:
+            self.x_dense = self.xt.to_dense().T.contiguous()  # [U, n]
+            self.kernel = self.x_dense @ self.x_dense.T  # K = X Xᵀ [U, U]
+        else:
+            self.kernel = self._gram(like)
+
+    def _item_rows(self, items: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        return _csr_rows(self._item_indptr, self._item_users, items, self.task.num_users, like)
+
+    def _gram(self, like: torch.Tensor) -> torch.Tensor:
+        """G = XᵀX by column blocks, sparse times dense: nnz·n multiply-adds where the dense product costs U·n²."""
+        n = self.n
+        gram = torch.empty((n, n), dtype=like.dtype, device=like.device)
+        chunk = max(1, (1 << 25) // max(self.task.num_users, 1))  # items per dense block (~32M entries)
+        for start in range(0, n, chunk):
+            cols = np.arange(start, min(start + chunk, n))
+            gram[:, cols[0] : cols[-1] + 1] = self.xt @ self._item_rows(cols, like).to_dense().T
+        return gram
+
+    def inverse(self, lam: float) -> torch.Tensor:
+        """P = (G + λI)⁻¹, dense [n, n]."""
+        if not self.woodbury:
+            shifted = self.kernel.clone()
+            shifted.diagonal().add_(lam)
+            chol = torch.linalg.cholesky(shifted)
+            del shifted
+            return torch.cholesky_inverse(chol)
+        # Woodbury: P = (I - Xᵀ (λ I_U + X Xᵀ)^-1 X) / λ
+        shifted = self.kernel.clone()
+        shifted.diagonal().add_(lam)
+        k_inv_x = torch.cholesky_solve(self.x_dense, torch.linalg.cholesky(shifted))
+        p = (self.xt @ k_inv_x).neg_()
+        p.diagonal().add_(1.0)
+        return p.div_(lam)
+
+    def weights(self, lam: float) -> torch.Tensor:
+        """EASE's B = I - P diagMat(1 / diag(P)) (zero diagonal), dense [n, n]."""
+        p = self.inverse(lam)
+        p.div_(-p.diagonal().clone().unsqueeze(0))  # B_ij = -P_ij / P_jj
+        p.diagonal().zero_()
+        return p
+
+
+class SharedGram:
+    """One slot holding the EASEGram of the last fit task, so the EASE models of a λ grid share it; a new
+    task (or settings) frees it before building the next, so two dense Gram matrices never coexist."""
+
+    def __init__(self) -> None:
+        self._gram: EASEGram | None = None
+
+    def get(self, task: EvalTask, *, solver: str, device: torch.device, dtype: torch.dtype) -> EASEGram:
+        g = self._gram
+        if g is None or g.task is not task or g.settings != (solver, torch.device(device), dtype):
+            self._gram = None
+            self._gram = EASEGram(task, solver=solver, device=device, dtype=dtype)
+        return self._gram
+
+
 class EASE:
     """EASE (Steck 2019), closed form: B = I - P diagMat(1 / diag(P)), P = (X^T X + lambda I)^-1, with X the
     binary user x item matrix of the fit data; scores = X_u B. Dense item x item: refuses above `max_items`.
 
-    `solver`: "gram" inverts the n x n Gram matrix (O(n^3)); "woodbury" inverts a U x U matrix instead
-    (O(U n^2), same result up to rounding, needs the dense U x n matrix); "auto" takes woodbury when
-    2 U <= n."""
+    `solver`: see EASEGram. `shared`: a SharedGram that the models of one λ grid pass around (`ease_grid`)."""
 
     def __init__(
         self,
@@ -139,6 +245,7 @@ class EASE:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float64,
         solver: str = "auto",
+        shared: SharedGram | None = None,
     ) -> None:
         if lam <= 0:
             raise ValueError("lam must be positive")
@@ -149,6 +256,7 @@ class EASE:
         self.max_items = max_items
         self.device = torch.device(device)
         self.dtype = dtype
+        self.shared = shared
         self.B_: torch.Tensor | None = None
 
     def fit(self, task: EvalTask) -> EASE:
@@ -159,52 +267,25 @@ class EASE:
                 f"items (raise max_items if you have the memory: ~{3 * n * n * 8 / 2**30:.1f} GiB in float64)"
             )
         self.B_ = None
-        indptr, indices = task.user_items_indptr, task.user_items_indices
-        use_woodbury = self.solver == "woodbury" or (self.solver == "auto" and 2 * task.num_users <= n)
-        if use_woodbury:
-            # Few users: Woodbury, P = (I - X^T (lambda I_U + X X^T)^-1 X) / lambda costs O(U n^2), not O(n^3).
-            x = self._rows(indptr, indices, np.arange(task.num_users), n)
-            k = x @ x.T
-            k.diagonal().add_(self.lam)
-            k_inv_x = torch.cholesky_solve(x, torch.linalg.cholesky(k))
-            p = torch.mm(x.T, k_inv_x).neg_()
-            del x, k, k_inv_x
-            p.diagonal().add_(1.0)
-            p.div_(self.lam)
-        else:
-            gram = torch.zeros((n, n), dtype=self.dtype, device=self.device)
-            chunk = max(1, (1 << 25) // max(n, 1))  # users per dense block (~32M entries)
-            for start in range(0, task.num_users, chunk):
-                x = self._rows(indptr, indices, np.arange(start, min(start + chunk, task.num_users)), n)
-                gram.addmm_(x.T, x)
-            gram.diagonal().add_(self.lam)
-            chol = torch.linalg.cholesky(gram)
-            del gram
-            p = torch.cholesky_inverse(chol)
-            del chol
-        p.div_(-p.diagonal().clone().unsqueeze(0))  # B_ij = -P_ij / P_jj
-        p.diagonal().zero_()
-        self.B_ = p
-        self._indptr, self._indices, self._n = indptr, indices, n
+        settings = {"solver": self.solver, "device": self.device, "dtype": self.dtype}
+        gram = self.shared.get(task, **settings) if self.shared is not None else EASEGram(task, **settings)
+        self.B_ = gram.weights(self.lam)
+        self._task, self._like = task, self.B_[:0, :0]  # scoring rebuilds only the queried users' rows
         return self
-
-    def _rows(self, indptr: np.ndarray, indices: np.ndarray, users: np.ndarray, n: int) -> torch.Tensor:
-        starts = indptr[users]
-        lengths = indptr[users + 1] - starts
-        seg = np.zeros(len(users) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=seg[1:])
-        offsets = np.repeat(starts - seg[:-1], lengths) + np.arange(seg[-1], dtype=np.int64)
-        x = torch.zeros((len(users), n), dtype=self.dtype, device=self.device)
-        rows = torch.as_tensor(np.repeat(np.arange(len(users)), lengths), device=self.device)
-        cols = torch.as_tensor(indices[offsets], device=self.device)
-        x[rows, cols] = 1.0
-        return x
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         _require_fitted(self, "B_")
         assert self.B_ is not None
-        x = self._rows(self._indptr, self._indices, np.asarray(users, dtype=np.int64), self._n)
-        return x @ self.B_
+        users = np.asarray(users, dtype=np.int64)
+        t = self._task
+        return _csr_rows(t.user_items_indptr, t.user_items_indices, users, t.num_items, self._like) @ self.B_
+
+
+def ease_grid(**settings: Any) -> Callable[..., EASE]:
+    """An EASE factory for `tune` (`ease_grid()(lam=...)`) whose models share one EASEGram per fit task: the
+    λ grid builds X and XᵀX once for validation and once for test, not once per λ."""
+    shared = SharedGram()
+    return lambda **params: EASE(**settings, **params, shared=shared)
 
 
 class SparkALS:
@@ -293,12 +374,21 @@ class SparkALS:
 
 @dataclasses.dataclass(frozen=True)
 class TuneResult:
-    """Chosen settings (best validation metric, first in grid order on ties) and the two reports."""
+    """Chosen settings (best validation metric, first in grid order on ties) and the two reports; `seconds`
+    (fit + score) aligned with `trials`, the grid points `skipped` by the budget, and the test refit's seconds."""
 
     params: dict[str, Any]
     validation: EvalResult
     test: EvalResult
     trials: list[tuple[dict[str, Any], EvalResult]]
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    test_seconds: float = 0.0
+
+    def summary(self, metric: str = "ndcg@10") -> dict[str, Any]:
+        """JSON-able: the chosen point, each point that ran (validation `metric`, seconds), the skipped ones."""
+        ran = [{"params": p, metric: r[metric], "seconds": round(s, 2)} for (p, r), s in zip(self.trials, self.seconds)]
+        return {"chosen": self.params, "ran": ran, "skipped": self.skipped, "test_seconds": round(self.test_seconds, 2)}
 
 
 def _grid_points(grid: Mapping[str, Sequence[Any]] | Iterable[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
@@ -309,6 +399,23 @@ def _grid_points(grid: Mapping[str, Sequence[Any]] | Iterable[Mapping[str, Any]]
         return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     points = [dict(p) for p in grid]
     return points or [{}]
+
+
+def _fit_and_evaluate(
+    factory: Callable[..., Baseline], params: dict[str, Any], task: EvalTask, ks: Sequence[int], batch_size: int
+) -> tuple[EvalResult, float]:
+    t0 = time.perf_counter()
+    model = factory(**params).fit(task)
+    result = evaluate(model.score, task, ks=ks, batch_size=batch_size)
+    return result, time.perf_counter() - t0
+
+
+def _line(name: str, what: str, params: dict, result: EvalResult, metric: str, seconds: float) -> str:
+    return f"{_prefix(name)}{what} {params}: {metric} {result[metric]:.4f} ({seconds:.1f}s)"
+
+
+def _prefix(name: str) -> str:
+    return f"{name} " if name else ""
 
 
 def tune(
@@ -322,31 +429,38 @@ def tune(
     metric: str = "ndcg@10",
     batch_size: int = 1024,
     log: Callable[[str], None] | None = None,
+    name: str = "",
+    budget_seconds: float | None = None,
 ) -> TuneResult:
     """Choose settings on the validation phase by `metric`, refit them on train + validation, report test.
 
-    `grid` is either {param: [values]} (cartesian product) or a list of {param: value} dicts;
-    `baseline_factory(**params)` must return an unfitted baseline.
+    `grid` is either {param: [values]} (cartesian product) or a list of {param: value} dicts, tried in order
+    (put the most promising first); `baseline_factory(**params)` must return an unfitted baseline. `log` gets
+    one line per grid point and one for the refit ("<name> validation {params}: ndcg@10 0.0446 (3.1s)").
+    `budget_seconds`: a point starts only if the grid would still end within it at the slowest point's pace
+    so far (the first point always runs); the rest are skipped, said in the log and in `skipped`.
     """
+    say = log if log is not None else (lambda line: None)
     val_task = EvalTask.from_splits(splits, "validation", num_users=num_users, num_items=num_items)
     test_task = EvalTask.from_splits(splits, "test", num_users=val_task.num_users, num_items=val_task.num_items)
+    points = _grid_points(grid)
     trials: list[tuple[dict[str, Any], EvalResult]] = []
-    best: tuple[dict[str, Any], EvalResult] | None = None
-    for params in _grid_points(grid):
-        model = baseline_factory(**params).fit(val_task)
-        result = evaluate(model.score, val_task, ks=ks, batch_size=batch_size)
+    seconds: list[float] = []
+    for i, params in enumerate(points):
+        if budget_seconds is not None and seconds and sum(seconds) + max(seconds) > budget_seconds:
+            spent = f"{sum(seconds):.0f}s spent, the slowest point took {max(seconds):.0f}s"
+            say(f"{_prefix(name)}grid: budget {budget_seconds:g}s ({spent}): skipped {points[i:]}")
+            break
+        result, sec = _fit_and_evaluate(baseline_factory, params, val_task, ks, batch_size)
         if metric not in result:
             raise ValueError(f"metric {metric!r} not among {list(result)}; add its cut-off to ks")
         trials.append((params, result))
-        if log is not None:
-            log(f"validation {params}: {result}")
-        if best is None or result[metric] > best[1][metric]:
-            best = (params, result)
-        del model
-    assert best is not None
-    model = baseline_factory(**best[0]).fit(test_task)
-    test = evaluate(model.score, test_task, ks=ks, batch_size=batch_size)
-    return TuneResult(params=best[0], validation=best[1], test=test, trials=trials)
+        seconds.append(sec)
+        say(_line(name, "validation", params, result, metric, sec))
+    best = max(trials, key=lambda t: t[1][metric])  # max keeps the first of equal values: grid order on ties
+    test, test_seconds = _fit_and_evaluate(baseline_factory, best[0], test_task, ks, batch_size)
+    say(_line(name, "test refit", best[0], test, metric, test_seconds))
+    return TuneResult(best[0], best[1], test, trials, seconds, points[len(trials) :], test_seconds)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -395,11 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model = LastItemMarkov().fit(test_task)
                 report("LastItemMarkov", evaluate(model.score, test_task), time.perf_counter() - t0)
             elif name == "ease" and args.tune_ease:
-                tuned = tune(
-                    EASE, {"lam": [50.0, 200.0, 500.0, 1000.0]}, splits, num_users=num_users, num_items=num_items
-                )
-                for params, res in tuned.trials:
-                    print(f"  validation EASE {params}: {res}")
+                grid = {"lam": [50.0, 200.0, 500.0, 1000.0]}
+                sizes = {"num_users": num_users, "num_items": num_items}
+                say = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+                tuned = tune(ease_grid(), grid, splits, **sizes, log=say, name="EASE")
+                print(f"  EASE grid {sum(tuned.seconds):.1f}s, test refit {tuned.test_seconds:.1f}s")
                 report(f"EASE (tuned: {tuned.params})", tuned.test, time.perf_counter() - t0)
             elif name == "ease":
                 model = EASE(lam=args.ease_lambda).fit(test_task)

@@ -33,12 +33,13 @@ def metrics_markdown(rows: dict[str, dict[str, float]]) -> str:
 @dataclasses.dataclass
 class EvaluationReport:
     rows: dict[str, dict[str, float]]  # display name (settings in parentheses) -> metrics
-    seconds: dict[str, float]
+    seconds: dict[str, float]  # stage -> seconds ("<baseline> grid" / "<baseline> test refit" for tuned ones)
     chosen: dict[str, dict]  # tuned baseline -> its chosen settings
     test_users: int
     dlrm_run_id: str
     served_stage: str = "dlrm"
     split: str = S.SPLIT_DESCRIPTIONS["timestamp"]  # how the held-out rows were chosen
+    grids: dict[str, dict] = dataclasses.field(default_factory=dict)  # tuned baseline -> TuneResult.summary()
 
     @property
     def table(self) -> str:
@@ -69,15 +70,17 @@ def evaluate_funnel(
     als_reg_params: Sequence[float],
     als_alphas: Sequence[float],
     als_max_iter: int,
+    als_budget_seconds: float | None = None,
     sasrec: bool = False,
     sasrec_epochs: Sequence[int] = (5, 10),
     log: Callable[[str], None] = print,
 ) -> EvaluationReport:
     """Test phase, full ranking with train and validation items excluded. `session`: a SparkSession for ALS
-    (unused when `als` is off). EASE is skipped above `ease_max_items` items. SASRec (off by default: minutes
-    of training) has its epochs chosen from `sasrec_epochs` on validation."""
+    (unused when `als` is off). EASE is skipped above `ease_max_items` items. The ALS grid runs in order and
+    skips its remaining points past `als_budget_seconds`. SASRec (off by default: minutes of training) has its
+    epochs chosen from `sasrec_epochs` on validation. `log` gets a line per stage and per grid point."""
     from recsys_assets.data.splits import load_query_splits
-    from recsys_assets.evaluation.baselines import EASE, LastItemMarkov, MostPopular, SparkALS, tune
+    from recsys_assets.evaluation.baselines import LastItemMarkov, MostPopular, SparkALS, ease_grid
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
 
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
@@ -86,13 +89,8 @@ def evaluate_funnel(
     n_users, n_items = meta.num_users, meta.num_items
     task = EvalTask.from_splits(frame, "test", num_users=n_users, num_items=n_items)
     rows: dict[str, dict[str, float]] = {}
-    seconds: dict[str, float] = {}
-
-    def timed(name, fn):
-        t0 = time.time()
-        out = fn()
-        seconds[name] = time.time() - t0
-        return out
+    stages = _Stages(log)
+    timed = stages.timed
 
     rows["Two Tower"] = timed("Two Tower", lambda: evaluate(two_tower_scorer(splits), task).as_dict())
     recs = pd.read_parquet(Path(recommendations_root) / "recommendations.parquet")
@@ -106,29 +104,17 @@ def evaluate_funnel(
     rows[f"{SERVED} ({served})"] = dict(rows[TWO_STAGE if served == "dlrm" else RETRIEVAL_ORDER])
     rows["MostPopular"] = timed("MostPopular", lambda: evaluate(MostPopular().fit(task).score, task).as_dict())
     rows["LastItemMarkov"] = timed("LastItemMarkov", lambda: evaluate(LastItemMarkov().fit(task).score, task).as_dict())
-    chosen: dict[str, dict] = {}
+    tune_on = {"splits": frame, "num_users": n_users, "num_items": n_items}
     if n_items <= ease_max_items:
-        tuned = timed(
-            "EASE", lambda: tune(EASE, {"lam": list(ease_lambdas)}, frame, num_users=n_users, num_items=n_items)
-        )
+        tuned = stages.tuned("EASE", ease_grid(max_items=ease_max_items), {"lam": list(ease_lambdas)}, **tune_on)
         rows[f"EASE (λ={tuned.params['lam']:g})"] = tuned.test.as_dict()
-        chosen["EASE"] = tuned.params
     else:
         log(f"EASE skipped: {n_items} items > ease_max_items={ease_max_items}")
     if als:
         grid = {"rank": list(als_ranks), "reg_param": list(als_reg_params), "alpha": list(als_alphas)}
-        tuned = timed(
-            "Spark ALS",
-            lambda: tune(
-                lambda **p: SparkALS(session, max_iter=als_max_iter, seed=0, **p),
-                grid,
-                frame,
-                num_users=n_users,
-                num_items=n_items,
-            ),
-        )
+        als_factory = lambda **p: SparkALS(session, max_iter=als_max_iter, seed=0, **p)  # noqa: E731
+        tuned = stages.tuned("Spark ALS", als_factory, grid, **tune_on, budget_seconds=als_budget_seconds)
         rows[f"Spark ALS ({', '.join(f'{k}={v}' for k, v in tuned.params.items())})"] = tuned.test.as_dict()
-        chosen["Spark ALS"] = tuned.params
     if sasrec:
         import torch
 
@@ -136,23 +122,47 @@ def evaluate_funnel(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         log(f"SASRec: choosing epochs from {list(sasrec_epochs)} on validation, then refit ({device})")
-        tuned = timed(
-            "SASRec",
-            lambda: tune(
-                lambda **p: SASRec(device=device, log=log, **p),
-                {"epochs": list(sasrec_epochs)},
-                frame,
-                num_users=n_users,
-                num_items=n_items,
-                log=log,
-            ),
-        )
+        sasrec_factory = lambda **p: SASRec(device=device, log=log, **p)  # noqa: E731
+        tuned = stages.tuned("SASRec", sasrec_factory, {"epochs": list(sasrec_epochs)}, **tune_on)
         rows[f"SASRec (epochs={tuned.params['epochs']})"] = tuned.test.as_dict()
-        chosen["SASRec"] = tuned.params
     dlrm_run_id = str(recs["dlrm_run_id"].iloc[0]) if len(recs) else ""
     return EvaluationReport(
-        rows, seconds, chosen, int(task.n_queries), dlrm_run_id, served_stage=served, split=meta.split_description
+        rows,
+        stages.seconds,
+        {name: g["chosen"] for name, g in stages.grids.items()},
+        int(task.n_queries),
+        dlrm_run_id,
+        served_stage=served,
+        split=meta.split_description,
+        grids=stages.grids,
     )
+
+
+class _Stages:
+    """Each stage's seconds and a progress line for it (the report ran minutes without a word before)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.seconds: dict[str, float] = {}
+        self.grids: dict[str, dict] = {}
+
+    def timed(self, name: str, fn: Callable):
+        t0 = time.time()
+        out = fn()
+        self.seconds[name] = time.time() - t0
+        shown = f" test ndcg@10 {out['ndcg@10']:.4f}" if isinstance(out, dict) and "ndcg@10" in out else ""
+        self.log(f"evaluation: {name}{shown} ({self.seconds[name]:.1f}s)")
+        return out
+
+    def tuned(self, name: str, factory: Callable, grid: dict, **tune_kwargs):
+        """`tune` with a line per grid point; seconds of the whole, of the grid and of the test refit."""
+        from recsys_assets.evaluation.baselines import tune
+
+        tuned = self.timed(name, lambda: tune(factory, grid, log=self.log, name=name, **tune_kwargs))
+        self.seconds[f"{name} grid"] = sum(tuned.seconds)
+        self.seconds[f"{name} test refit"] = tuned.test_seconds
+        self.grids[name] = tuned.summary()
+        return tuned
 
 
 def _retrieval_hit_rate(candidates_root: str | Path, task) -> dict[str, float]:
@@ -195,6 +205,7 @@ def write_report(report: EvaluationReport, out_dir: Path, warn: Callable[[str], 
                 "rows": report.rows,
                 "chosen": report.chosen,
                 "seconds": report.seconds,
+                "grids": report.grids,
             },
             indent=2,
             default=float,

@@ -137,6 +137,7 @@ class FeatureStore:
         self.user_attrs = user_attrs.long()
         self.cat_indptr = cat_indptr.long()
         self.cat_indices = cat_indices.long()
+        self.cat_rows = _padded_rows(self.cat_indptr, self.cat_indices)
 
     def to(self, device: torch.device) -> FeatureStore:
         return FeatureStore(
@@ -184,9 +185,30 @@ class FeatureStore:
     def item_categories(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, lengths) of the category bags of `items` (int64 [n]), in row order."""
         items = items.long()
+        if self.cat_rows is not None:  # one gather + mask: much faster than repeat_interleave over ranges
+            rows = self.cat_rows[items]
+            real = rows >= 0
+            return rows[real], real.sum(dim=1)
         starts = self.cat_indptr[items]
         lengths = self.cat_indptr[items + 1] - starts
         return _gather_ranges(self.cat_indices, starts, lengths), lengths
+
+
+# Category bags are also kept as a -1 padded [num_items, longest bag] matrix unless that is this many times
+# larger than the CSR (a few items with very long bags).
+MAX_PADDING_FACTOR = 4
+
+
+def _padded_rows(indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+    lengths = indptr[1:] - indptr[:-1]
+    width = int(lengths.max()) if lengths.numel() else 0
+    if width == 0 or lengths.numel() * width > MAX_PADDING_FACTOR * max(1, indices.numel()):
+        return None
+    rows = torch.full((lengths.numel(), width), -1, dtype=torch.long, device=indices.device)
+    pos = torch.arange(width, device=indices.device)[None, :]
+    real = pos < lengths[:, None]
+    rows[real] = indices  # CSR order is row-major, as the mask's
+    return rows
 
 
 def _check_range(values: np.ndarray, n: int, what: str) -> None:
@@ -325,7 +347,7 @@ def batch_to_kjt(
     store: FeatureStore,
     extra_items: torch.Tensor | None = None,
 ) -> KeyedJaggedTensor:
-    """Training KJT of an MDS batch (columns of schema.MDS_COLUMNS, int32 as delivered by Streaming).
+    """Training KJT of an MDS batch (columns of schema.MDS_COLUMNS, int32 as the block reader delivers them).
 
     Rows 0..B-1: the batch's query features and its positive items; rows B..B+N-1 (N = len(extra_items)):
     empty query bags and the extra negative items.

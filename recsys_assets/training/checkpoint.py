@@ -4,7 +4,7 @@ One checkpoint is a folder ``<root>/step-<global step, 9 digits>/``:
 
 - the sharded model and optimizer state, written by ``torch.distributed.checkpoint`` (each rank writes its own
   shards: ``__<rank>_0.distcp`` + ``.metadata``); it loads into any world size (2 -> 1, 1 -> 2: DCP reshards);
-- ``rank_<r>.pt`` per rank: the rank's ``StreamingDataLoader.state_dict()`` (taken mid-epoch, or pointing at
+- ``rank_<r>.pt`` per rank: the rank's ``BlockBatchLoader.state_dict()`` (taken mid-epoch, or pointing at
   the start of the next epoch for an end-of-epoch checkpoint) and its RNG states (python, numpy, torch and any
   named torch.Generator the trainer passes);
 - ``trainer_state.json`` (rank 0): whatever the trainer needs to continue (epoch, step, best metric, history,
@@ -27,7 +27,7 @@ Usage (collective calls on every rank, in the same order)::
     ... for batch in loader: ...; step += 1
         if manager.due(step): manager.save(step, model=dmp, optimizer=opt, loader=loader, trainer_state=...)
 
-Load the loader state BEFORE ``iter(loader)`` (Streaming applies it at the next iteration).
+Load the loader state BEFORE ``iter(loader)`` (the loader applies it at the next iteration).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ class CheckpointManager:
     ) -> Path:
         """Collective. Write checkpoint `step` atomically; returns its folder.
 
-        loader: a StreamingDataLoader whose ``state_dict()`` is taken now (mid-epoch), or pass `loader_state`
+        loader: a BlockBatchLoader whose ``state_dict()`` is taken now (mid-epoch, collective), or pass `loader_state`
         directly (e.g. the start of the next epoch at an epoch end). trainer_state: JSON-able, rank 0's is kept.
         rank_state: per-rank extras (torch.save-able). pinned: checkpoint names pruning must keep.
         """
@@ -325,15 +325,6 @@ class CheckpointManager:
         state = {"model": model.state_dict()}
         dcp.load(state, checkpoint_id=str(path))
         model.load_state_dict(state["model"])
-
-
-def next_epoch_loader_state(loader_state: Mapping[str, Any]) -> dict[str, Any]:
-    """A Streaming loader state pointing at the START of the epoch after the one it was taken in (an end-of-
-    epoch checkpoint: an exhausted loop's state says sample_in_epoch = epoch size, which is not resumable)."""
-    out = dict(loader_state)
-    out["epoch"] = int(out["epoch"]) + 1
-    out["sample_in_epoch"] = 0
-    return out
 
 
 def _json_default(o: Any) -> Any:

@@ -438,62 +438,43 @@ def peak_rss_mb() -> float:
 
 
 # --------------------------------------------------------------------------------------------- streaming
-def streaming_loader(
+def block_loader(
     folders: Sequence[str | Path],
+    needed: Sequence[Any],
     batch_size: int,
+    env: DistEnv,
     *,
     seed: int,
     shuffle: bool = True,
     num_workers: int = 0,
-    drop_last: bool = False,
     epoch_size: int | None = None,
     remotes: Sequence[str] | None = None,
 ):
-    """(StreamingDataset, StreamingDataLoader) over local MDS folders (one Stream each), partitioned across
-    ranks by Streaming (disjoint parts, equal sizes: an odd total is padded by repeating samples). Each
-    iteration of the loader is one epoch, reshuffled with (seed, epoch).
+    """A BlockBatchLoader (training/block_loader.py) over MDS block folders (one Stream each): `needed` columns
+    (data.blocks.BlockColumn) are checked against the folders' layout first. Each iteration is one epoch.
 
     remotes: one remote MDS folder per entry of `folders` (s3://, gs://, dbfs:/, file://); `folders` are then
-        the local cache folders Streaming downloads shards into (created as needed; one per node, never shared
-        by two open datasets). Default None: read `folders` in place.
+        the local cache folders Streaming downloads shards into (one per node, never shared by two open
+        datasets).
+    epoch_size: rows per epoch over all ranks (None: every row).
 
-    Call `clean_stale_shared_memory()` on every rank before this (it has a barrier): see `prepare_streaming`.
+    Call `prepare_streaming()` on every rank before this (it has a barrier).
     """
-    from streaming import Stream, StreamingDataLoader, StreamingDataset
+    from recsys_assets.training.block_loader import open_loader
 
-    folders = [str(f) for f in folders]
-    if not folders:
-        raise ValueError("no MDS folders to read")
-    if remotes is None:
-        for f in folders:
-            if not (Path(f) / "index.json").exists():
-                raise FileNotFoundError(f"no MDS index.json in {f}")
-        pairs = [(None, f) for f in folders]
-    else:
-        from recsys_assets.data.mds import streaming_remote
-
-        if len(remotes) != len(folders):
-            raise ValueError(f"{len(remotes)} remotes for {len(folders)} local cache folders")
-        pairs = [(streaming_remote(r), f) for r, f in zip(remotes, folders)]
-    if len(pairs) == 1:
-        kwargs: dict[str, Any] = {"remote": pairs[0][0], "local": pairs[0][1]}
-    else:
-        kwargs = {"streams": [Stream(remote=r, local=f) for r, f in pairs]}
-    dataset = StreamingDataset(
-        **kwargs,
+    return open_loader(
+        folders,
+        needed,
+        batch_size,
+        seed=seed,
+        remotes=remotes,
         shuffle=shuffle,
-        shuffle_seed=seed,
-        batch_size=batch_size,
-        epoch_size=epoch_size,
-    )
-    loader = StreamingDataLoader(
-        dataset,
-        batch_size=batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
         num_workers=num_workers,
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        pin_memory=env.device.type == "cuda",
+        epoch_rows=epoch_size,
     )
-    return dataset, loader
 
 
 def default_mds_cache_dir(remote: str) -> Path:

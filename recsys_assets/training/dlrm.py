@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from recsys_assets.data.pairs import PairSet, load_pair_set
-from recsys_assets.data.schema import LABEL
+from recsys_assets.data.schema import DENSE, LABEL
 from recsys_assets.evaluation.lists import pair_metrics
 from recsys_assets.training import checkpoint, common, loop
 from recsys_assets.training.common import DistEnv, setting
@@ -58,14 +58,14 @@ class DLRMTrainConfig(common.JsonConfig):
     sparse_lr: float = setting(0.002, "RowWiseAdagrad on the tables, fused into backward.")
     dense_lr: float = setting(3e-3, "Adam on the MLPs.")
     weight_decay: float = setting(0.0, "Adam weight decay on the MLPs.")
-    epoch_size: int | None = None
+    epoch_size: int | None = None  # rows per epoch over all ranks; None = all
     seed: int = setting(0, "Seeds the model and the data order.")
 
     # distributed / runtime
     use_gpu: bool = False
     sharding_types: tuple[str, ...] | None = None
     single_node: bool = False
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers decoding MDS blocks ahead of the step (0: in the trainer; GPU: 2)
     num_threads: int | None = None
     eval_batch_size: int = 2048
     ks: tuple[int, ...] = (10,)
@@ -185,6 +185,24 @@ def sharded_logits(dlrm, layout, config, data: PairSet, env: DistEnv, batch_size
 
 
 # --------------------------------------------------------------------------------------------------- train
+def train_block_columns(config: DLRMTrainConfig) -> list:
+    """The MDS block columns the DLRM reads: label, the dense vector and each sparse feature's ids."""
+    from recsys_assets.data.blocks import BlockColumn
+
+    sparse = [BlockColumn(f.name, "int32", None if f.multi_valued else 0) for f in config.sparse_layout()]
+    return [BlockColumn(LABEL, "float32"), BlockColumn(DENSE, "float32", config.dense_in_features), *sparse]
+
+
+def validate_train_mds(config: DLRMTrainConfig) -> None:
+    """Each training MDS folder's files against its index.json, and its block layout against the columns read."""
+    from recsys_assets.data.mds import validate_mds
+    from recsys_assets.training.block_loader import check_layouts
+
+    for folder in config.train_mds:
+        validate_mds(folder)
+    check_layouts(config.train_mds, train_block_columns(config))
+
+
 def train_dlrm(config: DLRMTrainConfig | Mapping[str, Any], callbacks: Sequence[loop.Callback] = ()) -> DLRMTrainResult:
     """Train on the MDS pairs; evaluate every eval set each epoch. Every rank returns the same result."""
     return common.run_trainer(config, DLRMTrainConfig, functools.partial(_train, callbacks=callbacks))
@@ -253,7 +271,8 @@ def _train(
     from recsys_assets.models.dlrm import strip_prefix
 
     common.seed_everything(config.seed)
-    # an explicit resume without a checkpoint fails here, before any expensive work
+    # corrupt shards, another layout, or an explicit resume without a checkpoint fail here, before any model
+    validate_train_mds(config)
     resume_path = checkpoint.resolve_resume(config.checkpoint_dir, config.resume)
     hooks = _build(config, env)
     selection = None  # without a selection set: no early stopping, the last epoch is returned
@@ -268,13 +287,15 @@ def _train(
         config, name="dlrm", phase=config.selection_set or "train", selection=selection, resume_path=resume_path
     )
     common.prepare_streaming()
-    loader = common.streaming_loader(
+    loader = common.block_loader(
         config.train_mds,
+        train_block_columns(config),
         config.batch_size,
+        env,
         seed=config.seed,
         num_workers=config.num_workers,
         epoch_size=config.epoch_size,
-    )[1]
+    )
     training = loop.TrainingLoop(
         settings, env, hooks, sharded=hooks.sharded, optimizer=hooks.optimizer, loader=loader, callbacks=callbacks
     )

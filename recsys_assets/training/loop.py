@@ -244,9 +244,7 @@ class TrainingLoop:
             self.state.stopped_early = epoch < self.settings.epochs - 1
         self.state.epoch = epoch + 1
         if self.manager is not None:
-            lstate = self.loader.state_dict()
-            # an exhausted epoch's loader state is not resumable: point it at the next epoch's start
-            self._save(checkpoint.next_epoch_loader_state(lstate) if lstate is not None else None, _NO_PARTIAL)
+            self._save(self.loader.state_dict(), _NO_PARTIAL)  # an exhausted epoch's state: the next one's start
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, record, self.env)
 
@@ -307,10 +305,7 @@ class TrainingLoop:
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save_mid_epoch(self, epoch: int, local_sums: Sequence[float], seconds: float) -> None:
-        lstate = self.loader.state_dict()
-        # the epoch's last batch: the end-of-epoch checkpoint follows (after evaluation)
-        if lstate is not None and int(lstate["sample_in_epoch"]) >= int(self.loader.dataset.epoch_size):
-            return
+        lstate = self.loader.state_dict()  # collective
         sums = common.all_reduce_sum(local_sums, self.env)
         self.state.epoch = epoch
         self._save(lstate, (*sums, seconds))

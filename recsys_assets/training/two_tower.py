@@ -25,7 +25,6 @@ from recsys_assets.data.schema import (
     HISTORY,
     HISTORY_LEN,
     ITEM,
-    MDS_COLUMNS,
     SPLIT,
     SPLITS,
     TIMESTAMP,
@@ -85,7 +84,7 @@ class TwoTowerTrainConfig(common.JsonConfig):
     sparse_lr: float = setting(0.05, "RowWiseAdagrad on the tables, fused into backward.")
     dense_lr: float = setting(1e-3, "Adam on the MLPs.")
     weight_decay: float = setting(0.0, "Adam weight decay on the MLPs.")
-    epoch_size: int | None = None  # samples per epoch over all ranks (Streaming epoch_size); None = all
+    epoch_size: int | None = None  # rows per epoch over all ranks; None = all
     seed: int = setting(0, "Seeds the model, the data order and the negatives.")
 
     # distributed / runtime
@@ -93,7 +92,7 @@ class TwoTowerTrainConfig(common.JsonConfig):
     sharding_types: tuple[str, ...] | None = None  # default: table_wise/column_wise on CPU
     column_wise_min_partition: int | None = None  # planner's lower bound on column-shard width
     single_node: bool = False  # set LOCAL_RANK=RANK, LOCAL_WORLD_SIZE=WORLD_SIZE (see common.init_distributed)
-    num_workers: int = 0  # Streaming dataloader workers
+    num_workers: int = 0  # DataLoader workers decoding MDS blocks ahead of the step (0: in the trainer; GPU: 2)
     num_threads: int | None = None  # torch.set_num_threads per process
 
     # evaluation
@@ -422,8 +421,22 @@ def _sampling_log_q(counts: np.ndarray, batch_size: int, num_negatives: int, num
 
 
 # ------------------------------------------------------------------------------------- input validation
-# The MDS columns the training loop reads, with the encodings the Spark side writes (schema.MDS_COLUMNS).
-TRAIN_MDS_COLUMNS = {c: MDS_COLUMNS[c] for c in (USER, ITEM, HISTORY, HISTORY_LEN)}
+def train_block_columns(history_length: int) -> list:
+    """The MDS block columns the training loop reads, as the Spark side writes them (data/mds.py split_layout)."""
+    from recsys_assets.data.mds import split_layout
+
+    layout = split_layout(history_length)
+    return [layout.column(c) for c in (USER, ITEM, HISTORY, HISTORY_LEN)]
+
+
+def validate_fit_mds(folders: Sequence[Path], meta: DatasetMeta) -> None:
+    """Each MDS folder's files against its index.json (sizes, recorded hashes), and its block layout."""
+    from recsys_assets.data.mds import validate_mds
+    from recsys_assets.training.block_loader import check_layouts
+
+    for folder in folders:
+        validate_mds(folder)
+    check_layouts(folders, train_block_columns(meta.history_length))
 
 
 def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, meta: DatasetMeta) -> None:
@@ -433,10 +446,8 @@ def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, m
     of meta.json (an id >= num_items would index past its embedding table)."""
     import pyarrow.parquet as pq
 
-    from recsys_assets.data.mds import validate_mds
-
-    for split in config.fit_splits if not config.mds_remote else ():  # remote shards: Streaming checks them
-        validate_mds(paths.mds(split), columns=TRAIN_MDS_COLUMNS)
+    if not config.mds_remote:  # remote shards: Streaming checks them, the loader their layout
+        validate_fit_mds([paths.mds(split) for split in config.fit_splits], meta)
     config.check_dataset(meta)
     table = pq.read_table(paths.splits, columns=[USER, ITEM])
     for column, size, what in ((ITEM, meta.num_items, "num_items"), (USER, meta.num_users, "num_users")):
@@ -570,8 +581,8 @@ def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta:
     return TwoTowerHooks(config, env, spec, store, eval_data, log_q_table, sharded, optimizer)
 
 
-def _fit_loader(config: TwoTowerTrainConfig, paths: DatasetPaths):
-    """Collective. The Streaming loader over the fit splits (local MDS, or remote MDS through a local cache)."""
+def _fit_loader(config: TwoTowerTrainConfig, paths: DatasetPaths, meta: DatasetMeta, env: DistEnv):
+    """Collective. The block loader over the fit splits (local MDS, or remote MDS through a local cache)."""
     common.prepare_streaming()
     folders, remotes = [paths.mds(s) for s in config.fit_splits], None
     if config.mds_remote:
@@ -580,14 +591,16 @@ def _fit_loader(config: TwoTowerTrainConfig, paths: DatasetPaths):
         cache = Path(config.mds_cache_dir or common.default_mds_cache_dir(config.mds_remote))
         folders = [cache / s for s in config.fit_splits]
         remotes = [join_remote(config.mds_remote, s) for s in config.fit_splits]
-    return common.streaming_loader(
+    return common.block_loader(
         folders,
+        train_block_columns(meta.history_length),
         config.batch_size,
+        env,
         seed=config.seed,
         num_workers=config.num_workers,
         epoch_size=config.epoch_size,
         remotes=remotes,
-    )[1]
+    )
 
 
 def _train(
@@ -622,7 +635,7 @@ def _train(
         hooks,
         sharded=hooks.sharded,
         optimizer=hooks.optimizer,
-        loader=_fit_loader(config, paths),
+        loader=_fit_loader(config, paths, meta, env),
         generators={"negatives": hooks.negatives},
         callbacks=callbacks,
     )
