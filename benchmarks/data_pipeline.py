@@ -40,6 +40,8 @@ def spark_session():
 
 
 def run_pipeline(spark, size: str, root: Path, history_length: int) -> dict:
+    from pyspark.sql import functions as F
+
     from recsys_assets.data import mds as M
     from recsys_assets.data import schema as S
     from recsys_assets.data import sources, transforms
@@ -68,8 +70,12 @@ def run_pipeline(spark, size: str, root: Path, history_length: int) -> dict:
     splits = spark.read.parquet(str(root / "splits"))
     counts = {r[S.SPLIT]: int(r["count"]) for r in splits.groupBy(S.SPLIT).count().collect()}
     for split in S.SPLITS:
-        M.write_split_to_mds(
-            splits, split, root / "mds" / split, history_length=history_length, split_rows=counts[split], partitions=2
+        M.write_rows_to_mds(
+            splits.filter(F.col(S.SPLIT) == split),
+            root / "mds" / split,
+            history_length=history_length,
+            rows=counts[split],
+            partitions=2,
         )
     t_spark = time.perf_counter() - t1
     return {"size": size, "rows": rows, "gen_s": t_gen, "spark_s": t_spark}

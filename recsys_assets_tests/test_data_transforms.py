@@ -10,6 +10,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys_assets.data import schema as S
+from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.sources import RAW_INTERACTION_SCHEMA, RawTables
 from recsys_assets.data.transforms import clean, index, require_holdout_users, temporal_split
 
@@ -198,8 +199,12 @@ def test_temporal_split_leave_last_out_with_timestamp_tie(spark):
         "rating": "float",
         "history": "array<int>",
         "history_len": "int",
+        "position": "int",
+        "ranker_window": "boolean",
         "split": "string",
     }
+    assert {(r.user, r.item): r.position for r in df.collect()}[(0, 2)] == 3
+    assert not any(r.ranker_window for r in df.collect())  # ranker_window 0: no window
     hist = {(r.user, r.item): (list(r.history), r.history_len) for r in df.collect()}
     assert hist[(0, 9)] == ([2, 3, 7], 3)  # the tie partner 2 comes before 9 in (timestamp, item) order
     assert hist[(0, 2)] == ([3, 7, -1], 2)
@@ -235,6 +240,21 @@ def test_history_holds_only_strictly_earlier_items_most_recent_first(spark):
         assert keys == sorted(keys, reverse=True)  # most recent first
 
 
+def test_ranker_window_is_each_users_last_train_rows_after_the_first(spark):
+    """ranker_window 2: a user's last min(2, train rows - 1) train rows; never its first row, never a held-out
+    row; a user without held-out rows (fewer than 3) has a window too when it has an earlier row."""
+    rows = [(0, i, 10 * i, 1.0) for i in range(6)]  # 4 train rows (positions 1-4), validation 5, test 6
+    rows += [(1, i, 10 * i, 1.0) for i in range(4)]  # 2 train rows: a window of 1 (position 2)
+    rows += [(2, i, 10 * i, 1.0) for i in range(2)]  # no held-out rows, 2 train rows: window = position 2
+    rows += [(3, 0, 5, 1.0)]  # one row: no window
+    df = temporal_split(spark.createDataFrame(rows, INDEXED_SCHEMA), history_length=3, ranker_window=2)
+    window = sorted((r.user, r.position) for r in df.collect() if r.ranker_window)
+    assert window == [(0, 3), (0, 4), (1, 2), (2, 2)]
+    assert all(r.split == "train" for r in df.collect() if r.ranker_window)
+    with pytest.raises(DataValidationError, match="ranker_window"):
+        temporal_split(spark.createDataFrame(rows, INDEXED_SCHEMA), history_length=3, ranker_window=-1)
+
+
 def test_temporal_split_rejects_history_length_zero(spark):
     from recsys_assets.data.errors import DataValidationError
 
@@ -245,7 +265,7 @@ def test_temporal_split_rejects_history_length_zero(spark):
 
 # ------------------------------------------------------------------------------------------------ end to end
 def test_id_zero_survives_into_splits_and_mds(spark, tmp_path: Path):
-    from recsys_assets.data.mds import write_split_to_mds
+    from recsys_assets.data.mds import write_rows_to_mds
     from recsys_assets.training.block_loader import read_blocks
 
     rows, raw = _tables_for_index(spark)
@@ -263,7 +283,7 @@ def test_id_zero_survives_into_splits_and_mds(spark, tmp_path: Path):
     for split in S.SPLITS:
         out = tmp_path / "mds" / split
         n = splits.filter(F.col("split") == split).count()
-        summary = write_split_to_mds(splits, split, out, history_length=5, split_rows=n, partitions=2)
+        summary = write_rows_to_mds(splits.filter(F.col("split") == split), out, history_length=5, rows=n, partitions=2)
         columns = read_blocks([out])
         assert summary["rows"] == len(columns["user"]) == n
         seen_users.update(columns["user"].tolist())

@@ -148,9 +148,16 @@ def test_explicit_resume_without_checkpoint_is_refused(pairs, tmp_path):
         train_dlrm(_config(pairs, checkpoint_dir=str(tmp_path / "none"), resume=True))
 
 
-def test_selecting_epochs_on_test_is_refused(pairs):
-    with pytest.raises(ValueError, match="leak"):
+def test_the_test_set_is_never_scored_between_epochs(pairs):
+    """ "test" cannot be an eval set (scored each epoch, selectable); as a final set it is scored once, at the end:
+    the per-epoch report names only the sets selection may see."""
+    from recsys_assets.training.dlrm import train_dlrm
+
+    with pytest.raises(ValueError, match="final_sets"):
         _config(pairs, eval_sets={"test": str(pairs / "validation.parquet")}, selection_set="test")
+    result = train_dlrm(_config(pairs, epochs=2, final_sets={"test": str(pairs / "validation.parquet")}))
+    assert all(set(h["metrics"]) == {"validation"} for h in result.history)
+    assert set(result.final_metrics) == {"validation", "test"} and set(result.eval_scores) == {"validation", "test"}
 
 
 def test_training_pairs_in_another_layout_are_refused_before_training(pairs):

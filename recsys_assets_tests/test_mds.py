@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from recsys_assets.data import schema as S
-from recsys_assets.data.mds import split_layout, summarize_mds, write_split_to_mds
+from recsys_assets.data.mds import split_layout, summarize_mds, write_rows_to_mds
 from recsys_assets.data.publish import publish_folder
 from recsys_assets.data.transforms import temporal_split
 
@@ -51,8 +51,14 @@ def _spark_rows(splits, split: str) -> dict:
 
 def _write_train(splits, out: Path, block_rows: int = 4) -> dict:
     """The train split in blocks of `block_rows` (min_blocks=1: the configured size, not a smaller one)."""
-    return write_split_to_mds(
-        splits, "train", out, history_length=H, split_rows=23, block_rows=block_rows, partitions=2, min_blocks=1
+    return write_rows_to_mds(
+        splits.filter("split = 'train'"),
+        out,
+        history_length=H,
+        rows=23,
+        block_rows=block_rows,
+        partitions=2,
+        min_blocks=1,
     )
 
 

@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 
 from recsys_assets.data import schema as S
-from recsys_assets.data.mds import join_remote, streaming_remote, summarize_mds, write_split_to_mds
+from recsys_assets.data.mds import join_remote, streaming_remote, summarize_mds, write_rows_to_mds
 from recsys_assets.data.transforms import temporal_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,7 +62,9 @@ def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path
     )
     local, remote_dir = tmp_path / "local" / "train", tmp_path / "bucket" / "mds" / "train"
     remote = remote_dir.as_uri()  # file:///.../bucket/mds/train
-    summary = write_split_to_mds(splits, "train", local, history_length=H, split_rows=21, partitions=2, remote=remote)
+    summary = write_rows_to_mds(
+        splits.filter("split = 'train'"), local, history_length=H, rows=21, partitions=2, remote=remote
+    )
     assert summary["rows"] == len(expected) == 21
 
     # the remote holds the merged index and every shard it names; the local copy is kept and equal

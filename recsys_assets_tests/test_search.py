@@ -145,7 +145,8 @@ def test_dlrm_trials_score_the_holdout_lists_only(dlrm_pairs, tmp_path):
             train_mds=(str(dlrm_pairs / "train"),),
             layout=LAYOUT,
             dense_in_features=2,
-            eval_sets={"holdout": str(dlrm_pairs / "holdout.parquet"), "test": str(dlrm_pairs / "test.parquet")},
+            eval_sets={"holdout": str(dlrm_pairs / "holdout.parquet")},
+            final_sets={"test": str(dlrm_pairs / "test.parquet")},
             selection_set="holdout",
             batch_size=64,
             epochs=1,
@@ -168,7 +169,7 @@ def test_dlrm_trials_score_the_holdout_lists_only(dlrm_pairs, tmp_path):
     assert [t.state for t in result.trials] == ["COMPLETE", "COMPLETE"], result.markdown()
     assert result.metric == "holdout_ndcg@10"
     for config, timeout in launched:
-        assert set(config.eval_sets) == {"holdout"} and config.checkpoint_dir is None
+        assert set(config.eval_sets) == {"holdout"} and config.final_sets == {} and config.checkpoint_dir is None
         assert config.bottom_layer_sizes[-1] == config.embedding_dim  # follows the searched width
         assert 0 < timeout <= 120
     assert result.trials[0].params["embedding_dim"] == 8 and result.trials[0].params["use_item_id"] is True

@@ -72,21 +72,28 @@ def splits_are_temporal_and_complete(session, splits_root: str | Path) -> CheckO
 
 
 def mds_matches_splits(session, dataset_root: str | Path) -> CheckOutcome:
-    """Each MDS split has the rows of its split and the contract's columns; meta.json agrees."""
+    """Each MDS folder has the rows of its split (ranker_fit: the train rows before the ranker window) and the
+    contract's columns; meta.json agrees."""
     from recsys_assets.data.mds import split_layout, summarize_mds
+    from recsys_assets.data.phases import MDS_FOLDER_ROWS, PHASES
 
     paths = S.DatasetPaths(Path(dataset_root))
     meta = S.DatasetMeta.load(paths.meta)
     splits = session.read.parquet(str(paths.splits))
     expected = {r[S.SPLIT]: int(r["count"]) for r in splits.groupBy(S.SPLIT).count().collect()}
+    window = splits.filter(PHASES["ranker"].queries.column()).count()
+    folders = {name: rows for name, rows in MDS_FOLDER_ROWS.items() if name != S.RANKER_FIT or window}
     problems = []
-    for split in S.SPLITS:
-        summary = summarize_mds(paths.mds(split))
-        if summary["rows"] != expected.get(split, 0):
-            problems.append(f"{split}: {summary['rows']} MDS rows vs {expected.get(split, 0)} split rows")
+    for name, rows in folders.items():
+        summary = summarize_mds(paths.mds(name))
+        want = splits.filter(rows.column()).count()
+        if summary["rows"] != want:
+            problems.append(f"{name}: {summary['rows']} MDS rows vs {want} split rows")
         expected_columns = split_layout(meta.history_length).mds_columns()
         if summary["columns"] not in ({}, expected_columns):  # {}: an empty split has no shard
-            problems.append(f"{split}: columns {summary['columns']} != {expected_columns}")
+            problems.append(f"{name}: columns {summary['columns']} != {expected_columns}")
     if meta.rows != {s: expected.get(s, 0) for s in S.SPLITS}:
         problems.append(f"meta.json rows {meta.rows} != {expected}")
-    return CheckOutcome.of(problems, {"expected_rows": expected})
+    if meta.ranker_queries != window:
+        problems.append(f"meta.json ranker_queries {meta.ranker_queries} != {window} ranker-window rows")
+    return CheckOutcome.of(problems, {"expected_rows": expected, "ranker_queries": window})

@@ -26,23 +26,23 @@ def split_layout(history_length: int, block_rows: int = B.DEFAULT_BLOCK_ROWS) ->
     return B.BlockLayout.of({c: (dtype, widths.get(c, 0)) for c, dtype in S.MDS_COLUMNS.items()}, block_rows)
 
 
-def write_split_to_mds(
-    splits: DataFrame,
-    split: str,
+def write_rows_to_mds(
+    frame: DataFrame,
     out: str | Path,
     *,
     history_length: int,
-    split_rows: int,
+    rows: int,
     block_rows: int = B.DEFAULT_BLOCK_ROWS,
     **write_options: Any,
 ) -> dict:
-    """Writes the rows of one split (`split_rows` of them) as MDS blocks (`split_layout`); returns its summary.
+    """Writes rows of the splits table (`frame`, `rows` of them) as MDS blocks (`split_layout`); returns the
+    summary.
     `write_options`: `write_blocks_with_spark`'s keywords (partitions, compression, size_limit, remote, ...).
 
     Nullable ratings (implicit data) are written as NaN: MDS float columns have no null."""
     from pyspark.sql import functions as F
 
-    rows = splits.filter(F.col(S.SPLIT) == split).select(
+    columns = frame.select(
         F.col(S.USER).cast("int"),
         F.col(S.ITEM).cast("int"),
         F.col(S.TIMESTAMP).cast("bigint"),
@@ -50,9 +50,7 @@ def write_split_to_mds(
         F.col(S.HISTORY).cast("array<int>"),
         F.col(S.HISTORY_LEN).cast("int"),
     )
-    return write_blocks_with_spark(
-        rows, split_layout(history_length, block_rows), out, rows=split_rows, **write_options
-    )
+    return write_blocks_with_spark(columns, split_layout(history_length, block_rows), out, rows=rows, **write_options)
 
 
 def write_blocks_with_spark(

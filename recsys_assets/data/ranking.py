@@ -1,31 +1,16 @@
 """The ranker's data, in Spark: retrieval candidates + query states → labelled pairs with DLRM features.
 
-Everything about a phase is computed from that phase's fit rows only (validation: train; test: train +
-validation), and the query state is the user's history *before* the held-out row. The ranker trains on the
-validation phase (candidates from the train-only Two Tower; label = the validation item), so no test-period
-row reaches its training data; the test phase is only scored.
+Every phase (data/phases.py) is built the same way, from its own fit rows only: a `FeatureState` of the fit
+rows (`feature_state`), then each candidate pair's features from it (`spark_features`: the registry of
+data/ranker_features.py, run by Spark on whole queries per task). A query's history holds only the rows before
+it. The ranker trains on the ranker window's lists (many per user; candidates from the Two Tower and EASE fitted
+on the train rows before the window), its epochs and gate are chosen on every user's validation lists, and the
+test lists are served. Without a window (`ranker_window` 0) it trains on the validation lists of all users but a
+hashed `holdout_fraction`, whose lists choose instead. No test-period row reaches its training or holdout pairs.
 
-Dense features (``DENSE_FEATURES``, in this order; standardized with the training pairs' mean/std):
-  retrieval_score_gap   the Two Tower score of (query, item) minus the query's best candidate score
-  log_retrieval_rank    log1p(the item's rank in the query's full Two Tower ranking)
-  (both comparable across the validation and test phases, whose scores come from two different fits; the
-  raw score is kept as a column, not a feature)
-  log_item_count        log1p(fit interactions of the item)
-  log_item_recent_count log1p(fit interactions of the item in the latest `recent_fraction` of fit time)
-  log_user_count        log1p(fit interactions of the user)
-  last_item_transition  log1p(#fit rows whose previous item is the query's last item and whose item is this one)
-  last_item_transition_share  that count / #fit rows whose previous item is the query's last item
-  recent_cooccurrence   sum over the query's last `window` items h of log1p(#fit rows with item = this one and h
-                        among their last `window` items)
-  log_item_age_days     log1p(days from the item's first fit interaction to the query time)
-  log_item_idle_days    log1p(days from the item's last fit interaction to the query time)
-  log_user_idle_days    log1p(days from the user's last fit interaction to the query time)
-  category_overlap      share of the item's categories found among the query history's categories
-  item_item_score_gap   the EASE score of (query user, item) minus the user's best EASE score among candidates
-  log_item_item_rank    log1p(the item's rank in the user's full EASE ranking)
-  (the collaborative source of serving.item_item; both 0 when it is off)
-Sequence order carries much of the signal in interaction logs: the transition / co-occurrence features are
-the recency-aware history features; the history bag itself is a sparse DLRM feature.
+The feature states are kept in the dataset folder (features/<phase>.npz): an online scorer computes the same
+features from them (`ranker_features.compute_features`), and the leakage check reads each user's last fitted
+position from them.
 """
 
 from __future__ import annotations
@@ -37,43 +22,47 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from recsys_assets.data import schema as S
 from recsys_assets.data.blocks import DEFAULT_BLOCK_ROWS, BlockLayout, read_layout
 from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.mds import write_blocks_with_spark
+from recsys_assets.data.phases import PHASES
+from recsys_assets.data.ranker_features import (
+    DENSE_FEATURES,
+    ITEM_ITEM_RANK,
+    ITEM_ITEM_SCORE,
+    PAIR_INPUTS,
+    QUERY_TIMESTAMP,
+    RETRIEVAL_RANK,
+    RETRIEVAL_SCORE,
+    SOURCE,
+    FeatureState,
+    SparseCounts,
+    compute_features,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-DENSE_FEATURES = (
-    "retrieval_score_gap",
-    "log_retrieval_rank",
-    "log_item_count",
-    "log_item_recent_count",
-    "log_user_count",
-    "last_item_transition",
-    "last_item_transition_share",
-    "recent_cooccurrence",
-    "log_item_age_days",
-    "log_item_idle_days",
-    "log_user_idle_days",
-    "category_overlap",
-    "item_item_score_gap",
-    "log_item_item_rank",
-)
 LABEL, DENSE, QUERY_ID = S.LABEL, S.DENSE, S.QUERY_ID
-RETRIEVAL_SCORE = "retrieval_score"
-RETRIEVAL_RANK = "retrieval_rank"
-ITEM_ITEM_SCORE = "item_item_score"
-ITEM_ITEM_RANK = "item_item_rank"
 POOL_RANK = "pool_rank"  # the candidate's position in the retrieval order (the merged pool); k beyond it
-SOURCE = "source"  # retrieved | target | random
 PHASE = "phase"
-QUERY_TIMESTAMP = "query_timestamp"
+QUERY_POSITION = "query_position"  # a pair's query row: its place in the user's order
 
-QUERY_COLUMNS = {PHASE: "string", S.USER: "int", "target": "int", S.TIMESTAMP: "bigint", S.HISTORY: "array<int>"}
+QUERY_COLUMNS = {
+    PHASE: "string",
+    QUERY_ID: "bigint",
+    S.USER: "int",
+    "target": "int",
+    S.TIMESTAMP: "bigint",
+    S.HISTORY: "array<int>",
+    S.POSITION: "int",
+}
 PAIR_COLUMNS = {
     PHASE: "string",
+    QUERY_ID: "bigint",
     S.USER: "int",
     S.ITEM: "int",
     RETRIEVAL_SCORE: "float",
@@ -83,11 +72,14 @@ PAIR_COLUMNS = {
     POOL_RANK: "int",
     SOURCE: "string",
 }
-SECONDS_PER_DAY = 86400.0
-# Holdout users are drawn by hashing the user id into this many buckets (holdout_fraction of them).
+# Without a ranker window, holdout users are drawn by hashing the user id into this many buckets.
 HOLDOUT_HASH_BUCKETS = 10_000
 # The pair tables of a ranking dataset folder: train (→ mds/train), holdout and test (Parquet, for scoring).
 PAIR_TABLES = ("train", "holdout", "test")
+# in a ranking dataset folder: features/<phase>.npz, each phase's FeatureState
+FEATURES_FOLDER = "features"
+# rows of candidate pairs per Spark task of the feature computation (whole queries per task)
+PAIRS_PER_TASK = 50_000
 
 
 def _require(df: DataFrame, columns: dict[str, str], what: str) -> None:
@@ -97,132 +89,156 @@ def _require(df: DataFrame, columns: dict[str, str], what: str) -> None:
         raise DataValidationError(f"{what} lacks columns {missing} (has {sorted(have)})")
 
 
-def phase_features(
+def feature_state(
+    splits: DataFrame,
+    item_features: DataFrame,
+    phase: str,
+    *,
+    num_users: int,
+    num_items: int,
+    window: int = 5,
+    recent_fraction: float = 0.1,
+) -> FeatureState:
+    """What the features know of `phase`'s fit rows (data/phases.py), aggregated in Spark, as numpy arrays."""
+    from pyspark.sql import functions as F
+
+    fit = splits.filter(PHASES[phase].fit.column())
+    one = F.count(F.lit(1))
+    items = fit.groupBy(S.ITEM).agg(one.alias("n"), F.min(S.TIMESTAMP).alias("first"), F.max(S.TIMESTAMP).alias("last"))
+    cutoff = fit.approxQuantile(S.TIMESTAMP, [1.0 - recent_fraction], 0.001)
+    cutoff_ts = int(cutoff[0]) if cutoff else 0
+    recent = fit.filter(F.col(S.TIMESTAMP) >= F.lit(cutoff_ts)).groupBy(S.ITEM).agg(one.alias("n"))
+    users = fit.groupBy(S.USER).agg(
+        one.alias("n"), F.max(S.TIMESTAMP).alias("last"), F.max(S.POSITION).alias("position")
+    )
+    prev = fit.select(F.col(S.HISTORY).getItem(0).alias("a"), F.col(S.ITEM).alias("b")).filter(F.col("a") >= 0)
+    follow = fit.select(F.explode(F.slice(S.HISTORY, 1, window)).alias("a"), F.col(S.ITEM).alias("b"))
+    pairs = lambda df: df.filter(F.col("a") >= 0).groupBy("a", "b").agg(one.alias("n")).toPandas()  # noqa: E731
+    it, rc, us = items.toPandas(), recent.toPandas(), users.toPandas()
+    totals = prev.groupBy("a").agg(one.alias("n")).toPandas()
+    cats = item_features.select(S.ITEM, S.CATEGORIES).toPandas()
+    indptr, indices = _categories_csr(cats, num_items)
+    by_item = lambda frame, col, fill=0: _dense(frame, S.ITEM, col, num_items, fill)  # noqa: E731
+    by_user = lambda frame, col: _dense(frame, S.USER, col, num_users, 0)  # noqa: E731
+    counts = lambda frame: SparseCounts.of(frame["a"], frame["b"], frame["n"], num_items)  # noqa: E731
+    return FeatureState(
+        phase=phase,
+        item_count=by_item(it, "n"),
+        item_recent_count=by_item(rc, "n"),
+        item_first_ts=by_item(it, "first"),
+        item_last_ts=by_item(it, "last"),
+        user_count=by_user(us, "n"),
+        user_last_ts=by_user(us, "last"),
+        user_last_position=by_user(us, "position"),
+        transitions=counts(pairs(prev)),
+        previous_totals=_dense(totals, "a", "n", num_items, 0),
+        follows=counts(pairs(follow)),
+        category_indptr=indptr,
+        category_indices=indices,
+        window=window,
+        recent_cutoff=cutoff_ts,
+    )
+
+
+def _dense(frame, key: str, column: str, size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, dtype=np.int64)
+    out[frame[key].to_numpy(np.int64)] = frame[column].to_numpy(np.int64)
+    return out
+
+
+def _categories_csr(cats, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    lists = [np.zeros(0, np.int64)] * num_items
+    for item, c in zip(cats[S.ITEM].to_numpy(np.int64), cats[S.CATEGORIES]):
+        lists[item] = np.asarray(c if c is not None else [], np.int64)
+    indptr = np.zeros(num_items + 1, dtype=np.int64)
+    np.cumsum([len(c) for c in lists], out=indptr[1:])
+    return indptr, np.concatenate(lists) if lists else np.zeros(0, np.int64)
+
+
+def spark_features(session, pairs: DataFrame, state: FeatureState) -> DataFrame:
+    """`pairs` (PAIR_INPUTS and other columns) with one double column per DENSE_FEATURES, computed by
+    `compute_features` on whole queries: Spark groups the pairs by a hash of their query id into tasks of about
+    PAIRS_PER_TASK rows, and each task runs the registry's numpy code over its queries."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    missing = [c for c in PAIR_INPUTS if c not in pairs.columns]
+    if missing:
+        raise DataValidationError(f"feature inputs lack columns {missing} (have {sorted(pairs.columns)})")
+    broadcast = session.sparkContext.broadcast(state)
+    tasks = max(1, -(-pairs.count() // PAIRS_PER_TASK))
+    schema = T.StructType([*pairs.schema.fields, *[T.StructField(f, T.DoubleType()) for f in DENSE_FEATURES]])
+    names = schema.fieldNames()
+
+    def features(frame):
+        return compute_features(broadcast.value, frame)[names]
+
+    task = F.abs(F.xxhash64(F.col(QUERY_ID))) % F.lit(tasks)
+    return pairs.groupBy(task).applyInPandas(features, schema)
+
+
+def phase_pairs(
+    session,
     splits: DataFrame,
     queries: DataFrame,
     pairs: DataFrame,
     item_features: DataFrame,
     phase: str,
     *,
+    num_users: int,
+    num_items: int,
     window: int = 5,
     recent_fraction: float = 0.1,
-) -> DataFrame:
-    """Labelled pairs of one phase with every raw (unstandardized) dense feature as its own column.
-
-    splits: the splits table; queries: QUERY_COLUMNS (one row per (phase, user)); pairs: PAIR_COLUMNS;
-    item_features: item, categories. Output columns: phase, user, item, label, query_timestamp, source,
-    retrieval_rank, pool_rank, categories, history + DENSE_FEATURES.
-    """
+) -> tuple[DataFrame, FeatureState]:
+    """Labelled pairs of one phase with every raw (unstandardized) dense feature as its own column, and the
+    phase's FeatureState. queries: QUERY_COLUMNS; pairs: PAIR_COLUMNS; item_features: item, categories. Output
+    columns: phase, query_id, user, item, label, query_timestamp, query_position, source, retrieval_rank,
+    pool_rank, categories, history, retrieval_score + DENSE_FEATURES."""
     from pyspark.sql import functions as F
 
-    if phase not in S.FIT_SPLITS_OF_PHASE:
+    if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}")
     _require(queries, QUERY_COLUMNS, "queries")
     _require(pairs, PAIR_COLUMNS, "candidate pairs")
-    fit = splits.filter(F.col(S.SPLIT).isin(list(S.FIT_SPLITS_OF_PHASE[phase])))
-
-    item_stats = fit.groupBy(S.ITEM).agg(
-        F.count(F.lit(1)).alias("_n_item"), F.min(S.TIMESTAMP).alias("_first_ts"), F.max(S.TIMESTAMP).alias("_last_ts")
+    state = feature_state(
+        splits,
+        item_features,
+        phase,
+        num_users=num_users,
+        num_items=num_items,
+        window=window,
+        recent_fraction=recent_fraction,
     )
-    cutoff = fit.approxQuantile(S.TIMESTAMP, [1.0 - recent_fraction], 0.001)
-    cutoff_ts = cutoff[0] if cutoff else 0
-    recent = (
-        fit.filter(F.col(S.TIMESTAMP) >= F.lit(cutoff_ts)).groupBy(S.ITEM).agg(F.count(F.lit(1)).alias("_n_recent"))
-    )
-    user_stats = fit.groupBy(S.USER).agg(F.count(F.lit(1)).alias("_n_user"), F.max(S.TIMESTAMP).alias("_user_last_ts"))
-    prev = fit.select(F.col(S.HISTORY).getItem(0).alias("_prev"), F.col(S.ITEM)).filter(F.col("_prev") >= 0)
-    transitions = prev.groupBy("_prev", S.ITEM).agg(F.count(F.lit(1)).alias("_n_trans"))
-    prev_totals = prev.groupBy("_prev").agg(F.count(F.lit(1)).alias("_n_prev"))
-    follow = (
-        fit.select(F.explode(F.slice(S.HISTORY, 1, window)).alias("_h"), F.col(S.ITEM))
-        .filter(F.col("_h") >= 0)
-        .groupBy("_h", S.ITEM)
-        .agg(F.count(F.lit(1)).alias("_n_follow"))
-    )
-
     q = queries.filter(F.col(PHASE) == phase).select(
-        S.USER, "target", F.col(S.TIMESTAMP).alias(QUERY_TIMESTAMP), S.HISTORY
+        QUERY_ID,
+        "target",
+        F.col(S.TIMESTAMP).alias(QUERY_TIMESTAMP),
+        S.HISTORY,
+        F.col(S.POSITION).alias(QUERY_POSITION),
     )
-    p = (
-        pairs.filter(F.col(PHASE) == phase)
-        .select(S.USER, S.ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, ITEM_ITEM_SCORE, ITEM_ITEM_RANK, POOL_RANK, SOURCE)
-        .join(q, S.USER, "inner")
-        .withColumn("_prev", F.col(S.HISTORY).getItem(0))
-    )
-    # recent co-occurrence: explode the query's last `window` items against each candidate
-    cooc = (
-        p.select(S.USER, S.ITEM, F.explode(F.slice(S.HISTORY, 1, window)).alias("_h"))
-        .filter(F.col("_h") >= 0)
-        .join(follow, ["_h", S.ITEM], "inner")
-        .groupBy(S.USER, S.ITEM)
-        .agg(F.sum(F.log1p("_n_follow")).alias("recent_cooccurrence"))
-    )
-    cats = item_features.select(S.ITEM, F.coalesce(S.CATEGORIES, F.array().cast("array<int>")).alias("_cats"))
-    hist_cats = (
-        q.select(S.USER, F.explode(S.HISTORY).alias(S.ITEM))
-        .filter(F.col(S.ITEM) >= 0)
-        .join(cats, S.ITEM)
-        .select(S.USER, F.explode("_cats").alias("_c"))
-        .groupBy(S.USER)
-        .agg(F.collect_set("_c").alias("_hist_cats"))
-    )
-    best = (
-        p.filter(F.col(SOURCE) == "retrieved")
-        .groupBy(S.USER)
-        .agg(F.max(RETRIEVAL_SCORE).alias("_best_score"), F.max(ITEM_ITEM_SCORE).alias("_best_ii"))
-    )
-    days = lambda a, b: F.log1p(F.greatest(F.col(a) - F.col(b), F.lit(0)).cast("double") / SECONDS_PER_DAY)  # noqa: E731
+    p = pairs.filter(F.col(PHASE) == phase).select(*PAIR_COLUMNS).join(q, QUERY_ID, "inner")
+    cats = item_features.select(S.ITEM, F.coalesce(S.CATEGORIES, F.array().cast("array<int>")).alias(S.CATEGORIES))
     out = (
-        p.join(item_stats, S.ITEM, "left")
-        .join(recent, S.ITEM, "left")
-        .join(user_stats, S.USER, "left")
-        .join(transitions, ["_prev", S.ITEM], "left")
-        .join(prev_totals, "_prev", "left")
-        .join(cooc, [S.USER, S.ITEM], "left")
+        spark_features(session, p, state)
         .join(cats, S.ITEM, "left")
-        .join(hist_cats, S.USER, "left")
-        .join(best, S.USER, "left")
         .select(
             F.lit(phase).alias(PHASE),
+            F.col(QUERY_ID).cast("long"),
             F.col(S.USER).cast("int"),
             F.col(S.ITEM).cast("int"),
             (F.col(S.ITEM) == F.col("target")).cast("float").alias(LABEL),
             F.col(QUERY_TIMESTAMP),
+            F.col(QUERY_POSITION).cast("int"),
             F.col(SOURCE),
             F.col(RETRIEVAL_RANK).cast("int"),
             F.col(POOL_RANK).cast("int"),
-            F.coalesce("_cats", F.array().cast("array<int>")).alias(S.CATEGORIES),
+            F.coalesce(S.CATEGORIES, F.array().cast("array<int>")).alias(S.CATEGORIES),
             F.col(S.HISTORY),
             F.col(RETRIEVAL_SCORE).cast("double").alias(RETRIEVAL_SCORE),
-            (F.col(RETRIEVAL_SCORE) - F.coalesce("_best_score", F.col(RETRIEVAL_SCORE)))
-            .cast("double")
-            .alias("retrieval_score_gap"),
-            F.log1p(F.greatest(F.col(RETRIEVAL_RANK), F.lit(0)).cast("double")).alias("log_retrieval_rank"),
-            F.log1p(F.coalesce("_n_item", F.lit(0))).alias("log_item_count"),
-            F.log1p(F.coalesce("_n_recent", F.lit(0))).alias("log_item_recent_count"),
-            F.log1p(F.coalesce("_n_user", F.lit(0))).alias("log_user_count"),
-            F.log1p(F.coalesce("_n_trans", F.lit(0))).alias("last_item_transition"),
-            (F.coalesce("_n_trans", F.lit(0)) / F.greatest(F.coalesce("_n_prev", F.lit(0)), F.lit(1))).alias(
-                "last_item_transition_share"
-            ),
-            F.coalesce("recent_cooccurrence", F.lit(0.0)).alias("recent_cooccurrence"),
-            F.coalesce(days(QUERY_TIMESTAMP, "_first_ts"), F.lit(0.0)).alias("log_item_age_days"),
-            F.coalesce(days(QUERY_TIMESTAMP, "_last_ts"), F.lit(0.0)).alias("log_item_idle_days"),
-            F.coalesce(days(QUERY_TIMESTAMP, "_user_last_ts"), F.lit(0.0)).alias("log_user_idle_days"),
-            F.coalesce(
-                F.size(F.array_intersect("_cats", F.coalesce("_hist_cats", F.array().cast("array<int>"))))
-                / F.greatest(F.size(F.coalesce("_cats", F.array().cast("array<int>"))), F.lit(1)),
-                F.lit(0.0),
-            )
-            .cast("double")
-            .alias("category_overlap"),
-            (F.col(ITEM_ITEM_SCORE) - F.coalesce("_best_ii", F.col(ITEM_ITEM_SCORE)))
-            .cast("double")
-            .alias("item_item_score_gap"),
-            F.log1p(F.greatest(F.col(ITEM_ITEM_RANK), F.lit(0)).cast("double")).alias("log_item_item_rank"),
+            *[F.col(f) for f in DENSE_FEATURES],
         )
     )
-    return out
+    return out, state
 
 
 def feature_stats(pairs: DataFrame) -> dict[str, tuple[float, float]]:
@@ -250,7 +266,8 @@ def model_columns(
 ) -> DataFrame:
     """The columns the DLRM reads: label, dense (standardized, array<float>), user, item, history (fixed
     length, -1 padded), categories (fixed `max_categories`, -1 padded), attr_* (0 = unknown), query_id, plus
-    the bookkeeping columns (phase, source, retrieval_rank, pool_rank, raw retrieval_score, query_timestamp)."""
+    the bookkeeping columns (phase, source, retrieval_rank, pool_rank, raw retrieval_score, query_timestamp,
+    query_position)."""
     from pyspark.sql import functions as F
 
     def pad(col: str, n: int):
@@ -269,13 +286,14 @@ def model_columns(
         pad(S.HISTORY, history_length).alias(S.HISTORY),
         pad(S.CATEGORIES, max(1, max_categories)).alias(S.CATEGORIES),
         *[F.coalesce(F.col(a), F.lit(0)).cast("int").alias(a) for a in attribute_columns],
-        F.col(S.USER).cast("long").alias(QUERY_ID),
+        F.col(QUERY_ID).cast("long"),
         F.col(PHASE),
         F.col(SOURCE),
         F.col(RETRIEVAL_RANK).cast("int"),
         F.col(POOL_RANK).cast("int"),
         F.col(RETRIEVAL_SCORE).cast("float").alias(RETRIEVAL_SCORE),
         F.col(QUERY_TIMESTAMP).cast("long"),
+        F.col(QUERY_POSITION).cast("int"),
     )
 
 
@@ -298,13 +316,13 @@ def pairs_layout(
 
 def sample_training_pairs(pairs: DataFrame, num_hard_negatives: int, seed: int) -> DataFrame:
     """Keep every positive and every random negative, and `num_hard_negatives` of each query's retrieved
-    non-positive candidates (uniformly, seeded): hard negatives = what retrieval proposed and the user did not
-    pick."""
+    non-positive candidates (uniformly, seeded by a hash of the pair: the same sample whatever the partitioning):
+    hard negatives = what retrieval proposed and the user did not pick."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     hard_negative = (F.col(SOURCE) == "retrieved") & (F.col(LABEL) < 0.5)
-    w = Window.partitionBy(S.USER, "_hard").orderBy(F.rand(seed))
+    w = Window.partitionBy(QUERY_ID, "_hard").orderBy(F.xxhash64(QUERY_ID, S.ITEM, F.lit(seed)), S.ITEM)
     ranked = pairs.withColumn("_hard", hard_negative).withColumn("_r", F.row_number().over(w))
     return ranked.filter(~F.col("_hard") | (F.col("_r") <= num_hard_negatives)).drop("_r", "_hard")
 
@@ -331,9 +349,10 @@ def build_ranking_dataset(
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ranker's labelled pairs from a dataset folder and a candidates folder (queries, candidates,
-    training_pool Parquet) into `out_dir`: train.parquet + mds/train (validation phase, holdout users left out,
-    hard negatives sampled), holdout.parquet (the holdout users' retrieved lists), test.parquet (test-phase
-    candidates, features from train + validation) and meta.json (returned; `provenance` is added to it)."""
+    training_pool Parquet) into `out_dir`: train.parquet + mds/train (the training lists, hard negatives
+    sampled), holdout.parquet (the lists that choose epochs, stage and gate), test.parquet (the test lists),
+    features/<phase>.npz and meta.json (returned; `provenance` is added to it). See the module docstring for
+    which phase each table comes from."""
     from pyspark.sql import functions as F
 
     paths = S.DatasetPaths(Path(dataset_root))
@@ -348,25 +367,29 @@ def build_ranking_dataset(
     )
     item_features = session.read.parquet(str(paths.item_features))
     max_categories = int(item_features.select(F.max(F.size(S.CATEGORIES))).collect()[0][0] or 0)
-    kw = dict(window=settings.cooccurrence_window, recent_fraction=settings.recent_fraction)
-    validation = phase_features(splits, queries, pairs, item_features, "validation", **kw)
-    test = phase_features(splits, queries, pairs, item_features, "test", **kw).filter(F.col(SOURCE) == "retrieved")
-    bucket = F.abs(F.xxhash64(F.col(S.USER), F.lit(settings.seed))) % HOLDOUT_HASH_BUCKETS
-    holdout = bucket < int(settings.holdout_fraction * HOLDOUT_HASH_BUCKETS)
-    raw = out_dir / "_raw"
-    # materialize the sampled training pairs once: the seeded shuffle must not be recomputed per read
-    sample_training_pairs(validation.filter(~holdout), settings.num_hard_negatives, settings.seed).write.parquet(
-        str(raw / "train")
+    present = {r[PHASE] for r in queries.select(PHASE).distinct().collect()}
+    kw = dict(
+        num_users=meta.num_users,
+        num_items=meta.num_items,
+        window=settings.cooccurrence_window,
+        recent_fraction=settings.recent_fraction,
     )
-    validation.filter(holdout & (F.col(SOURCE) == "retrieved")).write.parquet(str(raw / "holdout"))
-    test.write.parquet(str(raw / "test"))
+    (out_dir / FEATURES_FOLDER).mkdir(parents=True, exist_ok=True)
+    phase_tables = {}
+    for phase in [p for p in PHASES if p in present]:
+        phase_tables[phase], state = phase_pairs(session, splits, queries, pairs, item_features, phase, **kw)
+        state.save(out_dir / FEATURES_FOLDER / f"{phase}.npz")
+    raw = out_dir / "_raw"
+    lists = ranker_lists(phase_tables, settings)
+    # materialize the sampled training pairs once: the sample must not be recomputed per read
+    sample_training_pairs(lists["train"], settings.num_hard_negatives, settings.seed).write.parquet(str(raw / "train"))
+    lists["holdout"].write.parquet(str(raw / "holdout"))
+    lists["test"].write.parquet(str(raw / "test"))
     train_raw = session.read.parquet(str(raw / "train"))
     if train_raw.filter(F.col(LABEL) > 0.5).count() == 0:
-        raise DataValidationError(
-            "ranking_dataset: no positive training pairs (no validation rows outside the holdout?)"
-        )
+        raise DataValidationError("ranking_dataset: no positive training pairs (no ranker queries with a target?)")
     stats = feature_stats(train_raw)
-    counts, positives = _write_model_tables(
+    counts = _write_model_tables(
         session,
         raw,
         out_dir,
@@ -381,7 +404,7 @@ def build_ranking_dataset(
         session.read.parquet(str(out_dir / "train.parquet")),
         layout,
         out_dir / "mds" / "train",
-        rows=counts["train"],
+        rows=counts["rows"]["train"],
         partitions=settings.mds_partitions,
         seed=settings.seed,
     )
@@ -397,8 +420,8 @@ def build_ranking_dataset(
         "history_length": meta.history_length,
         "max_categories": max(1, max_categories),
         "mds_layout": read_layout(out_dir / "mds" / "train").to_dict(),
-        "rows": counts,
-        "positives": positives,
+        "phases": {name: phase for name, phase in zip(PAIR_TABLES, _table_phases(present))},
+        **counts,
         **(provenance or {}),
         "config": dataclasses.asdict(settings),
     }
@@ -406,18 +429,49 @@ def build_ranking_dataset(
     return info
 
 
-def _write_model_tables(session, raw: Path, out_dir: Path, stats, **columns) -> tuple[dict[str, int], dict[str, int]]:
-    """`<name>.parquet` (model_columns) of each raw pair table; (rows, positives) per table."""
+def _table_phases(present: set[str]) -> tuple[str, str, str]:
+    """The phase of the train, holdout and test tables: the ranker window trains when there is one."""
+    return ("ranker" if "ranker" in present else "validation", "validation", "test")
+
+
+def ranker_lists(phase_tables: dict[str, DataFrame], settings: RankingDataSettings) -> dict[str, DataFrame]:
+    """The pairs of the train / holdout / test tables. With a ranker window: the window's pairs train, every
+    user's validation lists are the holdout. Without: the validation pairs of all users but a hashed
+    `holdout_fraction` train, and those users' validation lists are the holdout. Holdout and test keep the
+    retrieved pool only (the lists as served)."""
     from pyspark.sql import functions as F
 
-    counts, positives = {}, {}
+    train_phase, holdout_phase, test_phase = _table_phases(set(phase_tables))
+    retrieved = F.col(SOURCE) == "retrieved"
+    holdout_users = F.lit(True)
+    if train_phase == holdout_phase:  # one list per user: a hashed share of users is held out
+        bucket = F.abs(F.xxhash64(F.col(S.USER), F.lit(settings.seed))) % HOLDOUT_HASH_BUCKETS
+        holdout_users = bucket < int(settings.holdout_fraction * HOLDOUT_HASH_BUCKETS)
+    train = phase_tables[train_phase]
+    return {
+        "train": train.filter(~holdout_users) if train_phase == holdout_phase else train,
+        "holdout": phase_tables[holdout_phase].filter(holdout_users & retrieved),
+        "test": phase_tables[test_phase].filter(retrieved),
+    }
+
+
+def _write_model_tables(session, raw: Path, out_dir: Path, stats, **columns) -> dict[str, dict[str, int]]:
+    """`<name>.parquet` (model_columns) of each raw pair table; rows, positives and lists (queries) per table."""
+    from pyspark.sql import functions as F
+
+    counts: dict[str, dict[str, int]] = {"rows": {}, "positives": {}, "lists": {}}
     for name in PAIR_TABLES:
         model_columns(session.read.parquet(str(raw / name)), stats, **columns).write.parquet(
             str(out_dir / f"{name}.parquet")
         )
-        row = session.read.parquet(str(out_dir / f"{name}.parquet")).agg(F.count(F.lit(1)), F.sum(LABEL)).first()
-        counts[name], positives[name] = int(row[0]), int(float(row[1] or 0.0))
-    return counts, positives
+        row = (
+            session.read.parquet(str(out_dir / f"{name}.parquet"))
+            .agg(F.count(F.lit(1)), F.sum(LABEL), F.countDistinct(QUERY_ID))
+            .first()
+        )
+        counts["rows"][name], counts["positives"][name] = int(row[0]), int(float(row[1] or 0.0))
+        counts["lists"][name] = int(row[2])
+    return counts
 
 
 def sparse_layout(

@@ -7,8 +7,11 @@ On disk (under a dataset folder, see `DatasetPaths`):
 - ``interactions/``   Parquet: INTERACTION_COLUMNS (cleaned, indexed)
 - ``item_features/``  Parquet: item (int32), categories (array<int32>, may be empty), popularity (int64)
 - ``user_features/``  Parquet: user (int32), one int32 column per user attribute (``attr_<name>``)
-- ``splits/``         Parquet: SPLIT_COLUMNS (+ ``split`` in {train, validation, test})
-- ``mds/<split>/``    MDS blocks (data/blocks.py) of MDS_COLUMNS, one folder per split: index.json + layout.json
+- ``splits/``         Parquet: the interactions + ``history``, ``history_len``, ``position`` (1-based, in the user's
+                      order), ``ranker_window`` (the row is a ranker query: data/phases.py) and ``split`` in
+                      {train, validation, test}
+- ``mds/<folder>/``   MDS blocks (data/blocks.py) of MDS_COLUMNS, one folder per split (+ ``ranker_fit``: the train
+                      rows before the ranker window, when there is one): index.json + layout.json
 - ``user_index/``     Parquet: user (int32), raw_user (string): the source's id of every user
 - ``item_index/``     Parquet: item (int32), raw_item (string), title (string, null where the source has none),
                       categories (array<string>, the source's names): the source's id of every item
@@ -27,6 +30,8 @@ TIMESTAMP = "timestamp"
 RATING = "rating"
 HISTORY = "history"  # fixed length, most recent first, padded with PAD_ID
 HISTORY_LEN = "history_len"  # number of real ids in HISTORY
+POSITION = "position"  # the row's place in its user's order, 1-based
+RANKER_WINDOW = "ranker_window"  # a train row that is a ranker query (data/phases.py)
 SPLIT = "split"
 CATEGORIES = "categories"
 PAD_ID = -1
@@ -37,6 +42,9 @@ TITLE = "title"
 ID_TYPES = ("int64", "string")
 
 SPLITS = ("train", "validation", "test")
+# The MDS folders of a dataset: one per split, and the ranker phase's fit rows (train before the ranker window).
+RANKER_FIT = "ranker_fit"
+MDS_FOLDERS = (*SPLITS, RANKER_FIT)
 # The splits a model is fitted on before it is scored on a phase's held-out row (leave-last-out protocol).
 FIT_SPLITS_OF_PHASE = {"validation": ("train",), "test": ("train", "validation")}
 
@@ -110,6 +118,10 @@ class DatasetMeta:
     order: str = "timestamp"  # see ORDER_FILE
     # The MDS splits' block layout (data/blocks.py: BlockLayout.to_dict()); readers of a remote copy check it.
     mds_layout: dict | None = None
+    # The ranker window (data/phases.py): up to this many of each user's last train rows are ranker queries
+    # (`ranker_queries` of them); mds/ranker_fit holds the other train rows. 0: no window, no ranker_fit.
+    ranker_window: int = 0
+    ranker_queries: int = 0
 
     @property
     def split_description(self) -> str:
@@ -147,10 +159,10 @@ class DatasetPaths:
     def splits(self) -> Path:
         return self.root / "splits"
 
-    def mds(self, split: str) -> Path:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return self.root / "mds" / split
+    def mds(self, folder: str) -> Path:
+        if folder not in MDS_FOLDERS:
+            raise ValueError(f"unknown MDS folder {folder!r}; expected one of {MDS_FOLDERS}")
+        return self.root / "mds" / folder
 
     @property
     def user_index(self) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from recsys_assets.data import schema as S
 
 # what query states need: the evaluator's columns + the query tower's history
-QUERY_SPLIT_COLUMNS = (S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTORY_LEN)
+QUERY_SPLIT_COLUMNS = (S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT, S.HISTORY, S.HISTORY_LEN, S.POSITION, S.RANKER_WINDOW)
 
 
 def load_splits_frame(root: str | Path, columns: Sequence[str]):

@@ -17,10 +17,13 @@ from recsys_assets.data import schema as S
 from recsys_assets.data import sources, transforms
 from recsys_assets.data.blocks import DEFAULT_BLOCK_ROWS
 from recsys_assets.data.errors import DataValidationError
+from recsys_assets.data.phases import MDS_FOLDER_ROWS
 from recsys_assets.data.publish import hardlink_tree
 
 # rows shown in a table's sample
 SAMPLE_ROWS = 5
+# in a splits folder: the settings it was written with
+SPLIT_SETTINGS_FILE = "split_settings.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,16 +112,28 @@ def clean_and_index(
     return summary, Preview.of(session.read.parquet(str(out_dir / "interactions")))
 
 
-def split(session, interactions_root: str | Path, out_dir: Path, history_length: int) -> tuple[dict[str, int], Preview]:
+def split(
+    session, interactions_root: str | Path, out_dir: Path, history_length: int, ranker_window: int = 0
+) -> tuple[dict[str, int], Preview]:
     """Leave-last-out splits in each user's order (by timestamp, or the order a table without time was given:
-    schema.ORDER_FILE), partitioned by split, with each row's history; rows per split and a sample of test rows."""
+    schema.ORDER_FILE), partitioned by split, with each row's history, position and ranker-window flag (data/
+    phases.py); rows per split (+ "ranker_window": the window's rows) and a sample of test rows."""
     indexed = session.read.parquet(str(Path(interactions_root) / "interactions"))
-    transforms.temporal_split(indexed, history_length).write.partitionBy(S.SPLIT).parquet(str(out_dir / "splits"))
+    splits = transforms.temporal_split(indexed, history_length, ranker_window)
+    splits.write.partitionBy(S.SPLIT).parquet(str(out_dir / "splits"))
     written = session.read.parquet(str(out_dir / "splits"))
     counts = {r[S.SPLIT]: int(r["count"]) for r in written.groupBy(S.SPLIT).count().collect()}
-    (out_dir / "history_length.txt").write_text(str(history_length))
+    counts[S.RANKER_WINDOW] = written.filter(F.col(S.RANKER_WINDOW)).count()
+    (out_dir / SPLIT_SETTINGS_FILE).write_text(
+        json.dumps({"history_length": history_length, "ranker_window": ranker_window})
+    )
     S.write_order(out_dir, S.read_order(interactions_root))
     return counts, Preview.of(written.filter(F.col(S.SPLIT) == "test"))
+
+
+def split_settings(splits_root: str | Path) -> dict[str, int]:
+    """The history_length and ranker_window the splits were written with."""
+    return json.loads((Path(splits_root) / SPLIT_SETTINGS_FILE).read_text())
 
 
 def build_mds_dataset(
@@ -140,17 +155,22 @@ def build_mds_dataset(
     splits_path = Path(splits_root) / "splits"
     splits = session.read.parquet(str(splits_path))
     cards = json.loads((Path(interactions_root) / "cardinalities.json").read_text())
-    history_length = int((Path(splits_root) / "history_length.txt").read_text())
+    settings = split_settings(splits_root)
+    history_length = int(settings["history_length"])
+    ranker_queries = splits.filter(F.col(S.RANKER_WINDOW)).count()
     paths = S.DatasetPaths(out_dir)
     summaries: dict[str, dict] = {}
     split_rows = {r[S.SPLIT]: int(r["count"]) for r in splits.groupBy(S.SPLIT).count().collect()}
-    for name in S.SPLITS:
-        summaries[name] = M.write_split_to_mds(
-            splits,
-            name,
+    # each split, and the ranker phase's fit rows (train before the window) when there is a window
+    folders = {name: split_rows.get(name, 0) for name in S.SPLITS}
+    if ranker_queries:
+        folders[S.RANKER_FIT] = split_rows.get("train", 0) - ranker_queries
+    for name, count in folders.items():
+        summaries[name] = M.write_rows_to_mds(
+            splits.filter(MDS_FOLDER_ROWS[name].column()),
             paths.mds(name),
             history_length=history_length,
-            split_rows=split_rows.get(name, 0),
+            rows=count,
             block_rows=block_rows,
             partitions=partitions,
             compression=compression,
@@ -183,6 +203,8 @@ def build_mds_dataset(
         mds_remote=mds_remote,
         mds_layout=B.read_layout(paths.mds("train")).to_dict(),
         order=S.read_order(splits_root),
+        ranker_window=int(settings["ranker_window"]),
+        ranker_queries=int(ranker_queries),
         **id_types,
     )
     paths.meta.write_text(meta.to_json())

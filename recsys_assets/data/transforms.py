@@ -189,14 +189,18 @@ def _with_titles(item_index: DataFrame, titles: DataFrame | None) -> DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ splitting
-def temporal_split(interactions: DataFrame, history_length: int) -> DataFrame:
+def temporal_split(interactions: DataFrame, history_length: int, ranker_window: int = 0) -> DataFrame:
     """Leave-last-out per user, ordered by (timestamp, item): last → test, second to last → validation, rest →
     train; users with fewer than 3 interactions stay entirely in train.
 
     Every row carries the user's history *before* it: the last `history_length` items, most recent first,
-    padded with PAD_ID, so no row can see its own or any later interaction."""
+    padded with PAD_ID, so no row can see its own or any later interaction; its `position` (1-based) in the
+    user's order; and `ranker_window`: true for the user's last min(ranker_window, train rows - 1) train rows,
+    the ranker's queries (data/phases.py: each has an earlier row, and a train row is left to fit on)."""
     if history_length < 1:
         raise DataValidationError(f"history_length must be >= 1, got {history_length}")
+    if ranker_window < 0:
+        raise DataValidationError(f"ranker_window must be >= 0, got {ranker_window}")
     order = Window.partitionBy(S.USER).orderBy(S.TIMESTAMP, S.ITEM)
     before = order.rowsBetween(-history_length, -1)
     by_user = Window.partitionBy(S.USER)
@@ -206,12 +210,15 @@ def temporal_split(interactions: DataFrame, history_length: int) -> DataFrame:
         .withColumn("_n", F.count(F.lit(1)).over(by_user))
         .withColumn("_hist", history)
     )
+    held_out = F.when(F.col("_n") < MIN_INTERACTIONS_FOR_HOLDOUT, F.lit(0)).otherwise(F.lit(2))
+    n_train = F.col("_n") - held_out
     split = (
-        F.when(F.col("_n") < MIN_INTERACTIONS_FOR_HOLDOUT, F.lit("train"))
-        .when(F.col("_pos") == F.col("_n"), F.lit("test"))
-        .when(F.col("_pos") == F.col("_n") - 1, F.lit("validation"))
+        F.when(F.col("_pos") > n_train + 1, F.lit("test"))
+        .when(F.col("_pos") > n_train, F.lit("validation"))
         .otherwise(F.lit("train"))
     )
+    window_size = F.least(F.lit(ranker_window), F.greatest(n_train - 1, F.lit(0)))
+    in_window = (F.col("_pos") <= n_train) & (F.col("_pos") > n_train - window_size)
     pad = F.array_repeat(F.lit(S.PAD_ID), F.lit(history_length) - F.size("_hist"))
     return df.select(
         F.col(S.USER).cast("int"),
@@ -220,6 +227,8 @@ def temporal_split(interactions: DataFrame, history_length: int) -> DataFrame:
         F.col(S.RATING).cast("float"),
         F.concat(F.col("_hist"), pad).cast("array<int>").alias(S.HISTORY),
         F.size("_hist").cast("int").alias(S.HISTORY_LEN),
+        F.col("_pos").cast("int").alias(S.POSITION),
+        in_window.alias(S.RANKER_WINDOW),
         split.alias(S.SPLIT),
     )
 

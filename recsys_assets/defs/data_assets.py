@@ -13,6 +13,7 @@ from recsys_assets.data import schema as S
 from recsys_assets.data import sources, stages
 from recsys_assets.data.blocks import DEFAULT_BLOCK_ROWS
 from recsys_assets.data.errors import DataValidationError
+from recsys_assets.data.phases import RANKER_WINDOW_DEFAULT
 from recsys_assets.data.synthetic import SyntheticSpec
 from recsys_assets.defs.constants import DATA_GROUP
 from recsys_assets.defs.helpers import table_metadata
@@ -91,6 +92,13 @@ class InteractionsConfig(dg.Config):
 
 class SplitsConfig(dg.Config):
     history_length: int = Field(20, ge=1, le=512, description="Items of recent history carried by each row.")
+    ranker_window: int = Field(
+        RANKER_WINDOW_DEFAULT,
+        ge=0,
+        description="Each user's last N train rows are the ranker's queries (recsys_assets.data.phases): the Two "
+        "Tower and EASE behind their candidates, and their features, are fitted on the train rows before them, so "
+        "the ranker learns from up to N lists per user. 0: one list per user (its validation row).",
+    )
 
 
 class MdsConfig(dg.Config):
@@ -247,13 +255,17 @@ def interaction_splits(
     state: StateResource,
 ) -> dg.Output[PublishedFolder]:
     with state.output_folder(context) as out:
-        counts, preview = stages.split(spark.spark_session, interactions.path, out.staging, config.history_length)
+        counts, preview = stages.split(
+            spark.spark_session, interactions.path, out.staging, config.history_length, config.ranker_window
+        )
     return out.output(
         {
             "history_length": config.history_length,
+            "ranker_window": config.ranker_window,
+            "rows_ranker_window": counts.get(S.RANKER_WINDOW, 0),
             "split": S.SPLIT_DESCRIPTIONS[S.read_order(interactions.path)],
             **{f"rows_{s}": counts.get(s, 0) for s in S.SPLITS},
-            "dagster/row_count": sum(counts.values()),
+            "dagster/row_count": sum(counts.get(s, 0) for s in S.SPLITS),
             **table_metadata(preview),
         }
     )

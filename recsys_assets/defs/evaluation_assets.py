@@ -145,12 +145,27 @@ def two_stage_at_least_two_tower(dlrm_model: TrainedModel) -> dg.AssetCheckResul
     asset="ranking_dataset",
     additional_ins={"mds_splits": dg.AssetIn("mds_splits")},
     blocking=True,
-    description="No test-period information in the ranker's training pairs: training and holdout pairs are "
-    "validation-phase queries whose positive is the user's validation item and whose query time is not later "
-    "than it.",
+    description="No test-period information in the ranker's training or holdout pairs: each is a query of a "
+    "phase before test whose positive is its own row's item, at that row's time.",
 )
 def ranking_data_has_no_test_period(ranking_dataset: RankingData, mds_splits: PublishedFolder) -> dg.AssetCheckResult:
     return check_result(gates.ranking_data_has_no_test_period(ranking_dataset.path, mds_splits.path))
+
+
+@dg.asset_check(
+    asset="ranking_dataset",
+    additional_ins={"mds_splits": dg.AssetIn("mds_splits"), "retrieval_candidates": dg.AssetIn("retrieval_candidates")},
+    blocking=True,
+    description="No query sees a row at or after its own place in the user's order: the Two Tower fit and the EASE "
+    "source behind its candidates, and the state its features were computed from, were all fitted on rows "
+    "before it (recsys_assets.data.phases), for every phase.",
+)
+def ranker_queries_see_only_earlier_rows(
+    ranking_dataset: RankingData, retrieval_candidates: CandidateSet, mds_splits: PublishedFolder
+) -> dg.AssetCheckResult:
+    return check_result(
+        gates.queries_see_only_earlier_rows(ranking_dataset.path, retrieval_candidates.path, mds_splits.path)
+    )
 
 
 evaluation_assets = [evaluation]
@@ -159,4 +174,5 @@ funnel_checks = [
     two_tower_beats_most_popular,
     two_stage_at_least_two_tower,
     ranking_data_has_no_test_period,
+    ranker_queries_see_only_earlier_rows,
 ]

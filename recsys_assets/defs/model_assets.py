@@ -29,7 +29,8 @@ def _check_inputs(config: TwoTowerConfig, data_root: str) -> S.DatasetMeta:
     paths = S.DatasetPaths(Path(data_root))
     meta = S.DatasetMeta.load(paths.meta)
     _train_config(config, data_root).check_dataset(meta)
-    validate_fit_mds([paths.mds(split) for split in ("train", "validation")], meta)
+    folders = ("train", "validation", *((S.RANKER_FIT,) if meta.ranker_queries else ()))
+    validate_fit_mds([paths.mds(folder) for folder in folders], meta)
     return meta
 
 
@@ -90,6 +91,7 @@ def two_tower_model(
             out.staging,
             checkpoints,
             refit=config.refit_on_validation,
+            ranker_phase=meta.ranker_queries > 0,
             log=context.log.info,
         )
         for png in fit.curves.values():

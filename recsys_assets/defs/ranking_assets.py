@@ -21,7 +21,12 @@ PREVIEW_ROWS = 10
 class RankingDataConfig(dg.Config):
     num_hard_negatives: int = Field(30, ge=0, description="Retrieved-but-not-picked candidates per training query.")
     holdout_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Users whose validation lists select the ranker's epochs and gate it."
+        0.2,
+        gt=0,
+        lt=1,
+        description="Without a ranker window (interaction_splits ranker_window 0): the hashed share of users whose "
+        "validation lists select the ranker's epochs and gate it (the others' train it). With a window, every "
+        "user's validation list does.",
     )
     cooccurrence_window: int = Field(5, ge=1, description="History items used by the co-occurrence feature.")
     recent_fraction: float = Field(
@@ -39,10 +44,13 @@ class RecommendationsConfig(dg.Config):
     group_name=RANKING_GROUP,
     kinds={"spark", "parquet"},
     tags={"stage": "ranking"},
-    description="The ranker's labelled pairs, built in Spark: validation-phase candidates of the train-only Two "
-    "Tower (positives = the validation item; negatives = retrieved items the user did not pick + random items) "
-    "with dense features from train rows only → MDS for training; holdout users' full candidate lists and the "
-    "test-phase lists (features from train+validation) → Parquet for scoring. No test-period row reaches training.",
+    description="The ranker's labelled pairs, built in Spark, each phase from its own fit rows (recsys_assets.data."
+    "phases): the ranker window's lists (candidates of the Two Tower and EASE fitted on the train rows before the "
+    "window; positives = the window row's item; negatives = retrieved items the user did not pick + random items) "
+    "→ MDS for training; every user's validation lists (train-only fits) → the holdout that chooses epochs, stage "
+    "and gate; the test lists (features from train+validation) → Parquet for serving. Dense features from one "
+    "registry (recsys_assets.data.ranker_features), their fit-row states in features/. No row at or after a "
+    "query's own reaches its features or candidates.",
 )
 def ranking_dataset(
     context: dg.AssetExecutionContext,
@@ -64,10 +72,14 @@ def ranking_dataset(
             RankingDataSettings(**config.model_dump()),
             {"two_tower_run_id": run_id},
         )
-    metadata = {"dense_features": dg.MetadataValue.json(list(DENSE_FEATURES))}
+    metadata = {
+        "dense_features": dg.MetadataValue.json(list(DENSE_FEATURES)),
+        "table_phases": dg.MetadataValue.json(info["phases"]),
+    }
     for name, rows in info["rows"].items():
         metadata[f"{name}_pairs"] = int(rows)
         metadata[f"{name}_positives"] = int(info["positives"][name])
+        metadata[f"{name}_lists"] = int(info["lists"][name])
     return out.output(metadata, RankingData(str(out.path), run_id))
 
 

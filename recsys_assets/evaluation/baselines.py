@@ -275,10 +275,16 @@ class EASE:
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         _require_fitted(self, "B_")
-        assert self.B_ is not None
-        users = np.asarray(users, dtype=np.int64)
         t = self._task
-        return _csr_rows(t.user_items_indptr, t.user_items_indices, users, t.num_items, self._like) @ self.B_
+        return self.score_rows(t.user_items_indptr, t.user_items_indices, np.asarray(users, dtype=np.int64))
+
+    def score_rows(self, indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """Scores of given rows of a binary query x item CSR (each query's items), e.g. a query that has seen
+        more items than the fit rows hold for its user."""
+        _require_fitted(self, "B_")
+        assert self.B_ is not None
+        rows = np.asarray(rows, dtype=np.int64)
+        return _csr_rows(indptr, indices, rows, self._task.num_items, self._like) @ self.B_
 
 
 def ease_grid(**settings: Any) -> Callable[..., EASE]:

@@ -11,6 +11,7 @@ import numpy as np
 
 from recsys_assets.data import schema as S
 from recsys_assets.data.checks import CheckOutcome
+from recsys_assets.data.ranking import QUERY_POSITION
 
 EVAL_COLUMNS = [S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]
 
@@ -143,26 +144,67 @@ def two_tower_beats_most_popular(model_root: str | Path, dataset_root: str | Pat
 
 
 def ranking_data_has_no_test_period(ranking_root: str | Path, dataset_root: str | Path) -> CheckOutcome:
-    """Training and holdout pairs are validation-phase queries whose positive is the user's validation item and
-    whose query time is not later than it."""
+    """The training and holdout pairs are queries of a phase before test (data/phases.py): each query's row is
+    not a test row, its positive is that row's item and its query time that row's time."""
     import pandas as pd
 
     from recsys_assets.data.splits import load_splits_frame
 
-    frame = load_splits_frame(dataset_root, EVAL_COLUMNS)
-    val = frame[frame[S.SPLIT] == "validation"].set_index(S.USER)
+    rows = load_splits_frame(dataset_root, [S.USER, S.POSITION, S.ITEM, S.TIMESTAMP, S.SPLIT])
+    rows = rows.set_index([S.USER, S.POSITION]).sort_index()
+    table_phases = json.loads((Path(ranking_root) / "meta.json").read_text())["phases"]
     problems = {}
     for name in ("train", "holdout"):
-        pairs = pd.read_parquet(
-            Path(ranking_root) / f"{name}.parquet", columns=["phase", "user", "item", "label", "query_timestamp"]
+        columns = ["phase", S.USER, S.ITEM, S.LABEL, "query_timestamp", QUERY_POSITION]
+        pairs = pd.read_parquet(Path(ranking_root) / f"{name}.parquet", columns=columns)
+        at = rows.reindex(pd.MultiIndex.from_arrays([pairs[S.USER], pairs[QUERY_POSITION]]))
+        positive = (pairs[S.LABEL] > 0.5).to_numpy()
+        problems[f"{name}_test_phase"] = int((pairs["phase"] == "test").sum()) + int(table_phases[name] == "test")
+        problems[f"{name}_query_row_missing"] = int(at[S.SPLIT].isna().sum())
+        problems[f"{name}_query_row_in_test"] = int((at[S.SPLIT] == "test").sum())
+        problems[f"{name}_positive_not_query_item"] = int(
+            (at[S.ITEM].to_numpy()[positive] != pairs[S.ITEM][positive]).sum()
         )
-        problems[f"{name}_non_validation_phase"] = int((pairs["phase"] != "validation").sum())
-        pos = pairs[pairs["label"] > 0.5]
-        problems[f"{name}_positive_not_validation_item"] = int(
-            (pos["item"].to_numpy() != val.loc[pos["user"], S.ITEM].to_numpy()).sum()
-        )
-        problems[f"{name}_query_after_validation_time"] = int(
-            (pairs["query_timestamp"].to_numpy() > val[S.TIMESTAMP].reindex(pairs["user"]).to_numpy()).sum()
+        problems[f"{name}_query_time_not_row_time"] = int(
+            (at[S.TIMESTAMP].to_numpy() != pairs["query_timestamp"]).sum()
         )
     ok = not any(problems.values())
     return CheckOutcome(ok, None if ok else f"test-period leak: {problems}", {"violations": problems})
+
+
+def queries_see_only_earlier_rows(
+    ranking_root: str | Path, candidates_root: str | Path, dataset_root: str | Path
+) -> CheckOutcome:
+    """Every query of every phase was answered by models and features fitted on rows strictly before its own
+    place in the user's order: the last fitted position of its user, per source (the Two Tower fit and EASE
+    behind its candidates: the candidates' fit_positions.npz; its features: the ranking dataset's
+    features/<phase>.npz), is below the query's position."""
+    import pandas as pd
+
+    from recsys_assets.data.ranker_features import FeatureState
+
+    queries = pd.read_parquet(Path(candidates_root) / "queries.parquet", columns=["phase", S.USER, S.POSITION])
+    fitted = dict(np.load(Path(candidates_root) / "fit_positions.npz"))
+    for path in sorted((Path(ranking_root) / "features").glob("*.npz")):
+        fitted[f"{path.stem}/features"] = FeatureState.load(path).user_last_position
+    problems, checked = {}, {}
+    for key, last in sorted(fitted.items()):
+        phase = key.split("/")[0]
+        q = queries[queries["phase"] == phase]
+        users, positions = q[S.USER].to_numpy(np.int64), q[S.POSITION].to_numpy(np.int64)
+        late = int((last[users] >= positions).sum())
+        checked[key] = int(len(q))
+        if late:
+            problems[key] = late
+    phases = set(queries["phase"])
+    missing = sorted(
+        f"{p}/{source}" for p in phases for source in ("two_tower", "features") if f"{p}/{source}" not in fitted
+    )
+    ok = not problems and not missing
+    why = (
+        None
+        if ok
+        else f"queries answered by models or features fitted on their own row or a later one (source: queries) "
+        f"{problems}; no evidence for {missing}"
+    )
+    return CheckOutcome(ok, why, {"queries_checked": checked, "violations": problems, "missing_evidence": missing})

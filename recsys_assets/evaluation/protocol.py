@@ -136,32 +136,46 @@ class EvalTask:
                 f"max item {item_all.max()} (num_items {n_items})"
             )
 
+        held = splits.loc[splits[SPLIT] == phase, [USER, ITEM]].sort_values(USER, kind="stable")
+        users = held[USER].to_numpy(dtype=np.int64)
+        if len(users) > 1 and np.any(users[1:] == users[:-1]):
+            dup = int(users[1:][users[1:] == users[:-1]][0])
+            raise ValueError(f"user {dup} has more than one {phase} row; the protocol holds out one per user")
+        fit_rows = splits.loc[splits[SPLIT].isin(FIT_SPLITS_OF_PHASE[phase])]
+        return cls.of_fit_rows(fit_rows, phase, n_users, n_items, users=users, targets=held[ITEM].to_numpy(np.int64))
+
+    @classmethod
+    def of_fit_rows(
+        cls,
+        fit_rows: pd.DataFrame,
+        phase: str,
+        num_users: int,
+        num_items: int,
+        *,
+        users: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+    ) -> EvalTask:
+        """The task of given fit rows (user, item, timestamp[, split]) and query users (none by default: a task
+        to fit models on, such as the ranker phase's candidate sources: data/phases.py)."""
+        users = np.zeros(0, np.int64) if users is None else users
+        targets = np.zeros(0, np.int64) if targets is None else targets
         fit = (
-            splits.loc[splits[SPLIT].isin(FIT_SPLITS_OF_PHASE[phase])]
-            .drop(columns=[SPLIT])
+            fit_rows.drop(columns=[c for c in (SPLIT,) if c in fit_rows.columns])
             .sort_values([USER, TIMESTAMP, ITEM], kind="stable")
             .reset_index(drop=True)
         )
         fit_users = fit[USER].to_numpy(dtype=np.int64)
         fit_items = fit[ITEM].to_numpy(dtype=np.int64)
+        seq_indptr, seq_items = _csr_from_pairs(fit_users, fit_items, num_users)
 
-        held = splits.loc[splits[SPLIT] == phase, [USER, ITEM]].sort_values(USER, kind="stable")
-        users = held[USER].to_numpy(dtype=np.int64)
-        targets = held[ITEM].to_numpy(dtype=np.int64)
-        if len(users) > 1 and np.any(users[1:] == users[:-1]):
-            dup = int(users[1:][users[1:] == users[:-1]][0])
-            raise ValueError(f"user {dup} has more than one {phase} row; the protocol holds out one per user")
-
-        seq_indptr, seq_items = _csr_from_pairs(fit_users, fit_items, n_users)
-
-        codes = np.unique(fit_users * n_items + fit_items)  # distinct (user, item), sorted by user then item
-        ui_indptr, ui_indices = _csr_from_pairs(codes // n_items, codes % n_items, n_users)
+        codes = np.unique(fit_users * num_items + fit_items)  # distinct (user, item), sorted by user then item
+        ui_indptr, ui_indices = _csr_from_pairs(codes // num_items, codes % num_items, num_users)
         ex_indptr, ex_indices = gather_csr(ui_indptr, ui_indices, users)
 
         return cls(
             phase=phase,
-            num_users=n_users,
-            num_items=n_items,
+            num_users=num_users,
+            num_items=num_items,
             fit=fit,
             users=users,
             targets=targets,

@@ -6,6 +6,7 @@ Folders: a dataset (`schema.DatasetPaths`: splits, meta, features), a Two Tower 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -36,8 +37,6 @@ HNSW_FILE = "items.hnsw.faiss"
 ITEMS_FILE = "items.parquet"  # row i: item i in the source's ids
 # seeds the sample of users whose queries measure the index's recall
 RECALL_SAMPLE_SEED = 0
-# the two cutoffs: "validation" (train-only fit: the ranker's training queries), "test" (the served model)
-CANDIDATE_PHASES = ("validation", "test")
 
 
 def serving_queries(
@@ -143,6 +142,44 @@ def build_item_index(
     return {**info, "k": k, "index_bytes": (out_dir / HNSW_FILE).stat().st_size}
 
 
+@dataclasses.dataclass(frozen=True)
+class CandidatePhase:
+    """What retrieval does at one phase (data.phases.Phase): which Two Tower fit proposes the candidates (the
+    phase's own: fitted on its fit rows), whether it is the served cutoff (the published item vectors and the
+    configured search, every user), whether the ranker trains on its lists (+ the target where retrieval
+    missed it, random negatives), and whether the pool's EASE share is chosen on it."""
+
+    phase: str
+    served: bool = False
+    ranker_trains_on: bool = False
+    chooses_share: bool = False
+
+
+def candidate_phases(ranker_queries: int) -> list[CandidatePhase]:
+    """In order of computation: validation (chooses the EASE share), the ranker window when the dataset has one
+    (the ranker's training lists; else the validation lists are), test (served)."""
+    window = ranker_queries > 0
+    return [
+        CandidatePhase("validation", chooses_share=True, ranker_trains_on=not window),
+        *([CandidatePhase("ranker", ranker_trains_on=True)] if window else []),
+        CandidatePhase("test", served=True),
+    ]
+
+
+@dataclasses.dataclass
+class PoolSettings:
+    """The settings every phase shares (RetrievalConfig's), and what the validation phase chose."""
+
+    k: int
+    index: str
+    num_random_negatives: int
+    seed: int
+    item_item_lambda: float | None  # None: the item-item source is off
+    item_item_shares: Sequence[float]
+    share: float = 0.0
+    share_trials: dict[float, float] = dataclasses.field(default_factory=dict)
+
+
 def generate_candidates(
     model_root,
     index_root: str | Path,
@@ -159,143 +196,186 @@ def generate_candidates(
     item_item_shares: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Top-k items per user (fit items excluded) at both cutoffs: "test" (the served model, every user; exact or
-    HNSW search) and "validation" (the train-only fit, users with a validation row), plus the ranker's extra
-    validation pairs (training_pool: the target when retrieval missed it, random negatives) and the query
-    states. With `item_item_lambdas`, the pool is the Two Tower's top-k merged with EASE's top-k (serving.
-    item_item; λ chosen on validation), cut at k. Every pair carries its Two Tower score and rank, its EASE
-    score and rank, and its pool rank (the retrieval order). Writes candidates / training_pool / queries
-    Parquet and info.json; returns k, per-phase stats (queries, with_target, hr@k of the pool and of each
-    source, seconds) and candidate_rows."""
-    from recsys_assets.serving.item_item import choose_lambda, choose_share, item_item_scores, merge_pools
+    """Top-k items per query at each phase of `candidate_phases` (data/phases.py: ranker window, validation,
+    test), each from the Two Tower fit of that phase (the served one for test: exact or HNSW search, every
+    user), plus the ranker's extra pairs of the phase it trains on (training_pool: the target when retrieval
+    missed it, random negatives) and the query states. With `item_item_lambdas`, the pool is the Two Tower's
+    top-k merged with EASE's top-k (serving.item_item, fitted on the phase's fit rows; λ and the share chosen
+    on validation), cut at k. Every pair carries its Two Tower score and rank, its EASE score and rank, and its
+    pool rank (the retrieval order). Writes candidates / training_pool / queries Parquet, fit_positions.npz
+    (each phase's last fitted position per user, for the leakage check) and info.json; returns k, per-phase
+    stats (queries, with_target, hr@k of the pool and of each source, seconds) and candidate_rows."""
+    from recsys_assets.serving.item_item import choose_lambda
 
-    frames, pools, queries, stats = [], [], [], {}
     splits = load_query_splits(dataset_root)
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
     use_item_item = bool(item_item_lambdas) and meta.num_items <= item_item_max_items
     if item_item_lambdas and not use_item_item:
         log(f"item-item source off: {meta.num_items} items > item_item_max_items={item_item_max_items}")
-    frame = splits[[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]]
     sizes = dict(num_users=meta.num_users, num_items=meta.num_items)
-    lam, lam_trials = choose_lambda(frame, lambdas=item_item_lambdas, log=log, **sizes) if use_item_item else (None, {})
-    share, share_trials = 0.0, {}  # the share of EASE items in the pool: chosen on the validation cutoff
-    for phase in CANDIDATE_PHASES:
-        t0 = time.time()
-        model, store, states, qv = serving_queries(
-            model_root, dataset_root, phase, all_users=phase == "test", splits=splits
-        )
-        if states.n == 0:
-            raise ValueError(f"retrieval_candidates: no {phase} queries in {dataset_root}")
-        vectors = _item_vectors(phase, index_root, model, store)
-        kk = min(k, vectors.shape[0])
-        if phase == "test" and index == "hnsw":
-            hnsw = HnswIndex.load(Path(index_root) / HNSW_FILE)
-            items, _ = hnsw.search(qv.numpy(), kk, states.exclude_indptr, states.exclude_indices)
-        else:
-            items, _ = exact_top_k(qv, vectors, kk, states.exclude_indptr, states.exclude_indices)
-        two_tower_items = items
-        item_item = None
-        if use_item_item:
-            item_item = item_item_scores(frame, phase, states, lam, **sizes)
-            if phase == "validation":  # the share of EASE items in the pool, chosen here, kept for test
-                share, share_trials = choose_share(
-                    two_tower_items, item_item.top(kk), states.targets, kk, item_item_shares
-                )
-                log(f"item-item share of the pool: {share:g} (validation NDCG@10 of the merged order {share_trials})")
-            items = merge_pools(two_tower_items, item_item.top(kk), kk, share)
-        frames.append(_retrieved(phase, states, qv, vectors, items, item_item))
-        queries.append(states.frame())
-        has_target = states.targets >= 0
-        hr = lambda found: float(((found == states.targets[:, None]).any(axis=1) & has_target)[has_target].mean())  # noqa: E731
-        hit = (items == states.targets[:, None]).any(axis=1) & has_target
-        stats[phase] = {
-            "queries": int(states.n),
-            "with_target": int(has_target.sum()),
-            f"hr@{kk}": hr(items) if has_target.any() else float("nan"),
-            f"two_tower_hr@{kk}": hr(two_tower_items) if has_target.any() else float("nan"),
-            **({f"item_item_hr@{kk}": hr(item_item.top(kk))} if item_item is not None and has_target.any() else {}),
-            "seconds": time.time() - t0,
-        }
-        if phase == "validation":
-            pools += _training_pool(
-                phase, states, qv, vectors, items, has_target & ~hit, num_random_negatives, seed, item_item, kk
-            )
-        log(f"{phase}: {states.n} queries, " + ", ".join(f"{m} {v:.4f}" for m, v in stats[phase].items() if "hr@" in m))
-    pd.concat(frames, ignore_index=True).to_parquet(out_dir / "candidates.parquet", index=False)
-    pd.concat(pools, ignore_index=True).to_parquet(out_dir / "training_pool.parquet", index=False)
-    pd.concat(queries, ignore_index=True).to_parquet(out_dir / "queries.parquet", index=False)
+    evaluator_frame = splits[[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]]
+    lam, lam_trials = (
+        choose_lambda(evaluator_frame, lambdas=item_item_lambdas, log=log, **sizes) if use_item_item else (None, {})
+    )
+    pool = PoolSettings(k, index, num_random_negatives, seed, lam, item_item_shares)
+    outputs = [
+        phase_candidates(cp, pool, model_root, index_root, dataset_root, splits, log)
+        for cp in candidate_phases(meta.ranker_queries)
+    ]
+    _write_candidates(out_dir, outputs)
+    stats = {o.phase: o.stats for o in outputs}
     item_item_info = {
         "item_item_lambda": lam,
         "item_item_validation_ndcg@10": {str(x): v for x, v in lam_trials.items()},
-        "item_item_share": share if use_item_item else None,
-        "pool_order_validation_ndcg@10": {str(x): v for x, v in share_trials.items()},
+        "item_item_share": pool.share if use_item_item else None,
+        "pool_order_validation_ndcg@10": {str(x): v for x, v in pool.share_trials.items()},
     }
     (out_dir / "info.json").write_text(
         json.dumps(
             {"k": k, "index": index, "phases": stats, "two_tower_run_id": two_tower_run_id, **item_item_info}, indent=2
         )
     )
-    return {"k": kk, "phases": stats, "candidate_rows": int(sum(len(f) for f in frames)), **item_item_info}
+    kk = min(k, meta.num_items)
+    return {"k": kk, "phases": stats, "candidate_rows": int(sum(len(o.pairs) for o in outputs)), **item_item_info}
 
 
-def _item_vectors(phase: str, index_root: str | Path, model, store) -> torch.Tensor:
-    """The served model's published vectors for "test"; the train-only fit's, computed here, for "validation"."""
+# in a candidates folder: each phase's last position per user among the rows its candidate models were fitted on
+FIT_POSITIONS_FILE = "fit_positions.npz"
+
+
+@dataclasses.dataclass
+class PhaseCandidates:
+    phase: str
+    pairs: pd.DataFrame  # the retrieved pool
+    pool: list[pd.DataFrame]  # the ranker's extra pairs (empty unless it trains on this phase)
+    queries: pd.DataFrame
+    stats: dict
+    fit_positions: dict[str, np.ndarray]  # source ("two_tower", "item_item") -> last fitted position per user
+
+
+def phase_candidates(
+    cp: CandidatePhase, pool: PoolSettings, model_root, index_root, dataset_root, splits: pd.DataFrame, log
+) -> PhaseCandidates:
+    """One phase's pool: the Two Tower fit of the phase (+ EASE fitted on the same rows), merged; the ranker's
+    extra pairs where it trains on this phase. `pool.share` is set here on the phase that chooses it."""
+    from recsys_assets.serving.item_item import choose_share, item_item_scores, merge_pools
+
+    t0 = time.time()
+    meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
+    model, store, states, qv = serving_queries(model_root, dataset_root, cp.phase, all_users=cp.served, splits=splits)
+    if states.n == 0:
+        raise ValueError(f"retrieval_candidates: no {cp.phase} queries in {dataset_root}")
+    vectors = _item_vectors(cp.served, index_root, model, store)
+    kk = min(pool.k, vectors.shape[0])
+    if cp.served and pool.index == "hnsw":
+        hnsw = HnswIndex.load(Path(index_root) / HNSW_FILE)
+        items, _ = hnsw.search(qv.numpy(), kk, states.exclude_indptr, states.exclude_indices)
+    else:
+        items, _ = exact_top_k(qv, vectors, kk, states.exclude_indptr, states.exclude_indices)
+    two_tower_items, item_item = items, None
+    fit_positions = {"two_tower": _two_tower_fit_positions(model_root, cp.phase, splits, meta.num_users)}
+    if pool.item_item_lambda is not None:
+        sizes = dict(num_users=meta.num_users, num_items=meta.num_items)
+        item_item, fit_positions["item_item"] = item_item_scores(
+            splits, cp.phase, states, pool.item_item_lambda, **sizes
+        )
+        if cp.chooses_share:
+            pool.share, pool.share_trials = choose_share(
+                two_tower_items, item_item.top(kk), states.targets, kk, pool.item_item_shares
+            )
+            log(
+                f"item-item share of the pool: {pool.share:g} (validation NDCG@10 of the merged order {pool.share_trials})"
+            )
+        items = merge_pools(two_tower_items, item_item.top(kk), kk, pool.share)
+    has_target = states.targets >= 0
+    hit = (items == states.targets[:, None]).any(axis=1) & has_target
+    extra = (
+        _training_pool_items(states, items, has_target & ~hit, pool, vectors.shape[0]) if cp.ranker_trains_on else []
+    )
+    frames = _pairs(cp.phase, states, qv, vectors, [(items, None, "retrieved"), *extra], item_item, kk)
+    hr = lambda found: float(((found == states.targets[:, None]).any(axis=1) & has_target)[has_target].mean())  # noqa: E731
+    stats = {
+        "queries": int(states.n),
+        "with_target": int(has_target.sum()),
+        f"hr@{kk}": hr(items) if has_target.any() else float("nan"),
+        f"two_tower_hr@{kk}": hr(two_tower_items) if has_target.any() else float("nan"),
+        **({f"item_item_hr@{kk}": hr(item_item.top(kk))} if item_item is not None and has_target.any() else {}),
+        "seconds": time.time() - t0,
+    }
+    log(f"{cp.phase}: {states.n} queries, " + ", ".join(f"{m} {v:.4f}" for m, v in stats.items() if "hr@" in m))
+    return PhaseCandidates(cp.phase, frames[0], frames[1:], states.frame(), stats, fit_positions)
+
+
+def _two_tower_fit_positions(model_root, phase: str, splits: pd.DataFrame, num_users: int) -> np.ndarray:
+    """The last position per user among the rows of the MDS folders the phase's Two Tower fit trained on."""
+    from recsys_assets.data.phases import rows_of_folders
+    from recsys_assets.serving.item_item import last_positions
+    from recsys_assets.training.model_files import two_tower_fit_folders
+
+    folders = two_tower_fit_folders(model_root, phase)
+    return last_positions(splits.loc[rows_of_folders(splits, folders)], num_users)
+
+
+def _write_candidates(out_dir: Path, outputs: list[PhaseCandidates]) -> None:
+    pd.concat([o.pairs for o in outputs], ignore_index=True).to_parquet(out_dir / "candidates.parquet", index=False)
+    pools = [f for o in outputs for f in o.pool]
+    pool_frame = pd.concat(pools, ignore_index=True) if pools else outputs[0].pairs.iloc[:0]
+    pool_frame.to_parquet(out_dir / "training_pool.parquet", index=False)
+    pd.concat([o.queries for o in outputs], ignore_index=True).to_parquet(out_dir / "queries.parquet", index=False)
+    np.savez(
+        out_dir / FIT_POSITIONS_FILE,
+        **{f"{o.phase}/{source}": v for o in outputs for source, v in o.fit_positions.items()},
+    )
+
+
+def _item_vectors(served: bool, index_root: str | Path, model, store) -> torch.Tensor:
+    """The served model's published vectors for the served phase; the phase's own fit's, computed here, else."""
     from recsys_assets.models.two_tower import ItemEncoder
 
-    if phase == "test":
+    if served:
         return torch.from_numpy(np.load(Path(index_root) / ITEM_VECTORS))
     with torch.no_grad():
         return ItemEncoder(model, store).encode_all()
 
 
-def _pairs(
-    phase: str, states, qv, vectors, items: np.ndarray, item_item, pool_rank: np.ndarray, source: str
-) -> pd.DataFrame:
-    """The (query user, item) pairs of `items` [Q, m] with both sources' scores and ranks (-1 items dropped)."""
-    n = items.shape[1]
-    if item_item is not None:
-        ii_score, ii_rank = item_item.score_of(items), item_item.rank_of(items)
-    else:  # no item-item source: constant features
-        ii_score, ii_rank = np.zeros(items.shape, np.float32), np.full(items.shape, -1, np.int64)
-    frame = pd.DataFrame(
-        {
-            "phase": phase,
-            S.USER: np.repeat(states.users, n).astype(np.int32),
-            S.ITEM: items.reshape(-1).astype(np.int32),
-            "retrieval_score": pairwise_scores(qv, vectors, items).reshape(-1),
-            "retrieval_rank": item_ranks(qv, vectors, states, items).reshape(-1).astype(np.int32),
-            "item_item_score": np.nan_to_num(ii_score, nan=0.0).reshape(-1),
-            "item_item_rank": ii_rank.reshape(-1).astype(np.int32),
-            "pool_rank": pool_rank.reshape(-1).astype(np.int32),
-            "source": source,
-        }
-    )
-    return frame[frame[S.ITEM] >= 0]
-
-
-def _retrieved(phase: str, states, qv, vectors, items: np.ndarray, item_item) -> pd.DataFrame:
-    pool_rank = np.broadcast_to(np.arange(items.shape[1]), items.shape)
-    return _pairs(phase, states, qv, vectors, items, item_item, pool_rank, "retrieved")
-
-
-def _training_pool(
-    phase: str,
-    states,
-    qv: torch.Tensor,
-    vectors: torch.Tensor,
-    items: np.ndarray,
-    missed: np.ndarray,
-    num_random: int,
-    seed: int,
-    item_item,
-    k: int,
-) -> list[pd.DataFrame]:
-    """The ranker's extra pairs: the target where the pool missed it, and random negatives, each with the
-    features the candidates carry (their pool rank: k, beyond the pool)."""
+def _training_pool_items(states, items: np.ndarray, missed: np.ndarray, pool: PoolSettings, num_items: int) -> list:
+    """The ranker's extra items per query: the target where the pool missed it, and random negatives (both
+    placed beyond the pool: pool rank k)."""
     targets = np.where(missed, states.targets, -1)[:, None]
-    rnd = sample_random_items(states, items, vectors.shape[0], num_random, seed)
-    beyond = lambda a: np.full(a.shape, k)  # noqa: E731
-    return [
-        _pairs(phase, states, qv, vectors, targets, item_item, beyond(targets), "target"),
-        _pairs(phase, states, qv, vectors, rnd, item_item, beyond(rnd), "random"),
-    ]
+    rnd = sample_random_items(states, items, num_items, pool.num_random_negatives, pool.seed)
+    return [(targets, "beyond", "target"), (rnd, "beyond", "random")]
+
+
+def _pairs(phase: str, states, qv, vectors, item_sets: list, item_item, k: int) -> list[pd.DataFrame]:
+    """One frame of (query, item) pairs per (items [Q, m], pool rank (None: the column index; "beyond": k),
+    source) of `item_sets`, with both sources' scores and ranks (-1 items dropped). The EASE lookups of all
+    sets are made in one pass over the queries."""
+    widths = [a.shape[1] for a, _, _ in item_sets]
+    every = np.concatenate([a for a, _, _ in item_sets], axis=1)
+    if item_item is not None:
+        ii_score, ii_rank = item_item.lookup(every)
+    else:  # no item-item source: constant features
+        ii_score, ii_rank = np.zeros(every.shape, np.float32), np.full(every.shape, -1, np.int64)
+    scores = pairwise_scores(qv, vectors, every)
+    ranks = item_ranks(qv, vectors, states, every)
+    frames, lo = [], 0
+    for (items, pool_rank, source), width in zip(item_sets, widths):
+        cols = slice(lo, lo + width)
+        lo += width
+        pr = np.full(items.shape, k) if pool_rank == "beyond" else np.broadcast_to(np.arange(width), items.shape)
+        frame = pd.DataFrame(
+            {
+                "phase": phase,
+                S.QUERY_ID: np.repeat(states.query_ids, width).astype(np.int64),
+                S.USER: np.repeat(states.users, width).astype(np.int32),
+                S.ITEM: items.reshape(-1).astype(np.int32),
+                "retrieval_score": scores[:, cols].reshape(-1),
+                "retrieval_rank": ranks[:, cols].reshape(-1).astype(np.int32),
+                "item_item_score": np.nan_to_num(ii_score[:, cols], nan=0.0).reshape(-1),
+                "item_item_rank": ii_rank[:, cols].reshape(-1).astype(np.int32),
+                "pool_rank": pr.reshape(-1).astype(np.int32),
+                "source": source,
+            }
+        )
+        frames.append(frame[frame[S.ITEM] >= 0])
+    return frames

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+from recsys_assets.data.schema import ITEM, POSITION, TIMESTAMP, USER
 
 # users scored per EASE block (a block holds users × items float32 scores)
 SCORE_BLOCK_USERS = 1024
@@ -24,27 +27,52 @@ SCORE_BLOCK_USERS = 1024
 
 @dataclasses.dataclass
 class ItemItemScores:
-    """EASE scores of one cutoff's query users (rows aligned with the query states), fit items excluded."""
+    """EASE of one phase's fit rows scoring that phase's queries (rows aligned with the query states): each
+    query's row is the items before it (its excluded items), which are scored -inf. Scores are computed per
+    block of queries when asked, so memory holds one block of queries × items, not all of them."""
 
     lam: float
-    scores: torch.Tensor  # float32 [Q, n], -inf at each user's fit items
-    ranks: torch.Tensor  # int32 [Q, n], 0 = the user's best non-excluded item
+    model: Any  # a fitted evaluation.baselines.EASE
+    states: Any  # serving.retrieval.QueryStates
+    _top: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def _blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        st = self.states
+        for s in range(0, st.n, SCORE_BLOCK_USERS):
+            e = min(s + SCORE_BLOCK_USERS, st.n)
+            block = self.model.score_rows(st.exclude_indptr, st.exclude_indices, np.arange(s, e)).float()
+            lengths = np.diff(st.exclude_indptr[s : e + 1])
+            rows = torch.as_tensor(np.repeat(np.arange(e - s), lengths))
+            cols = torch.as_tensor(st.exclude_indices[st.exclude_indptr[s] : st.exclude_indptr[e]])
+            block[rows, cols] = -torch.inf
+            yield s, e, block
 
     def top(self, k: int) -> np.ndarray:
-        """int64 [Q, k] the best k items per user (-1 where a user has fewer than k allowed items)."""
-        values, items = torch.topk(self.scores, min(k, self.scores.shape[1]), dim=1)
-        return torch.where(torch.isinf(values), -1, items).numpy().astype(np.int64)
+        """int64 [Q, k] the best k items per query (-1 where a query has fewer than k allowed items)."""
+        if k not in self._top:
+            out = np.full((self.states.n, k), -1, dtype=np.int64)
+            for s, e, block in self._blocks():
+                values, items = torch.topk(block, min(k, block.shape[1]), dim=1)
+                out[s:e, : items.shape[1]] = torch.where(torch.isinf(values), -1, items).numpy()
+            self._top[k] = out
+        return self._top[k]
 
-    def score_of(self, items: np.ndarray) -> np.ndarray:
-        """float32 [Q, m] the EASE score of given items (-1 items, and excluded ones → NaN)."""
-        it = torch.as_tensor(np.maximum(items, 0))
-        s = torch.gather(self.scores, 1, it).numpy().astype(np.float32)
-        return np.where((items >= 0) & np.isfinite(s), s, np.nan).astype(np.float32)
-
-    def rank_of(self, items: np.ndarray) -> np.ndarray:
-        it = torch.as_tensor(np.maximum(items, 0))
-        r = torch.gather(self.ranks, 1, it).numpy().astype(np.int64)
-        return np.where(items >= 0, r, -1)
+    def lookup(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [Q, m] EASE scores, NaN for -1 and excluded items; int64 [Q, m] ranks, 0 = the query's best
+        allowed item, ties in item order, -1 for -1 items) of given items per query."""
+        scores = np.full(items.shape, np.nan, dtype=np.float32)
+        ranks = np.full(items.shape, -1, dtype=np.int64)
+        n = self.model.B_.shape[0]
+        for s, e, block in self._blocks():
+            it = torch.as_tensor(np.maximum(items[s:e], 0))
+            order = torch.argsort(block, dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(n).expand(e - s, -1).contiguous())
+            sc = torch.gather(block, 1, it).numpy()
+            valid = items[s:e] >= 0
+            scores[s:e] = np.where(valid & np.isfinite(sc), sc, np.nan)
+            ranks[s:e] = np.where(valid, torch.gather(rank, 1, it).numpy(), -1)
+        return scores, ranks
 
 
 def choose_lambda(
@@ -65,29 +93,24 @@ def choose_lambda(
     return max(results, key=results.get), results
 
 
-def item_item_scores(
-    frame: pd.DataFrame, phase: str, states, lam: float, *, num_users: int, num_items: int
-) -> ItemItemScores:
-    """EASE fitted on the phase's fit rows, scoring the phase's query users (`states`)."""
+def item_item_scores(frame: pd.DataFrame, phase: str, states, lam: float, *, num_users: int, num_items: int):
+    """EASE fitted on the phase's fit rows (data.phases), scoring the phase's queries (`states`); with the
+    last fit position of each user (0: none), the evidence that no query's row or a later one was fitted on."""
+    from recsys_assets.data.phases import phase as phase_of
     from recsys_assets.evaluation.baselines import EASE
     from recsys_assets.evaluation.protocol import EvalTask
 
-    task = EvalTask.from_splits(frame, phase, num_users=num_users, num_items=num_items)
+    fit_rows = frame.loc[phase_of(phase).fit.mask(frame)]
+    task = EvalTask.of_fit_rows(fit_rows[[USER, ITEM, TIMESTAMP]], phase, num_users, num_items)
     model = EASE(lam, max_items=num_items, dtype=torch.float32).fit(task)
-    scores = torch.empty((states.n, num_items), dtype=torch.float32)
-    ranks = torch.empty((states.n, num_items), dtype=torch.int32)
-    for s in range(0, states.n, SCORE_BLOCK_USERS):
-        e = min(s + SCORE_BLOCK_USERS, states.n)
-        block = model.score(states.users[s:e]).float()
-        lengths = np.diff(states.exclude_indptr[s : e + 1])
-        rows = torch.as_tensor(np.repeat(np.arange(e - s), lengths))
-        cols = torch.as_tensor(states.exclude_indices[states.exclude_indptr[s] : states.exclude_indptr[e]])
-        block[rows, cols] = -torch.inf
-        order = torch.argsort(block, dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order, dtype=torch.int32)
-        rank.scatter_(1, order, torch.arange(num_items, dtype=torch.int32).expand(e - s, -1).contiguous())
-        scores[s:e], ranks[s:e] = block, rank
-    return ItemItemScores(lam, scores, ranks)
+    return ItemItemScores(lam, model, states), last_positions(fit_rows, num_users)
+
+
+def last_positions(rows: pd.DataFrame, num_users: int) -> np.ndarray:
+    """int64 [num_users]: each user's last position among `rows` (0 where the user has none)."""
+    out = np.zeros(num_users, dtype=np.int64)
+    np.maximum.at(out, rows[USER].to_numpy(np.int64), rows[POSITION].to_numpy(np.int64))
+    return out
 
 
 def merge_pools(first: np.ndarray, second: np.ndarray, k: int, share: float = 0.5) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 No Dagster, no Spark. Used by the retrieval assets and the evaluation.
 
-- `query_states(splits, phase, ...)`: one query per user at the phase's cutoff: the user's held-out row of
-  `phase` (its history = the items before it, most recent first) or, with ``all_users`` and the test phase,
-  the user's whole fit sequence for users without a held-out row. Excluded items = the user's fit items.
+- `query_states(splits, phase, ...)`: the phase's queries (data/phases.py): its held-out rows (each with the
+  history before it, most recent first) or, with ``all_users``, the user's whole sequence for users without a
+  held-out row. Excluded items = the items of the user's rows before the query.
 - `query_vectors`: the query tower over those states.
 - `exact_top_k`: batched matrix product + top-k with exclusions, in torch (CPU or CUDA tensors).
 - `HnswIndex`: faiss HNSW inner-product index over the item vectors; `search` filters exclusions.
@@ -21,24 +21,36 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_assets.data.schema import HISTORY, HISTORY_LEN, ITEM, PAD_ID, SPLIT, TIMESTAMP, USER
-from recsys_assets.evaluation.protocol import EvalTask, gather_csr
+from recsys_assets.data.schema import (
+    HISTORY,
+    HISTORY_LEN,
+    ITEM,
+    PAD_ID,
+    POSITION,
+    QUERY_ID,
+    RANKER_WINDOW,
+    SPLIT,
+    TIMESTAMP,
+    USER,
+)
 
 NO_TARGET = -1
 
 
 @dataclasses.dataclass
 class QueryStates:
-    """One row per query user, sorted by user id."""
+    """One row per query of a phase (data/phases.py), sorted by (user, position)."""
 
     phase: str
     users: np.ndarray  # int64 [Q]
-    targets: np.ndarray  # int64 [Q]; NO_TARGET where the user has no held-out row of the phase
-    timestamps: np.ndarray  # int64 [Q]: the held-out row's time, else one after the user's last fit row
+    targets: np.ndarray  # int64 [Q]; NO_TARGET for a user without a held-out row (the serving query at the end)
+    timestamps: np.ndarray  # int64 [Q]: the held-out row's time, else one after the user's last row
     history: np.ndarray  # int32 [Q, H], most recent first, PAD_ID padded
     history_len: np.ndarray  # int32 [Q]
-    exclude_indptr: np.ndarray  # int64 [Q + 1]: CSR of each query user's fit items (removed from its ranking)
-    exclude_indices: np.ndarray  # int64
+    exclude_indptr: np.ndarray  # int64 [Q + 1]: CSR of the items of the user's rows before the query
+    exclude_indices: np.ndarray  # int64 (distinct, sorted per query): removed from its ranking
+    positions: np.ndarray  # int64 [Q]: the query's place in the user's order (1-based)
+    query_ids: np.ndarray  # int64 [Q]: data.phases.query_ids
 
     @property
     def n(self) -> int:
@@ -53,6 +65,8 @@ class QueryStates:
                 TIMESTAMP: self.timestamps.astype(np.int64),
                 HISTORY: list(self.history.astype(np.int32)),
                 HISTORY_LEN: self.history_len.astype(np.int32),
+                POSITION: self.positions.astype(np.int32),
+                QUERY_ID: self.query_ids.astype(np.int64),
             }
         )
 
@@ -66,38 +80,80 @@ def query_states(
     history_length: int,
     all_users: bool = False,
 ) -> QueryStates:
-    """`splits`: the splits table (user, item, timestamp, split, history, history_len)."""
+    """The queries of `phase`: its held-out rows (data.phases.PHASES) with the history before each, and with
+    `all_users`, one query after the last row of every user without a held-out row. Excluded items: those of
+    the user's rows before the query (for validation and test: the user's fit items, as in the evaluator).
+    `splits`: the splits table (user, item, timestamp, split, history, history_len, position, ranker_window)."""
+    from recsys_assets.data.phases import phase as phase_of
+    from recsys_assets.data.phases import query_ids
     from recsys_assets.models.features import stack_history
 
-    task = EvalTask.from_splits(splits[[USER, ITEM, TIMESTAMP, SPLIT]], phase, num_users=num_users, num_items=num_items)
-    held = splits.loc[splits[SPLIT] == phase].sort_values(USER, kind="stable")
-    if not np.array_equal(held[USER].to_numpy(np.int64), task.users):
-        raise ValueError(f"the {phase} rows of the splits table disagree with the evaluator's task")
-    users = task.users
-    targets = task.targets
-    ts = held[TIMESTAMP].to_numpy(np.int64)
-    hist = stack_history(held[HISTORY].to_numpy(), history_length)
-    hlen = np.minimum(held[HISTORY_LEN].to_numpy(np.int32), history_length).astype(np.int32)
+    rows = splits.sort_values([USER, POSITION], kind="stable")
+    users_all = rows[USER].to_numpy(np.int64)
+    if len(rows) and (users_all.max() >= num_users or rows[ITEM].max() >= num_items):
+        raise ValueError(f"ids out of range of num_users={num_users} / num_items={num_items}")
+    held = rows.loc[phase_of(phase).queries.mask(rows)]
+    users = held[USER].to_numpy(np.int64)
+    pos = held[POSITION].to_numpy(np.int64)
+    train_rows = np.bincount(users_all[rows[SPLIT].to_numpy() == "train"], minlength=num_users)
+    steps = np.where(held[RANKER_WINDOW].to_numpy(bool), train_rows[users] - pos + 1, 0)
+    parts = [
+        (users, held[ITEM].to_numpy(np.int64), held[TIMESTAMP].to_numpy(np.int64), pos, steps),
+        stack_history(held[HISTORY].to_numpy(), history_length),
+        np.minimum(held[HISTORY_LEN].to_numpy(np.int32), history_length).astype(np.int32),
+    ]
     if all_users:
-        has_fit = np.diff(task.seq_indptr) > 0
-        extra = np.setdiff1d(np.flatnonzero(has_fit), users)
-        if len(extra):
-            last_ts = task.fit.groupby(USER)[TIMESTAMP].max()
-            e_hist = np.full((len(extra), history_length), PAD_ID, dtype=np.int32)
-            e_len = np.zeros(len(extra), dtype=np.int32)
-            for i, u in enumerate(extra):
-                seq = task.sequence(int(u))[::-1][:history_length]
-                e_hist[i, : len(seq)] = seq
-                e_len[i] = len(seq)
-            e_ts = last_ts.reindex(extra).to_numpy(np.int64) + 1
-            order = np.argsort(np.concatenate([users, extra]), kind="stable")
-            users = np.concatenate([users, extra])[order]
-            targets = np.concatenate([targets, np.full(len(extra), NO_TARGET, dtype=np.int64)])[order]
-            ts = np.concatenate([ts, e_ts])[order]
-            hist = np.concatenate([hist, e_hist])[order]
-            hlen = np.concatenate([hlen, e_len])[order]
-    ex_indptr, ex_indices = gather_csr(task.user_items_indptr, task.user_items_indices, users)
-    return QueryStates(phase, users, targets, ts, hist, hlen, ex_indptr, ex_indices)
+        parts = _with_end_queries(parts, rows, num_users, history_length)
+    (users, targets, ts, pos, steps), hist, hlen = parts
+    ex_indptr, ex_indices = _items_before(rows, users, pos, num_users, num_items)
+    return QueryStates(phase, users, targets, ts, hist, hlen, ex_indptr, ex_indices, pos, query_ids(users, steps))
+
+
+def _with_end_queries(parts, rows: pd.DataFrame, num_users: int, history_length: int):
+    """`parts` + one query after the last row of each user who has rows but no query, sorted by (user, pos)."""
+    (users, targets, ts, pos, steps), hist, hlen = parts
+    counts = np.bincount(rows[USER].to_numpy(np.int64), minlength=num_users)
+    extra = np.setdiff1d(np.flatnonzero(counts), users)
+    if not len(extra):
+        return parts
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    items = rows[ITEM].to_numpy(np.int64)
+    e_hist = np.full((len(extra), history_length), PAD_ID, dtype=np.int32)
+    for i, u in enumerate(extra):
+        seq = items[starts[u] : starts[u + 1]][::-1][:history_length]
+        e_hist[i, : len(seq)] = seq
+    e_len = np.minimum(counts[extra], history_length).astype(np.int32)
+    e_ts = rows.groupby(USER)[TIMESTAMP].max().reindex(extra).to_numpy(np.int64) + 1
+    order = np.lexsort((np.concatenate([pos, counts[extra] + 1]), np.concatenate([users, extra])))
+    cat = lambda a, b: np.concatenate([a, b])[order]  # noqa: E731
+    no_target = np.full(len(extra), NO_TARGET, dtype=np.int64)
+    columns = (
+        cat(users, extra),
+        cat(targets, no_target),
+        cat(ts, e_ts),
+        cat(pos, counts[extra] + 1),
+        cat(steps, np.zeros(len(extra), np.int64)),
+    )
+    return columns, cat(hist, e_hist), cat(hlen, e_len)
+
+
+def _items_before(
+    rows: pd.DataFrame, users: np.ndarray, positions: np.ndarray, num_users: int, num_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSR [Q] of the distinct items (sorted) of each user's rows before the query's position. `rows`: sorted
+    by (user, position), positions 1..n per user."""
+    counts = np.bincount(rows[USER].to_numpy(np.int64), minlength=num_users)
+    starts = np.concatenate([[0], np.cumsum(counts)])[users]
+    lengths = np.minimum(positions - 1, counts[users])
+    indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    offsets = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1], dtype=np.int64)
+    query = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
+    codes = np.unique(query * num_items + rows[ITEM].to_numpy(np.int64)[offsets])
+    distinct = np.bincount(codes // num_items, minlength=len(users))
+    out_indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(distinct, out=out_indptr[1:])
+    return out_indptr, codes % num_items
 
 
 @torch.no_grad()
@@ -182,7 +238,9 @@ def item_ranks(
         # last bit and count the item as beating itself); kept even if the item is excluded, like the evaluator
         own = sc.gather(1, it)
         sc = _mask_excluded(sc, states.exclude_indptr[s : e + 1], states.exclude_indices)
-        ranks = (sc[:, None, :] > own[:, :, None]).sum(-1)
+        # higher scores than s = lower values than -s in the ascending negated row: a binary search per item
+        negated = torch.sort(sc.neg_(), dim=1).values
+        ranks = torch.searchsorted(negated, own.neg().contiguous(), side="left")
         out[s:e] = np.where(items[s:e] >= 0, ranks.cpu().numpy(), -1)
     return out
 

@@ -5,7 +5,8 @@
 
 The layout (26 tables, one per categorical feature), the dense feature count and the MDS / Parquet paths
 come from the dataset's ``meta.json``; every other field is a keyword override. Early stopping and the
-returned weights follow the validation set (``selection_set="validation"``); the test set is only scored.
+returned weights follow the validation set (``selection_set="validation"``); the test set is scored once,
+with the returned weights.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recsys_assets.training.dlrm import DLRMTrainConfig
+from recsys_assets.training.dlrm import TEST_SET, DLRMTrainConfig
 
 
 def load_criteo_meta(dataset_dir: str | Path) -> dict:
@@ -32,12 +33,13 @@ def load_criteo_meta(dataset_dir: str | Path) -> dict:
 def criteo_train_config(dataset_dir: str | Path, *, include_test: bool = True, **overrides: Any) -> DLRMTrainConfig:
     root = Path(dataset_dir).resolve()
     meta = load_criteo_meta(root)
-    eval_sets = {name: str(root / rel) for name, rel in meta["eval_sets"].items() if include_test or name != "test"}
+    sets = {name: str(root / rel) for name, rel in meta["eval_sets"].items()}
     fields: dict[str, Any] = {
         "train_mds": (str(root / meta["train_mds"]),),
         "layout": tuple(meta["layout"]),
         "dense_in_features": int(meta["dense_in_features"]),
-        "eval_sets": eval_sets,
+        "eval_sets": {name: path for name, path in sets.items() if name != TEST_SET},
+        "final_sets": {TEST_SET: sets[TEST_SET]} if include_test and TEST_SET in sets else {},
         "selection_set": "validation",
         # Criteo pairs have no query ids, so no list metrics; its own settings (the ranker's defaults were chosen
         # on recommendation lists): the Criteo benchmark's figures were measured with these

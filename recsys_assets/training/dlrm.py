@@ -27,6 +27,7 @@ from recsys_assets.training import checkpoint, common, loop
 from recsys_assets.training.common import DistEnv, setting
 
 LOWER_IS_BETTER = ("logloss",)  # early-stopping metrics to minimize (the others are maximized)
+TEST_SET = "test"  # an evaluation set by this name is only ever a final set
 
 
 @dataclasses.dataclass
@@ -34,8 +35,10 @@ class DLRMTrainConfig(common.JsonConfig):
     train_mds: tuple[str, ...]  # MDS folders of training pairs
     layout: tuple[dict, ...]  # SparseFeature dicts (models.dlrm.SparseFeature)
     dense_in_features: int
-    eval_sets: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> Parquet path
+    eval_sets: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> Parquet path, scored each epoch
     selection_set: str | None = None  # eval set for early stopping / best epoch (None: the last epoch)
+    # name -> Parquet path, scored once with the final weights (test: never read while training)
+    final_sets: dict[str, str] = dataclasses.field(default_factory=dict)
 
     # model. Defaults chosen on the holdout users' validation lists (ml-latest-small and synthetic data).
     embedding_dim: int = setting(16, "Embedding width of every table; the bottom MLP's last size must equal it.")
@@ -91,6 +94,15 @@ class DLRMTrainConfig(common.JsonConfig):
         self.layout = tuple(dict(x) for x in self.layout)
         validate_layout(layout_from_dicts(self.layout))
         self.eval_sets = {str(k): str(v) for k, v in dict(self.eval_sets).items()}
+        self.final_sets = {str(k): str(v) for k, v in dict(self.final_sets).items()}
+        if TEST_SET in self.eval_sets:
+            raise ValueError(
+                f"the {TEST_SET!r} set would be scored every epoch: pass it in final_sets, scored once at the end"
+            )
+        if set(self.eval_sets) & set(self.final_sets):
+            raise ValueError(
+                f"sets in both eval_sets and final_sets: {sorted(set(self.eval_sets) & set(self.final_sets))}"
+            )
         self.bottom_layer_sizes = tuple(int(x) for x in self.bottom_layer_sizes)
         self.top_layer_sizes = tuple(int(x) for x in self.top_layer_sizes)
         self.ks = tuple(int(k) for k in self.ks)
@@ -101,8 +113,6 @@ class DLRMTrainConfig(common.JsonConfig):
                 raise ValueError(
                     f"selection_set {self.selection_set!r} is not one of the eval sets {sorted(self.eval_sets)}"
                 )
-            if self.selection_set == "test":
-                raise ValueError("selecting epochs on the test set would leak it: use a validation set")
         if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
             raise ValueError("batch_size, epochs and patience must be positive")
         if self.sparse_lr <= 0 or self.dense_lr <= 0 or self.weight_decay < 0:
@@ -141,8 +151,8 @@ class DLRMTrainResult:
     config: dict
     history: list[dict]
     best_epoch: int
-    final_metrics: dict[str, dict[str, float]]  # eval set -> metrics of the returned weights
-    eval_scores: dict[str, np.ndarray]  # eval set -> logits of the returned weights, in the set's row order
+    final_metrics: dict[str, dict[str, float]]  # eval and final set -> metrics of the returned weights
+    eval_scores: dict[str, np.ndarray]  # eval and final set -> logits of the returned weights, in row order
     stopped_early: bool
     plan_text: str
     samples_per_second: float
@@ -204,7 +214,8 @@ def validate_train_mds(config: DLRMTrainConfig) -> None:
 
 
 def train_dlrm(config: DLRMTrainConfig | Mapping[str, Any], callbacks: Sequence[loop.Callback] = ()) -> DLRMTrainResult:
-    """Train on the MDS pairs; evaluate every eval set each epoch. Every rank returns the same result."""
+    """Train on the MDS pairs; score the eval sets each epoch and the final sets once, with the returned weights.
+    Every rank returns the same result."""
     return common.run_trainer(config, DLRMTrainConfig, functools.partial(_train, callbacks=callbacks))
 
 
@@ -216,13 +227,14 @@ class DLRMHooks(loop.TrainerHooks):
         config: DLRMTrainConfig,
         env: DistEnv,
         eval_sets: Mapping[str, PairSet],
+        final_sets: Mapping[str, PairSet],
         sharded: common.ShardedModel,
         optimizer: Any,
     ) -> None:
-        self.config, self.env, self.eval_sets = config, env, eval_sets
+        self.config, self.env, self.eval_sets, self.final_sets = config, env, eval_sets, final_sets
         self.layout, self.model_config = config.sparse_layout(), config.model_config()
         self.sharded, self.optimizer = sharded, optimizer
-        self.scores: dict[str, np.ndarray] = {}  # eval set -> logits of the last `evaluate()`
+        self.scores: dict[str, np.ndarray] = {}  # set -> logits of the last `evaluate()` / `evaluate_final()`
 
     def train_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
         from recsys_assets.models.dlrm import batch_to_kjt, dense_tensor
@@ -235,8 +247,16 @@ class DLRMHooks(loop.TrainerHooks):
         return loss, int(batch[LABEL].shape[0])
 
     def evaluate(self) -> dict[str, dict[str, float]]:
+        """Collective. The eval sets' metrics (each epoch)."""
+        return self._score(self.eval_sets)
+
+    def evaluate_final(self) -> dict[str, dict[str, float]]:
+        """Collective. Every set's metrics, the final sets' for the only time."""
+        return self._score({**self.eval_sets, **self.final_sets})
+
+    def _score(self, sets: Mapping[str, PairSet]) -> dict[str, dict[str, float]]:
         metrics, self.scores = {}, {}
-        for name, s in self.eval_sets.items():
+        for name, s in sets.items():
             logits = sharded_logits(
                 self.sharded.dmp.module.dlrm, self.layout, self.model_config, s, self.env, self.config.eval_batch_size
             )
@@ -253,16 +273,19 @@ def _build(config: DLRMTrainConfig, env: DistEnv) -> DLRMHooks:
     from recsys_assets.models.dlrm import DLRMTrainTask, build_dlrm, embedding_bag_configs
 
     layout, model_config = config.sparse_layout(), config.model_config()
-    eval_sets = {name: load_pair_set(p, layout, config.dense_in_features) for name, p in config.eval_sets.items()}
-    for name, s in eval_sets.items():
+    paths = {**config.eval_sets, **config.final_sets}
+    sets = {name: load_pair_set(p, layout, config.dense_in_features) for name, p in paths.items()}
+    for name, s in sets.items():
         if s.n == 0:
-            raise ValueError(f"evaluation set {name!r} ({config.eval_sets[name]}) is empty")
+            raise ValueError(f"evaluation set {name!r} ({paths[name]}) is empty")
     dlrm = build_dlrm(layout, model_config, device=env.device, table_device="meta")
     tables = embedding_bag_configs(layout, model_config.embedding_dim)
     sharded, optimizer = common.shard_for_training(
         DLRMTrainTask(dlrm), [dlrm.sparse_arch.embedding_bag_collection], tables, env, config
     )
-    return DLRMHooks(config, env, eval_sets, sharded, optimizer)
+    eval_sets = {name: sets[name] for name in config.eval_sets}
+    final_sets = {name: sets[name] for name in config.final_sets}
+    return DLRMHooks(config, env, eval_sets, final_sets, sharded, optimizer)
 
 
 def _train(
@@ -301,8 +324,9 @@ def _train(
     )
     del loader  # the loop drops its reference when it is done, which frees the Streaming dataset
     out = training.run()
-    # the returned weights' metrics and scores, evaluated once more (also right after a resume)
-    final_metrics = hooks.evaluate()
+    # the returned weights' metrics and scores, evaluated once more (also right after a resume); the final sets
+    # (test) are scored here for the first and only time
+    final_metrics = hooks.evaluate_final()
     fields = training.result_fields(out, t_start)
     result = None
     if env.is_main:

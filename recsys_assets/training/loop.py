@@ -74,12 +74,18 @@ class LoopSettings:
     epochs: int
     phase: str  # reported with every epoch
     selection: Selection | None = None  # None: no selection, the last epoch is returned
+    # False: no evaluation between epochs (a fixed-epoch fit whose held-out rows may be read only at the end)
+    evaluate_each_epoch: bool = True
     checkpoint_dir: str | None = None
     checkpoint_every_n_steps: int = 0  # also checkpoint mid-epoch every N global steps (0: at epoch ends only)
     checkpoint_keep: int = 2
     resume_path: Path | None = None  # the checkpoint to continue from (checkpoint.resolve_resume)
     run_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved with every checkpoint
     reporting: dict[str, Any] = dataclasses.field(default_factory=dict)  # common.ProgressReporter keywords
+
+    def __post_init__(self) -> None:
+        if self.selection is not None and not self.evaluate_each_epoch:
+            raise ValueError("selecting an epoch needs an evaluation after each epoch")
 
     @classmethod
     def from_config(cls, config: Any, **fields: Any) -> LoopSettings:
@@ -225,7 +231,7 @@ class TrainingLoop:
         self.state.train_seconds_total += train_s
         self.state.samples_total += int(samples)
         t1 = time.time()
-        metrics = self.hooks.evaluate()
+        metrics = self.hooks.evaluate() if self.settings.evaluate_each_epoch else {}
         eval_s = time.time() - t1
         record = {
             "epoch": epoch,

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# file of each Two Tower fit: "test" = the served model (refit on train + validation), "validation" = the
-# train-only fit (its candidates train the ranker, so no model that saw validation rows proposes them)
-TWO_TOWER_FILES = {"test": "model.pt", "validation": "model_validation.pt"}
+# file of each Two Tower fit, by phase (data/phases.py): "test" = the served model (refit on train +
+# validation), "validation" = the train-only fit (its candidates are the ranker's holdout lists), "ranker" = the
+# fit on the train rows before the ranker window (its candidates train the ranker); no model that saw a query's
+# row, or a later one, proposes that query's candidates
+TWO_TOWER_FILES = {"test": "model.pt", "validation": "model_validation.pt", "ranker": "model_ranker.pt"}
 DLRM_FILE = "model.pt"
 
 # a folder path, or an asset value that carries one (TrainedModel)
@@ -24,7 +26,12 @@ def save_two_tower(folder: Path, result: Any, phase: str = "test") -> None:
     import torch
 
     torch.save(
-        {"state_dict": result.state_dict, "model_config": result.model_config, "feature_spec": result.feature_spec},
+        {
+            "state_dict": result.state_dict,
+            "model_config": result.model_config,
+            "feature_spec": result.feature_spec,
+            "fit_folders": list(result.fit_folders),
+        },
         Path(folder) / TWO_TOWER_FILES[phase],
     )
 
@@ -43,6 +50,14 @@ def load_trained_two_tower(model: ModelFolder, phase: str = "test"):
     spec_dict["user_attributes"] = tuple(tuple(x) for x in spec_dict["user_attributes"])
     spec = FeatureSpec(**spec_dict)
     return load_two_tower(blob["state_dict"], spec, TwoTowerModelConfig.from_dict(blob["model_config"])), spec
+
+
+def two_tower_fit_folders(model: ModelFolder, phase: str) -> list[str]:
+    """The MDS folders (schema.DatasetPaths.mds) the phase's Two Tower fit was trained on."""
+    import torch
+
+    blob = torch.load(_folder(model) / TWO_TOWER_FILES[phase], weights_only=True)
+    return list(blob["fit_folders"])
 
 
 def save_dlrm(folder: Path, result: Any) -> None:

@@ -24,13 +24,14 @@ class TwoTowerFit:
     final: Any  # refit on train + validation for that epoch count (the served model), else `selection`
     train_seconds: float
     curves: dict[str, Path]  # "validation" / "refit" -> PNG in the model folder
+    ranker: Any = None  # the ranker phase: fit on the train rows before the ranker window (None: no window)
 
     @property
     def refit(self) -> bool:
         return self.final is not self.selection
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Final metrics per phase, named for the metrics table."""
+        """Final metrics per phase, named for the metrics table (test: ranked once, with the final weights)."""
         rows = {"validation (fit train)": self.selection.final_metrics}
         if self.refit:
             rows["test (refit train+validation)"] = self.final.final_metrics
@@ -48,67 +49,76 @@ def fit_two_tower(
     checkpoints: Path,
     *,
     refit: bool,
+    ranker_phase: bool = False,
     log: Callable[[str], None] = print,
 ) -> TwoTowerFit:
-    """The validation phase (early-stopped on validation), then, with `refit`, the same settings on train +
-    validation for the chosen epoch count. Writes model.pt (served), model_validation.pt (the train-only fit:
-    the ranker's training candidates come from it, so no model that saw validation rows proposes them),
-    plan.txt, result.json and the training curves into `out_dir`; checkpoints per phase under `checkpoints`."""
-    from recsys_assets.evaluation.plots import training_curves_png
+    """The validation phase (early-stopped on validation), then for the chosen epoch count and without looking
+    at held-out rows in between: with `refit`, the same settings on train + validation (the served model; test
+    is ranked once at the end), and with `ranker_phase`, on the train rows before the ranker window (the
+    ranker's training candidates: data/phases.py). Writes model.pt (served), model_validation.pt, model_ranker.pt
+    (training.model_files), plan.txt, result.json and the training curves into `out_dir`; checkpoints per phase
+    under `checkpoints`."""
     from recsys_assets.training.model_files import save_two_tower
     from recsys_assets.training.two_tower import train_two_tower
 
     progress = out_dir / PROGRESS_FILE
     t0 = time.time()
-    selection = launch(
-        train_two_tower,
-        make_config(
-            eval_phase="validation", progress_file=str(progress), checkpoint_dir=str(checkpoints / "validation")
-        ),
-        progress_file=progress,
-    )
+
+    def run(phase: str, **settings):
+        config = make_config(
+            eval_phase=phase, progress_file=str(progress), checkpoint_dir=str(checkpoints / phase), **settings
+        )
+        return launch(train_two_tower, config, progress_file=progress)
+
+    selection = run("validation")
     if selection.resumed_from_step is not None:
         log(f"validation phase resumed from step {selection.resumed_from_step} ({selection.resumed_from})")
     log(f"validation phase: best epoch {selection.best_epoch}, {selection.final_metrics}")
-    final = selection
-    if refit:
-        # Same settings, the epoch count chosen on validation; no selection on test (restore_best off).
-        final = launch(
-            train_two_tower,
-            make_config(
-                eval_phase="test",
-                mlflow_prefix="refit_",
-                epochs=selection.best_epoch + 1,
-                progress_file=str(progress),
-                checkpoint_dir=str(checkpoints / "test"),
-            ),
-            progress_file=progress,
-        )
-    fit = TwoTowerFit(selection, final, time.time() - t0, {})
+    epochs = selection.best_epoch + 1  # the fixed-epoch fits below: same settings, no selection
+    final = run("test", mlflow_prefix="refit_", epochs=epochs) if refit else selection
+    ranker = run("ranker", mlflow_prefix="ranker_", epochs=epochs) if ranker_phase else None
+    fit = TwoTowerFit(selection, final, time.time() - t0, {}, ranker)
     save_two_tower(out_dir, final, "test")
     save_two_tower(out_dir, selection, "validation")
+    if ranker is not None:
+        save_two_tower(out_dir, ranker, "ranker")
     (out_dir / "plan.txt").write_text(final.plan_text)
+    _write_two_tower_result(out_dir, fit)
+    fit.curves["validation"] = training_curves(selection.history, out_dir / "training_curves.png", "validation")
+    if fit.refit:
+        fit.curves["refit"] = training_curves(final.history, out_dir / "training_curves_refit.png", "refit")
+    return fit
+
+
+def _write_two_tower_result(out_dir: Path, fit: TwoTowerFit) -> None:
+    fits = {"validation": fit.selection, "test": fit.final if fit.refit else None, "ranker": fit.ranker}
     (out_dir / "result.json").write_text(
         json.dumps(
             {
-                "validation": selection.final_metrics,
-                "test": final.final_metrics if fit.refit else None,
-                "best_epoch": selection.best_epoch,
-                "history_validation": selection.history,
-                "history_refit": final.history if fit.refit else None,
+                "validation": fit.selection.final_metrics,
+                "test": fit.final.final_metrics if fit.refit else None,
+                "best_epoch": fit.selection.best_epoch,
+                "history_validation": fit.selection.history,
+                "history_refit": fit.final.history if fit.refit else None,
+                "history_ranker": fit.ranker.history if fit.ranker is not None else None,
+                "fit_folders": {phase: list(r.fit_folders) for phase, r in fits.items() if r is not None},
             },
             indent=2,
             default=float,
         )
     )
-    fit.curves["validation"] = training_curves_png(
-        selection.history, out_dir / "training_curves.png", "two_tower: train loss, validation metrics"
-    )
-    if fit.refit:
-        fit.curves["refit"] = training_curves_png(
-            final.history, out_dir / "training_curves_refit.png", "two_tower refit (train+validation): test metrics"
-        )
-    return fit
+
+
+CURVE_TITLES = {
+    "validation": "two_tower: train loss, validation metrics",
+    "refit": "two_tower refit (train+validation): train loss (test is ranked once, after the last epoch)",
+}
+
+
+def training_curves(history: list, path: Path, which: str) -> Path:
+    from recsys_assets.evaluation.plots import training_curves_png
+
+    return training_curves_png(history, path, CURVE_TITLES[which])
 
 
 @dataclasses.dataclass
@@ -121,14 +131,15 @@ class DLRMFit:
 
 def dlrm_data_settings(ranking_root: str | Path, info: dict[str, Any], layout: list[dict]) -> dict[str, Any]:
     """The DLRMTrainConfig fields that point at a ranking dataset folder (`info`: its meta.json): MDS training
-    pairs, holdout / test pairs for scoring, epochs selected on the holdout lists."""
+    pairs, the holdout lists scored each epoch (they select the epochs), the test pairs scored once at the end."""
     root = Path(ranking_root)
     return dict(
         train_mds=(str(root / "mds" / "train"),),
         layout=tuple(layout),
         dense_in_features=len(info["dense_features"]),
         selection_set="holdout",
-        eval_sets={"holdout": str(root / "holdout.parquet"), "test": str(root / "test.parquet")},
+        eval_sets={"holdout": str(root / "holdout.parquet")},
+        final_sets={"test": str(root / "test.parquet")},
     )
 
 

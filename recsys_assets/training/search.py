@@ -393,7 +393,7 @@ def search_dlrm(
             checkpoint_dir=None,  # a trial never resumes from (or leaves) the asset's checkpoints
         )
         # the selection set only: a trial never scores the test pairs
-        config = dataclasses.replace(config, eval_sets={selection: config.eval_sets[selection]})
+        config = dataclasses.replace(config, eval_sets={selection: config.eval_sets[selection]}, final_sets={})
         result = launch(train_dlrm, config, progress_file=progress, timeout_seconds=trial.timeout_seconds)
         return result.final_metrics[selection][metric]
 

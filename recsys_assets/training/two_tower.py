@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from recsys_assets.data.phases import PHASES
 from recsys_assets.data.schema import (
-    FIT_SPLITS_OF_PHASE,
     HISTORY,
     HISTORY_LEN,
     ITEM,
+    RANKER_WINDOW,
     SPLIT,
-    SPLITS,
     TIMESTAMP,
     USER,
     DatasetMeta,
@@ -37,6 +37,8 @@ from recsys_assets.training import checkpoint, common, loop
 from recsys_assets.training.common import DistEnv, setting
 
 log = logging.getLogger(__name__)
+# the phase whose held-out rows choose the epochs (and the search's settings)
+SELECTION_PHASE = "validation"
 
 
 @dataclasses.dataclass
@@ -44,8 +46,10 @@ class TwoTowerTrainConfig(common.JsonConfig):
     """All settings of one training run (JSON-able: `to_json` / `from_json`)."""
 
     data_root: str  # dataset folder (schema.DatasetPaths)
-    eval_phase: str = "validation"  # "validation": fit train, rank the validation item; "test": fit train+validation
-    fit_splits: tuple[str, ...] | None = None  # default: FIT_SPLITS_OF_PHASE[eval_phase]
+    # the phase fitted (data/phases.py): "validation" (fit train; the validation item is ranked each epoch, the
+    # early-stopping signal), "test" (fit train + validation for fixed epochs; test is ranked once, after
+    # training) or "ranker" (fit the train rows before the ranker window for fixed epochs; nothing is ranked)
+    eval_phase: str = "validation"
 
     # model
     embedding_dim: int = setting(32, "Embedding width of every table.")
@@ -75,7 +79,7 @@ class TwoTowerTrainConfig(common.JsonConfig):
     # optimization
     epochs: int = setting(10, "Most epochs of the validation fit; the refit runs the best epoch count.")
     batch_size: int = setting(256, "Per process.")
-    early_stopping: bool | None = None  # default: on for eval_phase "validation", OFF for "test" (see below)
+    early_stopping: bool | None = None  # default: on for eval_phase "validation", off (refused) for the others
     restore_best: bool | None = None  # return the best epoch's weights (default: = early_stopping), else the last
     patience: int = setting(3, "Epochs without a gain on the early-stopping metric before stopping.")
     min_delta: float = 0.0
@@ -126,16 +130,8 @@ class TwoTowerTrainConfig(common.JsonConfig):
     mds_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.eval_phase not in FIT_SPLITS_OF_PHASE:
-            raise ValueError(f"eval_phase must be one of {sorted(FIT_SPLITS_OF_PHASE)}, got {self.eval_phase!r}")
-        self.fit_splits = (
-            tuple(self.fit_splits) if self.fit_splits is not None else FIT_SPLITS_OF_PHASE[self.eval_phase]
-        )
-        for s in self.fit_splits:
-            if s not in SPLITS:
-                raise ValueError(f"unknown split {s!r} in fit_splits")
-        if self.eval_phase in self.fit_splits:
-            raise ValueError(f"fit_splits {self.fit_splits} contain the evaluated split {self.eval_phase!r}")
+        if self.eval_phase not in PHASES:
+            raise ValueError(f"eval_phase must be one of {sorted(PHASES)}, got {self.eval_phase!r}")
         self.layer_sizes = tuple(int(x) for x in self.layer_sizes)
         self.ks = tuple(int(k) for k in self.ks)
         self.lookup_check_ids = tuple(int(i) for i in self.lookup_check_ids)
@@ -143,8 +139,10 @@ class TwoTowerTrainConfig(common.JsonConfig):
             self.sharding_types = tuple(self.sharding_types)
         if self.early_stopping is None:
             # Selecting epochs on the test metrics would leak the test set: the test phase trains for a
-            # fixed `epochs` (chosen on validation) and returns the last epoch; test metrics are only reported.
-            self.early_stopping = self.eval_phase == "validation"
+            # fixed `epochs` (chosen on validation) and returns the last epoch; test is ranked once, at the end.
+            self.early_stopping = self.eval_phase == SELECTION_PHASE
+        if self.early_stopping and self.eval_phase != SELECTION_PHASE:
+            raise ValueError(f"early stopping selects on {SELECTION_PHASE!r} only, not on {self.eval_phase!r}")
         if self.restore_best is None:
             self.restore_best = bool(self.early_stopping)
         if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
@@ -166,6 +164,17 @@ class TwoTowerTrainConfig(common.JsonConfig):
         metric_names = {f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")}
         if self.early_stopping_metric not in metric_names:
             raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} not in {sorted(metric_names)}")
+
+    @property
+    def fit_folders(self) -> tuple[str, ...]:
+        """The MDS folders (schema.DatasetPaths.mds) holding the phase's fit rows."""
+        return PHASES[self.eval_phase].mds_folders
+
+    @property
+    def ranks_each_epoch(self) -> bool:
+        """Only the selection phase ranks its held-out rows every epoch; test is ranked once, the ranker phase
+        never (its queries are the ranker's)."""
+        return self.eval_phase == SELECTION_PHASE
 
     def model_config(self):
         from recsys_assets.models.two_tower import TwoTowerModelConfig
@@ -212,7 +221,7 @@ class TwoTowerTrainResult:
             `load_model()` rebuilds an unsharded TwoTower from it.
         model_config: TwoTowerModelConfig as a dict; feature_spec: FeatureSpec as a dict.
         config: the TwoTowerTrainConfig as a dict.
-        eval_phase: "validation" or "test"; fit_splits: the splits trained on.
+        eval_phase: the phase fitted (data/phases.py); fit_folders: the MDS folders trained on.
         history: one dict per epoch: epoch, loss (mean train loss over all ranks), metrics (hr@K/ndcg@K of
             eval_phase), train_seconds, eval_seconds, samples (global).
         best_epoch: index (0-based) of the epoch whose weights are returned: the best one by
@@ -233,7 +242,7 @@ class TwoTowerTrainResult:
     feature_spec: dict[str, Any]
     config: dict[str, Any]
     eval_phase: str
-    fit_splits: tuple[str, ...]
+    fit_folders: tuple[str, ...]
     history: list[dict[str, Any]]
     best_epoch: int
     final_metrics: dict[str, float]
@@ -280,7 +289,7 @@ class EvalData:
 
 
 def load_eval_data(root: str | Path, phase: str, meta: DatasetMeta, history_length: int):
-    """(EvalData of `phase`, the splits frame (user/item/timestamp/split)) via the project's EvalTask."""
+    """The EvalData of `phase` (validation or test), via the project's EvalTask."""
     from recsys_assets.evaluation.protocol import EvalTask
     from recsys_assets.models.features import stack_history
 
@@ -301,7 +310,7 @@ def load_eval_data(root: str | Path, phase: str, meta: DatasetMeta, history_leng
         exclude_indptr=task.exclude_indptr,
         exclude_indices=task.exclude_indices,
     )
-    return data, frame
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -447,7 +456,7 @@ def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, m
     import pyarrow.parquet as pq
 
     if not config.mds_remote:  # remote shards: Streaming checks them, the loader their layout
-        validate_fit_mds([paths.mds(split) for split in config.fit_splits], meta)
+        validate_fit_mds([paths.mds(folder) for folder in config.fit_folders], meta)
     config.check_dataset(meta)
     table = pq.read_table(paths.splits, columns=[USER, ITEM])
     for column, size, what in ((ITEM, meta.num_items, "num_items"), (USER, meta.num_users, "num_users")):
@@ -466,7 +475,6 @@ def validate_training_inputs(config: TwoTowerTrainConfig, paths: DatasetPaths, m
 RESUME_KEYS = (
     "data_root",
     "eval_phase",
-    "fit_splits",
     "embedding_dim",
     "layer_sizes",
     "normalize",
@@ -493,7 +501,7 @@ def _check_resume_compatible(config: TwoTowerTrainConfig, saved: Mapping[str, An
 def train_two_tower(
     config: TwoTowerTrainConfig | Mapping[str, Any], callbacks: Sequence[loop.Callback] = ()
 ) -> TwoTowerTrainResult:
-    """Train on `config.fit_splits`, evaluate `config.eval_phase` each epoch (see `TwoTowerTrainConfig`).
+    """Train on the fit rows of `config.eval_phase`, rank its held-out rows as `TwoTowerTrainConfig` says.
 
     Call in every process of a distributed launch (or alone: a one-process group is created). Every rank
     returns the same result. The process group is destroyed at the end if this call created it. `callbacks`
@@ -561,9 +569,12 @@ def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta:
 
     spec = config.feature_spec(meta)
     store = FeatureStore.load(paths.root, spec)
-    eval_data, frame = load_eval_data(paths.root, config.eval_phase, meta, spec.history_length)
-    fit_items = frame.loc[frame[SPLIT].isin(config.fit_splits), ITEM].to_numpy(np.int64)
-    counts = np.bincount(fit_items, minlength=spec.num_items)
+    # the ranker phase's queries are the ranker's, not ranked here: it has no evaluation data
+    eval_data = None
+    if PHASES[config.eval_phase].one_query_per_user:
+        eval_data = load_eval_data(paths.root, config.eval_phase, meta, spec.history_length)
+    frame = load_splits_frame(paths.root, [ITEM, SPLIT, RANKER_WINDOW])
+    counts = np.bincount(frame.loc[PHASES[config.eval_phase].fit.mask(frame), ITEM], minlength=spec.num_items)
     del frame
     log_q_table = _sampling_log_q(counts, config.batch_size, config.num_uniform_negatives, spec.num_items)
     model_config = config.model_config()
@@ -584,13 +595,13 @@ def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta:
 def _fit_loader(config: TwoTowerTrainConfig, paths: DatasetPaths, meta: DatasetMeta, env: DistEnv):
     """Collective. The block loader over the fit splits (local MDS, or remote MDS through a local cache)."""
     common.prepare_streaming()
-    folders, remotes = [paths.mds(s) for s in config.fit_splits], None
+    folders, remotes = [paths.mds(s) for s in config.fit_folders], None
     if config.mds_remote:
         from recsys_assets.data.mds import join_remote
 
         cache = Path(config.mds_cache_dir or common.default_mds_cache_dir(config.mds_remote))
-        folders = [cache / s for s in config.fit_splits]
-        remotes = [join_remote(config.mds_remote, s) for s in config.fit_splits]
+        folders = [cache / s for s in config.fit_folders]
+        remotes = [join_remote(config.mds_remote, s) for s in config.fit_folders]
     return common.block_loader(
         folders,
         train_block_columns(meta.history_length),
@@ -614,18 +625,21 @@ def _train(
     # an explicit resume without a checkpoint fails here, before any expensive work
     resume_path = checkpoint.resolve_resume(config.checkpoint_dir, config.resume)
     hooks = _build(config, env, paths, meta)
-    selection = loop.Selection(
-        f"{config.eval_phase}_{config.early_stopping_metric}",
-        patience=config.patience,
-        min_delta=config.min_delta,
-        early_stopping=bool(config.early_stopping),
-        restore_best=bool(config.restore_best),
-    )
+    selection = None  # the fixed-epoch phases (test, ranker) rank nothing during training
+    if config.ranks_each_epoch:
+        selection = loop.Selection(
+            f"{config.eval_phase}_{config.early_stopping_metric}",
+            patience=config.patience,
+            min_delta=config.min_delta,
+            early_stopping=bool(config.early_stopping),
+            restore_best=bool(config.restore_best),
+        )
     settings = loop.LoopSettings.from_config(
         config,
         name="two_tower",
         phase=config.eval_phase,
         selection=selection,
+        evaluate_each_epoch=config.ranks_each_epoch,
         resume_path=resume_path,
         checkpoint_every_n_steps=config.checkpoint_every_n_steps,
     )
@@ -640,8 +654,12 @@ def _train(
         callbacks=callbacks,
     )
     out = training.run()
-    # the returned weights' metrics: the last epoch's, or evaluated again after the best epoch's were put back
-    final_metrics = hooks.evaluate() if out.restored else dict(out.history[-1]["metrics"])
+    # the returned weights' metrics: the last epoch's, or evaluated again after the best epoch's were put back;
+    # test is ranked here, once, with the final weights; the ranker phase has nothing to rank
+    if config.ranks_each_epoch and not out.restored:
+        final_metrics = dict(out.history[-1]["metrics"])
+    else:
+        final_metrics = hooks.evaluate() if hooks.eval_data is not None else {}
     lookup = sharded_lookup_sample(hooks.tower, hooks.spec, env, config.lookup_check_ids)
     fields = training.result_fields(out, t_start)
     result = None
@@ -653,7 +671,7 @@ def _train(
             model_config=config.model_config().to_dict(),
             feature_spec=feature_spec,
             eval_phase=config.eval_phase,
-            fit_splits=tuple(config.fit_splits),
+            fit_folders=tuple(config.fit_folders),
             final_metrics=final_metrics,
             lookup_check=lookup,
             resumed_from=out.resumed_from,
