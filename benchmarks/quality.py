@@ -2,8 +2,8 @@
 
 Reproduce (one evaluator, test phase; ~8 min per seed on 2 cores for ml-latest-small, ~12 for Last.fm):
     V=$(bash scripts/bootstrap.sh); export PYSPARK_PYTHON=$V/bin/python
-    $V/bin/python benchmarks/quality.py --dataset movielens --seeds 3 --sasrec
-    $V/bin/python benchmarks/quality.py --dataset lastfm --seeds 3
+    $V/bin/python benchmarks/quality.py --dataset movielens --seeds 3 --sasrec --search 4
+    $V/bin/python benchmarks/quality.py --dataset lastfm --seeds 3 --search 4
     $V/bin/python benchmarks/quality.py --source-config my_table.yaml --seeds 3   # any table
 
 Datasets: `movielens` (../shared/data/ml-latest-small, or --path to any MovieLens folder), `lastfm` (HetRec 2011
@@ -76,11 +76,19 @@ def _merge(a: dict, b: dict) -> dict:
 
 def _seeded(seed: int) -> dict:
     return {
-        "two_tower_model": {"config": {"seed": seed}},
+        "two_tower_model": {"config": {"seed": seed, "search_seed": seed}},
         "retrieval_candidates": {"config": {"seed": seed}},
         "ranking_dataset": {"config": {"seed": seed}},
-        "dlrm_model": {"config": {"seed": seed}},
+        "dlrm_model": {"config": {"seed": seed, "search_seed": seed}},
     }
+
+
+def searched(trials: int, budget_seconds: float) -> dict:
+    """Both models' Optuna search on validation (N trials, the first the configured settings) within the graph."""
+    search = {"search_trials": trials, "search_timeout_seconds": budget_seconds}
+    if not trials:
+        return {}
+    return {"two_tower_model": {"config": search}, "dlrm_model": {"config": search}}
 
 
 def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dict:
@@ -112,6 +120,45 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
     }
     checks = {e.check_name: (e.passed, e.description) for e in result.get_asset_check_evaluations()}
     return {"success": result.success, "metadata": md, "checks": checks, "seconds": time.time() - t0}
+
+
+def validation_lists(md: dict, seed: int, holdout_fraction: float = 0.2) -> dict[str, float]:
+    """The numbers settings are chosen on (validation only): the holdout lists' NDCG@10 / HR@10 in the DLRM order
+    and in the retrieval (pool) order, over all holdout lists and over the hashed share of users that is the
+    holdout without a ranker window (so runs with and without a window compare on the same users), with the
+    number of training and holdout lists."""
+    import pandas as pd
+    from pyspark.sql import SparkSession
+
+    from recsys_assets.data.ranking import hashed_holdout_users
+    from recsys_assets.evaluation.lists import compare_orders
+    from recsys_assets.serving.rerank import dlrm_scores
+
+    ranking, dlrm = md["ranking_dataset"], md["dlrm_model"]
+    holdout_path = Path(ranking["published_path"]) / "holdout.parquet"
+    holdout = pd.read_parquet(holdout_path, columns=["user", "query_id", "label", "pool_rank"])
+    holdout["dlrm"] = dlrm_scores(dlrm["published_path"], holdout_path)
+    spark = SparkSession.builder.getOrCreate()
+    users = spark.createDataFrame(pd.DataFrame({"user": holdout["user"].unique().astype("int32")}))
+    hashed = {r.user for r in users.filter(hashed_holdout_users(holdout_fraction, seed)).collect()}
+    out = {"train_lists": float(ranking["train_lists"]), "holdout_lists": float(ranking["holdout_lists"])}
+    for name, part in (("all", holdout), ("hashed", holdout[holdout["user"].isin(hashed)])):
+        orders = {"dlrm": part["dlrm"].to_numpy(), "pool": -part["pool_rank"].to_numpy().astype(float)}
+        for order, m in compare_orders(part["query_id"].to_numpy(), part["label"].to_numpy(), orders).items():
+            out |= {f"{name}_{order}_{k}": float(v) for k, v in m.items()}
+        out[f"{name}_lists"] = float(part["query_id"].nunique())
+    out["two_tower_validation_ndcg@10"] = float(md["two_tower_model"]["validation_ndcg@10"])
+    return out
+
+
+def validation_report(rows: list[dict[str, float]]) -> str:
+    keys = list(rows[0])
+    lines = ["\n### validation (holdout lists; what settings are chosen on)", "| figure | mean ± std |", "|---|---|"]
+    for k in keys:
+        v = [r[k] for r in rows]
+        std = statistics.pstdev(v) if len(v) > 1 else 0.0
+        lines.append(f"| {k} | {statistics.fmean(v):.4f} ± {std:.4f} |")
+    return "\n".join(lines)
 
 
 def pinned_baselines(evaluation_folder: Path) -> dict:
@@ -183,6 +230,13 @@ def main() -> int:
     ap.add_argument("--sasrec", action="store_true", help="Add the SASRec reference to the evaluation.")
     ap.add_argument("--work", default="/tmp/recsys-quality")
     ap.add_argument("--run-config", default=None, help="YAML/JSON with extra {'ops': ...} run config.")
+    ap.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        help="Optuna trials of each model's settings search on validation, inside the graph (0: the defaults).",
+    )
+    ap.add_argument("--search-budget", type=float, default=300.0, help="Wall-clock seconds of each model's search.")
     args = ap.parse_args()
     import yaml
 
@@ -203,11 +257,12 @@ def main() -> int:
     ops = {"raw_interactions": {"config": source}}
     if args.sasrec:
         ops["evaluation"] = {"config": {"sasrec": True}}
+    ops = _merge(ops, searched(args.search, args.search_budget))
     if args.run_config:
         ops = _merge(ops, yaml.safe_load(Path(args.run_config).read_text()).get("ops", {}))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    runs, served, seconds = [], [], []
+    runs, served, seconds, validation = [], [], [], []
     for seed in range(args.seeds):
         out = materialize(work, _merge(ops, _seeded(seed)), None if seed == 0 else MODEL_STAGES)
         for check, (passed, why) in sorted(out["checks"].items()):
@@ -222,15 +277,17 @@ def main() -> int:
         if seed > 0 and args.sasrec:  # deterministic (seeded by itself): computed once, in run 1
             metrics.update({k: v for k, v in runs[0].items() if k.startswith("sasrec_")})
         runs.append(metrics)
+        validation.append(validation_lists(out["metadata"], seed))
         served.append(ev["served_stage"])
         seconds.append(out["seconds"])
         if seed == 0:
             pins = pinned_baselines(Path(ev["published_path"]))
             ops = _merge(ops, {"evaluation": {"config": {**pins, "sasrec": False}}})
-    text = report(name, runs, served, seconds)
+    text = report(name, runs, served, seconds) + "\n" + validation_report(validation)
     print(text)
     (work / "quality.md").write_text(text + "\n")
-    (work / "quality.json").write_text(json.dumps({"runs": runs, "served": served, "seconds": seconds}, indent=2))
+    summary = {"runs": runs, "served": served, "seconds": seconds, "validation": validation}
+    (work / "quality.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 

@@ -88,46 +88,54 @@ def test_every_asset_and_check_of_the_graph_ran(funnel):
     assert checks["served_list_beats_most_popular"]
 
 
-def test_candidates_never_include_fit_items(funnel):
+def test_candidates_never_include_items_seen_before_the_query(funnel):
     result, _ = funnel
     splits = _splits(result)
-    cand = pd.read_parquet(Path(_md(result, "retrieval_candidates")["published_path"]) / "candidates.parquet")
-    fit_of = {"validation": ("train",), "test": ("train", "validation")}
-    for phase, fit in fit_of.items():
-        c = cand[cand["phase"] == phase]
-        assert len(c) and c.groupby("user").size().max() == 50
-        seen = splits[splits["split"].isin(fit)][["user", "item"]].drop_duplicates()
-        clash = c.merge(seen, on=["user", "item"])
-        assert clash.empty, f"{phase} candidates contain fit items: {clash.head()}"
+    folder = Path(_md(result, "retrieval_candidates")["published_path"])
+    cand = pd.read_parquet(folder / "candidates.parquet")
+    queries = pd.read_parquet(folder / "queries.parquet")
+    assert set(cand["phase"]) == {"ranker", "validation", "test"}
+    for phase in ("ranker", "validation", "test"):
+        c = cand[cand["phase"] == phase].merge(queries[queries["phase"] == phase][["query_id", "position"]])
+        assert len(c) and c.groupby("query_id").size().max() == 50
+        # no candidate is an item of the user's rows before the query (for validation / test: the fit items)
+        seen = c.merge(
+            splits[["user", "item", "position"]].rename(columns={"position": "seen_at"}), on=["user", "item"]
+        )
+        clash = seen[seen["seen_at"] < seen["position"]]
+        assert clash.empty, f"{phase} candidates contain items seen before the query: {clash.head()}"
         # Two Tower ranks follow its scores; the pool holds the Two Tower's and EASE's best items, interleaved
-        c = c.sort_values(["user", "retrieval_rank"])
-        assert (c.groupby("user")["retrieval_score"].diff().dropna() <= 1e-6).all()
-        assert (c.groupby("user")["pool_rank"].agg(lambda r: sorted(r) == list(range(len(r))))).all()
+        c = c.sort_values(["query_id", "retrieval_rank"])
+        assert (c.groupby("query_id")["retrieval_score"].diff().dropna() <= 1e-6).all()
+        assert (c.groupby("query_id")["pool_rank"].agg(lambda r: sorted(r) == list(range(len(r))))).all()
         share = _md(result, "retrieval_candidates")["item_item_share"]
-        best = c.groupby("user").agg(tt=("retrieval_rank", "min"), ii=("item_item_rank", "min"))
+        best = c.groupby("query_id").agg(tt=("retrieval_rank", "min"), ii=("item_item_rank", "min"))
         assert share == 1.0 or (best["tt"] == 0).all()
         assert share == 0.0 or (best["ii"] == 0).all()
+    # the window's queries: several per user, each after at least one row
+    ranker = queries[queries["phase"] == "ranker"]
+    assert ranker.groupby("user").size().max() > 1 and (ranker["position"] > 1).all()
 
 
-def test_ranker_training_data_has_no_test_period_rows(funnel):
+def test_ranker_trains_on_the_window_and_every_validation_list_chooses(funnel):
     result, _ = funnel
     splits = _splits(result)
     root = Path(_md(result, "ranking_dataset")["published_path"])
     train = pd.read_parquet(root / "train.parquet")
-    val = splits[splits["split"] == "validation"].set_index("user")
-    test = splits[splits["split"] == "test"].set_index("user")
-    assert set(train["phase"]) == {"validation"}
+    holdout = pd.read_parquet(root / "holdout.parquet")
+    assert set(train["phase"]) == {"ranker"} and set(holdout["phase"]) == {"validation"}
+    rows = splits.set_index(["user", "position"])
     pos = train[train["label"] > 0.5]
     assert len(pos) > 0
-    assert (pos["item"].to_numpy() == val.loc[pos["user"], "item"].to_numpy()).all()
-    # every query time is the validation time, strictly before the same user's test row
-    assert (train["query_timestamp"].to_numpy() == val.loc[train["user"], "timestamp"].to_numpy()).all()
-    has_test = train["user"].isin(test.index)
+    at = rows.loc[list(zip(pos["user"], pos["query_position"]))]
+    assert (at["item"].to_numpy() == pos["item"].to_numpy()).all() and at["ranker_window"].all()
+    # every query time is its window row's, before the same user's validation row
+    val = splits[splits["split"] == "validation"].set_index("user")
+    has_val = train["user"].isin(val.index)
     assert (
-        train.loc[has_test, "query_timestamp"].to_numpy()
-        <= test.loc[train.loc[has_test, "user"], "timestamp"].to_numpy()
+        train.loc[has_val, "query_timestamp"].to_numpy() <= val.loc[train.loc[has_val, "user"], "timestamp"].to_numpy()
     ).all()
-    # hard negatives come from retrieval, and are not the validation item
+    # hard negatives come from retrieval, and are not the query's item
     assert {"retrieved", "random"} <= set(train["source"])
     assert (train.loc[train["source"] == "random", "label"] == 0).all()
     # the MDS training split holds exactly these pairs
@@ -135,9 +143,12 @@ def test_ranker_training_data_has_no_test_period_rows(funnel):
 
     assert summarize_mds(root / "mds" / "train")["rows"] == len(train)
     meta = json.loads((root / "meta.json").read_text())
-    assert meta["rows"]["train"] == len(train)
-    holdout_users = set(pd.read_parquet(root / "holdout.parquet")["user"])
-    assert holdout_users and not holdout_users & set(train["user"])
+    assert meta["rows"]["train"] == len(train) and meta["lists"]["train"] == train["query_id"].nunique()
+    assert meta["lists"]["train"] > train["user"].nunique()  # more than one list per user
+    # the holdout is every user's validation list
+    assert set(holdout["user"]) == set(val.index)
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["ranker_queries_see_only_earlier_rows"]
 
 
 def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
@@ -155,6 +166,9 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     assert run.data.tags["two_tower_run_id"] == _md(result, "two_tower_model")["mlflow_run_id"]
     assert 0.0 <= md["holdout_auroc"] <= 1.0 and 0.0 <= md["test_auroc"] <= 1.0
     assert np.isfinite(md["test_logloss"]) and md["test_logloss"] > 0
+    # test is scored once, with the final weights: no epoch of the history names it
+    history = json.loads((Path(md["published_path"]) / "result.json").read_text())["history"]
+    assert history and all(set(h["metrics"]) == {"holdout"} for h in history)
     assert md["mlflow_run"].endswith(md["mlflow_run_id"])
     model, layout, cfg = load_dlrm_model(TrainedModel(md["published_path"], md["mlflow_run_id"]))
     # the defaults chosen on holdout lists: category bag + user attributes (id tables are opt-in)

@@ -72,6 +72,12 @@ class Phase:
     description: str
 
 
+def _held_out(name: str, description: str) -> Phase:
+    """The evaluator's phases: one held-out row per user, fitted on the splits before it."""
+    fit = S.FIT_SPLITS_OF_PHASE[name]
+    return Phase(name, RowSet((name,)), RowSet(fit), fit, one_query_per_user=True, description=description)
+
+
 PHASES = {
     "ranker": Phase(
         "ranker",
@@ -81,22 +87,8 @@ PHASES = {
         one_query_per_user=False,
         description="the ranker window's rows, fitted on the train rows before the window",
     ),
-    "validation": Phase(
-        "validation",
-        queries=RowSet(("validation",)),
-        fit=RowSet(S.FIT_SPLITS_OF_PHASE["validation"]),
-        mds_folders=S.FIT_SPLITS_OF_PHASE["validation"],
-        one_query_per_user=True,
-        description="the validation row, fitted on train",
-    ),
-    "test": Phase(
-        "test",
-        queries=RowSet(("test",)),
-        fit=RowSet(S.FIT_SPLITS_OF_PHASE["test"]),
-        mds_folders=S.FIT_SPLITS_OF_PHASE["test"],
-        one_query_per_user=True,
-        description="the test row, fitted on train + validation",
-    ),
+    "validation": _held_out("validation", "the validation row, fitted on train"),
+    "test": _held_out("test", "the test row, fitted on train + validation"),
 }
 
 

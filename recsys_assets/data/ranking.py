@@ -184,14 +184,10 @@ def phase_pairs(
     pairs: DataFrame,
     item_features: DataFrame,
     phase: str,
-    *,
-    num_users: int,
-    num_items: int,
-    window: int = 5,
-    recent_fraction: float = 0.1,
+    **state_settings: Any,
 ) -> tuple[DataFrame, FeatureState]:
     """Labelled pairs of one phase with every raw (unstandardized) dense feature as its own column, and the
-    phase's FeatureState. queries: QUERY_COLUMNS; pairs: PAIR_COLUMNS; item_features: item, categories. Output
+    phase's FeatureState (`state_settings`: `feature_state`'s keywords). queries: QUERY_COLUMNS; pairs: PAIR_COLUMNS; item_features: item, categories. Output
     columns: phase, query_id, user, item, label, query_timestamp, query_position, source, retrieval_rank,
     pool_rank, categories, history, retrieval_score + DENSE_FEATURES."""
     from pyspark.sql import functions as F
@@ -200,15 +196,7 @@ def phase_pairs(
         raise ValueError(f"unknown phase {phase!r}")
     _require(queries, QUERY_COLUMNS, "queries")
     _require(pairs, PAIR_COLUMNS, "candidate pairs")
-    state = feature_state(
-        splits,
-        item_features,
-        phase,
-        num_users=num_users,
-        num_items=num_items,
-        window=window,
-        recent_fraction=recent_fraction,
-    )
+    state = feature_state(splits, item_features, phase, **state_settings)
     q = queries.filter(F.col(PHASE) == phase).select(
         QUERY_ID,
         "target",
@@ -434,6 +422,14 @@ def _table_phases(present: set[str]) -> tuple[str, str, str]:
     return ("ranker" if "ranker" in present else "validation", "validation", "test")
 
 
+def hashed_holdout_users(fraction: float, seed: int):
+    """A Spark column: whether the row's user is among the hashed `fraction` of users held out without a window."""
+    from pyspark.sql import functions as F
+
+    bucket = F.abs(F.xxhash64(F.col(S.USER), F.lit(seed))) % HOLDOUT_HASH_BUCKETS
+    return bucket < int(fraction * HOLDOUT_HASH_BUCKETS)
+
+
 def ranker_lists(phase_tables: dict[str, DataFrame], settings: RankingDataSettings) -> dict[str, DataFrame]:
     """The pairs of the train / holdout / test tables. With a ranker window: the window's pairs train, every
     user's validation lists are the holdout. Without: the validation pairs of all users but a hashed
@@ -445,8 +441,7 @@ def ranker_lists(phase_tables: dict[str, DataFrame], settings: RankingDataSettin
     retrieved = F.col(SOURCE) == "retrieved"
     holdout_users = F.lit(True)
     if train_phase == holdout_phase:  # one list per user: a hashed share of users is held out
-        bucket = F.abs(F.xxhash64(F.col(S.USER), F.lit(settings.seed))) % HOLDOUT_HASH_BUCKETS
-        holdout_users = bucket < int(settings.holdout_fraction * HOLDOUT_HASH_BUCKETS)
+        holdout_users = hashed_holdout_users(settings.holdout_fraction, settings.seed)
     train = phase_tables[train_phase]
     return {
         "train": train.filter(~holdout_users) if train_phase == holdout_phase else train,
