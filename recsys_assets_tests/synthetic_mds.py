@@ -34,6 +34,9 @@ from recsys_assets.data.schema import (
     HISTORY_LEN,
     ITEM,
     PAD_ID,
+    POSITION,
+    RANKER_FIT,
+    RANKER_WINDOW,
     RATING,
     SPLIT,
     SPLITS,
@@ -119,13 +122,17 @@ def generate_interactions(
     return df, pop, cluster, first_cluster
 
 
-def _add_splits_and_history(df: pd.DataFrame, history_length: int) -> pd.DataFrame:
+def _add_splits_and_history(df: pd.DataFrame, history_length: int, ranker_window: int = 0) -> pd.DataFrame:
     df = df.sort_values([USER, TIMESTAMP, ITEM], kind="stable").reset_index(drop=True)
     size = df.groupby(USER)[USER].transform("size").to_numpy()
     pos = df.groupby(USER).cumcount().to_numpy()
     from_end = size - pos - 1
     split = np.where(from_end == 0, "test", np.where(from_end == 1, "validation", "train"))
     split[size < 3] = "train"
+    n_train = np.where(size < 3, size, size - 2)
+    window = np.minimum(ranker_window, np.maximum(n_train - 1, 0))
+    df[POSITION] = (pos + 1).astype(np.int32)
+    df[RANKER_WINDOW] = (pos + 1 <= n_train) & (pos + 1 > n_train - window)
     histories, lens = [], []
     items = df[ITEM].to_numpy()
     start = 0
@@ -170,8 +177,10 @@ def write_synthetic_dataset(
     max_len: int = 16,
     p_stay: float = 0.85,
     seed: int = 0,
+    ranker_window: int = 0,
 ) -> SyntheticDataset:
-    """Write interactions/, item_features/, user_features/, splits/, mds/{train,validation,test}/, meta.json."""
+    """Write interactions/, item_features/, user_features/, splits/, mds/{train,validation,test}/ (+ ranker_fit
+    with a ranker window), meta.json."""
     root = Path(root)
     paths = DatasetPaths(root)
     rng = np.random.default_rng(seed + 1)
@@ -184,7 +193,7 @@ def write_synthetic_dataset(
         p_stay=p_stay,
         seed=seed,
     )
-    splits = _add_splits_and_history(inter, history_length)
+    splits = _add_splits_and_history(inter, history_length, ranker_window)
 
     # item features: categories = [cluster] (+ a noise category sometimes); a few items have none.
     num_categories = num_clusters + num_extra_categories
@@ -241,6 +250,8 @@ def write_synthetic_dataset(
                 (SPLIT, pa.string()),
                 (HISTORY, pa.list_(pa.int32())),
                 (HISTORY_LEN, pa.int32()),
+                (POSITION, pa.int32()),
+                (RANKER_WINDOW, pa.bool_()),
             ]
         ),
     )
@@ -249,6 +260,10 @@ def write_synthetic_dataset(
         part = splits.loc[splits[SPLIT] == s]
         _write_mds(part, paths.mds(s), history_length)
         rows[s] = int(len(part))
+    if ranker_window:
+        _write_mds(
+            splits.loc[(splits[SPLIT] == "train") & ~splits[RANKER_WINDOW]], paths.mds(RANKER_FIT), history_length
+        )
     meta = DatasetMeta(
         num_users=num_users,
         num_items=num_items,
@@ -257,6 +272,8 @@ def write_synthetic_dataset(
         history_length=history_length,
         rows=rows,
         mds_layout=read_layout(paths.mds("train")).to_dict(),
+        ranker_window=ranker_window,
+        ranker_queries=int(splits[RANKER_WINDOW].sum()),
     )
     paths.meta.write_text(meta.to_json())
     return SyntheticDataset(

@@ -153,7 +153,8 @@ def _write_funnel_inputs(root: Path, splits: pd.DataFrame, n_users: int, n_items
         rows=splits["split"].value_counts().to_dict(),
     )
     S.DatasetPaths(data).meta.write_text(meta.to_json())
-    table = splits.assign(history=[[-1] * 4] * len(splits), history_len=0)
+    table = splits.sort_values(["user", "timestamp", "item"]).assign(history=[[-1] * 4] * len(splits), history_len=0)
+    table = table.assign(position=table.groupby("user").cumcount() + 1, ranker_window=False)
     S.DatasetPaths(data).splits.mkdir()
     table.to_parquet(S.DatasetPaths(data).splits / "part-0.parquet", index=False)
     test = splits[splits["split"] == "test"]

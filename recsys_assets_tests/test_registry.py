@@ -161,7 +161,10 @@ def _two_tower_folder(folder: Path, meta) -> Path:
     model = build_two_tower(spec, cfg)
     folder.mkdir(parents=True)
     fit = SimpleNamespace(
-        state_dict=model.state_dict(), model_config=cfg.to_dict(), feature_spec=dataclasses.asdict(spec)
+        state_dict=model.state_dict(),
+        model_config=cfg.to_dict(),
+        feature_spec=dataclasses.asdict(spec),
+        fit_folders=("train",),
     )
     save_two_tower(folder, fit, "validation")
     return folder

@@ -495,3 +495,21 @@ def test_category_bags_padded_gather_equals_the_csr_ranges():
     values, counts = picked[picked >= 0], (picked >= 0).sum(dim=1)
     assert torch.equal(counts, lengths[items]) and bool((indices == 0).any())
     assert torch.equal(values, _gather_ranges(indices, indptr[items], lengths[items]))
+
+
+def test_the_ranker_phase_fits_the_rows_before_the_window_and_ranks_nothing(tmp_path):
+    """eval_phase "ranker": one process trains on mds/ranker_fit (the train rows before the ranker window) for
+    fixed epochs; no held-out row is ranked, during training or after; early stopping there is refused."""
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_two_tower
+
+    ds = write_synthetic_dataset(tmp_path / "ds", num_users=60, num_items=50, ranker_window=3)
+    fit_rows = int(((ds.splits["split"] == "train") & ~ds.splits["ranker_window"]).sum())
+    assert 0 < fit_rows < ds.meta.rows["train"] and ds.meta.ranker_queries == ds.meta.rows["train"] - fit_rows
+    r = train_two_tower(
+        TwoTowerTrainConfig(data_root=str(ds.root), eval_phase="ranker", epochs=2, batch_size=64, embedding_dim=8)
+    )
+    assert r.fit_folders == ("ranker_fit",) and len(r.history) == 2 and r.best_epoch == 1
+    assert all(h["samples"] == fit_rows and h["metrics"] == {} for h in r.history)
+    assert r.final_metrics == {}
+    with pytest.raises(ValueError, match="early stopping selects on 'validation' only"):
+        TwoTowerTrainConfig(data_root=str(ds.root), eval_phase="ranker", early_stopping=True)

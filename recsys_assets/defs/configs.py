@@ -119,12 +119,12 @@ TwoTowerConfig = dagster_config(
 DLRMConfig = dagster_config(
     "DLRMConfig",
     DLRMTrainConfig,
-    "DLRM settings (declared in DLRMTrainConfig) and its sparse features. With one labelled list per user, id "
-    "tables (user, item, history bag) memorize the few positives and lose on the holdout lists; the dense "
-    "features + category / attribute bags generalize. The id features stay one switch away.",
+    "DLRM settings (declared in DLRMTrainConfig) and its sparse features. The dense features + category / "
+    "attribute bags are the default (chosen on holdout lists); the id tables (user, item, history bag) are one "
+    "switch away, and the settings search can turn them on.",
     use_user_id=(
         bool,
-        Field(False, description="A user-id table (one positive per user in the ranker's data: overfits)."),
+        Field(False, description="A user-id table (up to ranker_window lists per user train it)."),
     ),
     use_item_id=(bool, Field(False, description="An item-id table (always used when no other sparse feature exists).")),
     use_history=(bool, Field(False, description="The user's history as a bag on the item table.")),

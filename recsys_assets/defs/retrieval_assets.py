@@ -83,12 +83,13 @@ def item_index(
     group_name=RETRIEVAL_GROUP,
     kinds={"pytorch", "parquet"},
     tags={"stage": "retrieval"},
-    description="Top-K items per user from the Two Tower merged with the EASE item-item source (the user's fit "
-    "items excluded; item_item_lambdas: [] for the Two Tower alone), for two cutoffs: "
-    "'test' (the served model, refit on train+validation; every user) and 'validation' (the train-only fit; "
-    "users with a validation row: the ranker's training queries). Parquet: candidates (phase, user, item, "
-    "retrieval_score, retrieval_rank, item_item_score, item_item_rank, pool_rank, source), training_pool (the validation item when it was not retrieved, "
-    "random negatives), queries (the query states).",
+    description="Top-K items per query from the Two Tower merged with the EASE item-item source (the items seen "
+    "before the query excluded; item_item_lambdas: [] for the Two Tower alone), at each phase (recsys_assets.data."
+    "phases), each from the fits of that phase: 'ranker' (the ranker window's rows; fits on the train rows before "
+    "it: the ranker's training lists), 'validation' (train-only fits: the holdout lists) and 'test' (the served "
+    "model, refit on train+validation; every user). Parquet: candidates (phase, query_id, user, item, "
+    "retrieval_score, retrieval_rank, item_item_score, item_item_rank, pool_rank, source), training_pool (the "
+    "query's item when it was not retrieved, random negatives), queries (the query states); fit_positions.npz.",
 )
 def retrieval_candidates(
     context: dg.AssetExecutionContext,
