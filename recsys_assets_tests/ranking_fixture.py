@@ -63,6 +63,7 @@ def _queries(splits: pd.DataFrame) -> pd.DataFrame:
 def _candidates(rng, splits: pd.DataFrame, queries: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The retrieved pool of every query, and the ranker's extra pairs of the phase it trains on."""
     trains_on = "ranker" if (queries["phase"] == "ranker").any() else "validation"
+    als_rng = np.random.default_rng(12345)
     pool_rows, extra_rows = [], []
     for q in queries.itertuples():
         seen = set(splits[(splits["user"] == q.user) & (splits["position"] < q.position)]["item"])
@@ -70,17 +71,19 @@ def _candidates(rng, splits: pd.DataFrame, queries: pd.DataFrame) -> tuple[pd.Da
         pool = rng.choice(allowed, size=min(POOL, len(allowed)), replace=False)
         scores = np.sort(rng.normal(size=len(pool)).astype(np.float32))[::-1]
         ii = rng.normal(size=len(pool)).astype(np.float32)
+        als = als_rng.normal(size=len(pool)).astype(np.float32)  # its own stream: the others' draws stay as they were
         for r, (item, score) in enumerate(zip(pool, scores)):
+            ii_rank, als_rank = int(rng.integers(0, 30)), int(als_rng.integers(0, 30))
             pool_rows.append(
-                (q.phase, q.query_id, q.user, int(item), score, r, ii[r], int(rng.integers(0, 30)), r, "retrieved")
+                (q.phase, q.query_id, q.user, int(item), score, r, ii[r], ii_rank, als[r], als_rank, r, "retrieved")
             )
         if q.phase != trains_on:
             continue
         if q.target not in set(pool):
-            extra_rows.append((q.phase, q.query_id, q.user, q.target, -1.0, 60, 0.0, 50, POOL, "target"))
+            extra_rows.append((q.phase, q.query_id, q.user, q.target, -1.0, 60, 0.0, 50, 0.1, 40, POOL, "target"))
         rest = [i for i in allowed if i not in set(pool) and i != q.target]
         for item in rng.choice(rest, size=min(RANDOM_NEGATIVES, len(rest)), replace=False):
-            extra_rows.append((q.phase, q.query_id, q.user, int(item), -2.0, 70, -1.0, 80, POOL, "random"))
+            extra_rows.append((q.phase, q.query_id, q.user, int(item), -2.0, 70, -1.0, 80, -0.5, 90, POOL, "random"))
     columns = [
         "phase",
         "query_id",
@@ -90,6 +93,8 @@ def _candidates(rng, splits: pd.DataFrame, queries: pd.DataFrame) -> tuple[pd.Da
         "retrieval_rank",
         "item_item_score",
         "item_item_rank",
+        "als_score",
+        "als_rank",
         "pool_rank",
         "source",
     ]
@@ -101,6 +106,8 @@ def _candidates(rng, splits: pd.DataFrame, queries: pd.DataFrame) -> tuple[pd.Da
         "retrieval_rank": "int32",
         "item_item_score": "float32",
         "item_item_rank": "int32",
+        "als_score": "float32",
+        "als_rank": "int32",
         "pool_rank": "int32",
     }
     return pd.DataFrame(pool_rows, columns=columns).astype(types), pd.DataFrame(extra_rows, columns=columns).astype(

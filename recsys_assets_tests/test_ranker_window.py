@@ -55,16 +55,21 @@ def test_window_zero_reproduces_the_ranking_dataset_before_the_window(window0):
     fixture inputs: `PYTHONPATH=<a checkout of 20a4fc6> python <script>` calling `write_ranking_inputs(root, 0)`
     and `build_ranking_dataset` with these settings, dumping the three tables sorted by (user, item). Same rows,
     labels, sources, query ids, categories, attributes, standardization and dense features."""
+    from recsys_assets.data.ranker_features import DENSE_FEATURES
+
     _, _, ranking, info = window0
     golden = json.loads(GOLDEN.read_text())
     for name, stats in golden["feature_stats"].items():
         np.testing.assert_allclose(info["feature_stats"][name], stats, rtol=1e-9, atol=1e-12, err_msg=name)
+    # the features that existed then, in this tree's dense vector (features added since are extra columns)
+    then = [DENSE_FEATURES.index(name) for name in golden["feature_stats"]]
     for name, want in golden["tables"].items():
         got = pd.read_parquet(ranking / f"{name}.parquet").sort_values(["user", "item"]).reset_index(drop=True)
         for column in ("user", "item", "label", "query_id", "source", "phase", "attr_group"):
             assert got[column].tolist() == want[column], (name, column)
         assert [list(map(int, c)) for c in got["categories"]] == want["categories"]
-        np.testing.assert_allclose(np.stack(got["dense"]), np.array(want["dense"]), atol=2e-6, err_msg=name)
+        dense = np.stack(got["dense"])[:, then]
+        np.testing.assert_allclose(dense, np.array(want["dense"]), atol=2e-6, err_msg=name)
     assert info["phases"] == {"train": "validation", "holdout": "validation", "test": "test"}
 
 
@@ -85,6 +90,16 @@ def test_the_window_trains_on_many_lists_per_user_and_every_validation_list_choo
     pos = train[train["label"] > 0.5]
     assert (rows.loc[list(zip(pos["user"], pos["query_position"])), "item"].to_numpy() == pos["item"]).all()
     assert set(info["rows"]) == {"train", "holdout", "test"}
+    # no negative is the user's own later train row (a false 'not picked'); the fixture's pools do hold some
+    later = train.merge(splits[splits["split"] == "train"][["user", "item", "position"]], on=["user", "item"])
+    assert not ((later["position"] > later["query_position"]) & (later["label"] < 0.5)).any()
+    pools = pd.read_parquet(candidates / "candidates.parquet").merge(
+        pd.read_parquet(candidates / "queries.parquet")[["phase", "query_id", "position"]], on=["phase", "query_id"]
+    )
+    pools = pools[pools["phase"] == "ranker"].merge(
+        splits[splits["split"] == "train"][["user", "item", "position"]], on=["user", "item"], suffixes=("", "_row")
+    )
+    assert (pools["position_row"] > pools["position"]).any()
     assert sorted(p.name for p in (ranking / "features").iterdir()) == ["ranker.npz", "test.npz", "validation.npz"]
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from pyspark.sql import Column
 
 # The default `ranker_window` (interaction_splits config), chosen on validation lists (README "The ranker window").
-RANKER_WINDOW_DEFAULT = 10
+RANKER_WINDOW_DEFAULT = 20
 # A query's id: its user for a phase with one query per user; a ranker-window query adds its place counted
 # from the end of the user's train rows (1 = the last train row) times this stride.
 QUERY_ID_STRIDE = 1 << 32

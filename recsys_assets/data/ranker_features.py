@@ -24,6 +24,7 @@ SECONDS_PER_DAY = 86400.0
 # the pair columns `compute_features` reads (besides S.HISTORY, a list column)
 RETRIEVAL_SCORE, RETRIEVAL_RANK = "retrieval_score", "retrieval_rank"
 ITEM_ITEM_SCORE, ITEM_ITEM_RANK = "item_item_score", "item_item_rank"
+ALS_SCORE, ALS_RANK = "als_score", "als_rank"
 QUERY_TIMESTAMP = "query_timestamp"
 SOURCE, RETRIEVED = "source", "retrieved"  # the candidates retrieval proposed (vs. added targets / random items)
 PAIR_INPUTS = (
@@ -36,6 +37,8 @@ PAIR_INPUTS = (
     RETRIEVAL_RANK,
     ITEM_ITEM_SCORE,
     ITEM_ITEM_RANK,
+    ALS_SCORE,
+    ALS_RANK,
     SOURCE,
 )
 
@@ -128,30 +131,36 @@ class PairBatch:
     item_item_rank: np.ndarray  # int64 [n]
     best_retrieval_score: np.ndarray  # float32 [n]: the query's best retrieved candidate's score (own if none)
     best_item_item_score: np.ndarray  # float32 [n]
+    als_score: np.ndarray  # float32 [n]
+    als_rank: np.ndarray  # int64 [n]
+    best_als_score: np.ndarray  # float32 [n]
 
     @classmethod
     def of(cls, pairs: pd.DataFrame) -> PairBatch:
         """From PAIR_INPUTS columns; every query's pairs must be in `pairs` (the best scores are per query)."""
-        retrieved = pairs[pairs[SOURCE] == RETRIEVED]
-        best = retrieved.groupby(S.QUERY_ID)[[RETRIEVAL_SCORE, ITEM_ITEM_SCORE]].max()
-        score = pairs[RETRIEVAL_SCORE].to_numpy(np.float32)
-        ii_score = pairs[ITEM_ITEM_SCORE].to_numpy(np.float32)
         qid = pairs[S.QUERY_ID]
+        best = (
+            pairs[pairs[SOURCE] == RETRIEVED].groupby(S.QUERY_ID)[[RETRIEVAL_SCORE, ITEM_ITEM_SCORE, ALS_SCORE]].max()
+        )
+
+        def best_of(column: str) -> np.ndarray:  # the query's best retrieved candidate's; its own where none
+            own = pairs[column].astype(np.float32)
+            return qid.map(best[column]).fillna(own).to_numpy(np.float32)
+
         return cls(
             user=pairs[S.USER].to_numpy(np.int64),
             item=pairs[S.ITEM].to_numpy(np.int64),
             query_time=pairs[QUERY_TIMESTAMP].to_numpy(np.int64),
             history=_padded(pairs[S.HISTORY].to_numpy()),
-            retrieval_score=score,
+            retrieval_score=pairs[RETRIEVAL_SCORE].to_numpy(np.float32),
             retrieval_rank=pairs[RETRIEVAL_RANK].to_numpy(np.int64),
-            item_item_score=ii_score,
+            item_item_score=pairs[ITEM_ITEM_SCORE].to_numpy(np.float32),
             item_item_rank=pairs[ITEM_ITEM_RANK].to_numpy(np.int64),
-            best_retrieval_score=qid.map(best[RETRIEVAL_SCORE])
-            .fillna(pd.Series(score, index=qid.index))
-            .to_numpy(np.float32),
-            best_item_item_score=qid.map(best[ITEM_ITEM_SCORE])
-            .fillna(pd.Series(ii_score, index=qid.index))
-            .to_numpy(np.float32),
+            best_retrieval_score=best_of(RETRIEVAL_SCORE),
+            best_item_item_score=best_of(ITEM_ITEM_SCORE),
+            als_score=pairs[ALS_SCORE].to_numpy(np.float32),
+            als_rank=pairs[ALS_RANK].to_numpy(np.int64),
+            best_als_score=best_of(ALS_SCORE),
         )
 
 
@@ -293,6 +302,16 @@ def _(b: PairBatch, s: FeatureState) -> np.ndarray:
 @feature("log_item_item_rank", "log1p(the item's rank in the query's full EASE ranking) (0: source off)")
 def _(b: PairBatch, s: FeatureState) -> np.ndarray:
     return _log1p(b.item_item_rank)
+
+
+@feature("als_score_gap", "the ALS score minus the query's best retrieved candidate's ALS score (0: ALS off)")
+def _(b: PairBatch, s: FeatureState) -> np.ndarray:
+    return (b.als_score - b.best_als_score).astype(np.float64)
+
+
+@feature("log_als_rank", "log1p(the item's rank in the query user's full ALS ranking) (0: ALS off)")
+def _(b: PairBatch, s: FeatureState) -> np.ndarray:
+    return _log1p(b.als_rank)
 
 
 DENSE_FEATURES = tuple(f.name for f in FEATURES)

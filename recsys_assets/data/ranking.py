@@ -30,6 +30,8 @@ from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.mds import write_blocks_with_spark
 from recsys_assets.data.phases import PHASES
 from recsys_assets.data.ranker_features import (
+    ALS_RANK,
+    ALS_SCORE,
     DENSE_FEATURES,
     ITEM_ITEM_RANK,
     ITEM_ITEM_SCORE,
@@ -69,6 +71,8 @@ PAIR_COLUMNS = {
     RETRIEVAL_RANK: "int",
     ITEM_ITEM_SCORE: "float",
     ITEM_ITEM_RANK: "int",
+    ALS_SCORE: "float",
+    ALS_RANK: "int",
     POOL_RANK: "int",
     SOURCE: "string",
 }
@@ -326,6 +330,7 @@ class RankingDataSettings:
     recent_fraction: float
     seed: int
     mds_partitions: int
+    drop_later_train_items: bool = True
 
 
 def build_ranking_dataset(
@@ -368,7 +373,7 @@ def build_ranking_dataset(
         phase_tables[phase], state = phase_pairs(session, splits, queries, pairs, item_features, phase, **kw)
         state.save(out_dir / FEATURES_FOLDER / f"{phase}.npz")
     raw = out_dir / "_raw"
-    lists = ranker_lists(phase_tables, settings)
+    lists = ranker_lists(phase_tables, settings, splits)
     # materialize the sampled training pairs once: the sample must not be recomputed per read
     sample_training_pairs(lists["train"], settings.num_hard_negatives, settings.seed).write.parquet(str(raw / "train"))
     lists["holdout"].write.parquet(str(raw / "holdout"))
@@ -430,11 +435,14 @@ def hashed_holdout_users(fraction: float, seed: int):
     return bucket < int(fraction * HOLDOUT_HASH_BUCKETS)
 
 
-def ranker_lists(phase_tables: dict[str, DataFrame], settings: RankingDataSettings) -> dict[str, DataFrame]:
+def ranker_lists(
+    phase_tables: dict[str, DataFrame], settings: RankingDataSettings, splits: DataFrame
+) -> dict[str, DataFrame]:
     """The pairs of the train / holdout / test tables. With a ranker window: the window's pairs train, every
     user's validation lists are the holdout. Without: the validation pairs of all users but a hashed
     `holdout_fraction` train, and those users' validation lists are the holdout. Holdout and test keep the
-    retrieved pool only (the lists as served)."""
+    retrieved pool only (the lists as served). With `drop_later_train_items`, a training list loses the
+    negatives that are the user's own later train rows (see `without_later_train_items`)."""
     from pyspark.sql import functions as F
 
     train_phase, holdout_phase, test_phase = _table_phases(set(phase_tables))
@@ -443,11 +451,32 @@ def ranker_lists(phase_tables: dict[str, DataFrame], settings: RankingDataSettin
     if train_phase == holdout_phase:  # one list per user: a hashed share of users is held out
         holdout_users = hashed_holdout_users(settings.holdout_fraction, settings.seed)
     train = phase_tables[train_phase]
+    if settings.drop_later_train_items:
+        train = without_later_train_items(train, splits)
     return {
         "train": train.filter(~holdout_users) if train_phase == holdout_phase else train,
         "holdout": phase_tables[holdout_phase].filter(holdout_users & retrieved),
         "test": phase_tables[test_phase].filter(retrieved),
     }
+
+
+def without_later_train_items(pairs: DataFrame, splits: DataFrame) -> DataFrame:
+    """`pairs` less the negatives whose item the user interacts with in a later train row (a ranker-window
+    query's own future window rows): labelling them 'not picked' is false, and where the order is random (a
+    table without time) they are as good as the positive. Only labels are cleaned: no feature or candidate
+    changes, and no validation or test row is read. Without a window there is no later train row."""
+    from pyspark.sql import functions as F
+
+    later = splits.filter(F.col(S.SPLIT) == "train").select(S.USER, S.ITEM, F.col(S.POSITION).alias("_later_position"))
+    false_negatives = (
+        pairs.filter(F.col(LABEL) < 0.5)
+        .select(QUERY_ID, S.USER, S.ITEM, QUERY_POSITION)
+        .join(later, [S.USER, S.ITEM])
+        .filter(F.col("_later_position") > F.col(QUERY_POSITION))
+        .select(QUERY_ID, S.ITEM)
+        .distinct()
+    )
+    return pairs.join(false_negatives, [QUERY_ID, S.ITEM], "left_anti")
 
 
 def _write_model_tables(session, raw: Path, out_dir: Path, stats, **columns) -> dict[str, dict[str, int]]:

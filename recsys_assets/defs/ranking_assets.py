@@ -34,6 +34,11 @@ class RankingDataConfig(dg.Config):
     )
     seed: int = 0
     mds_partitions: int = Field(2, ge=1)
+    drop_later_train_items: bool = Field(
+        True,
+        description="A ranker-window list drops the negatives that are the user's own later train rows (they are "
+        "not 'not picked'). Labels only: no feature or candidate reads them.",
+    )
 
 
 class RecommendationsConfig(dg.Config):

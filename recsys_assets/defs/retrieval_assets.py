@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from recsys_assets.defs.constants import RETRIEVAL_GROUP
-from recsys_assets.defs.resources import StateResource
+from recsys_assets.defs.resources import SparkResource, StateResource
 from recsys_assets.defs.types import CandidateSet, PublishedFolder, TrainedModel
 
 
@@ -37,8 +37,17 @@ class RetrievalConfig(dg.Config):
     item_item_shares: list[float] = Field(
         [0.0, 0.25, 0.5, 0.75, 1.0],
         description="Shares of EASE items in the pool (0: the Two Tower's alone, 1: EASE's alone); the one whose "
-        "merged order has the best validation NDCG@10 is used at both cutoffs.",
+        "merged order has the best validation NDCG@10 is used at every phase.",
     )
+    als_rank: int = Field(
+        64,
+        ge=0,
+        description="Spark ALS (implicit) fitted on each phase's fit rows gives every candidate its ALS score and "
+        "rank as ranker features (0 = off).",
+    )
+    als_reg_param: float = Field(0.1, gt=0)
+    als_alpha: float = Field(1.0, gt=0)
+    als_max_iter: int = Field(15, ge=1)
 
 
 @dg.asset(
@@ -97,6 +106,7 @@ def retrieval_candidates(
     two_tower_model: TrainedModel,
     item_index: PublishedFolder,
     mds_splits: PublishedFolder,
+    spark: SparkResource,
     state: StateResource,
 ) -> dg.Output[CandidateSet]:
     from recsys_assets.serving.candidates import generate_candidates
@@ -109,6 +119,7 @@ def retrieval_candidates(
             mds_splits.path,
             out.staging,
             two_tower_run_id=run_id,
+            session=spark.spark_session if config.als_rank else None,
             log=context.log.info,
             **config.model_dump(),
         )

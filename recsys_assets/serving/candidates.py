@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -176,6 +177,8 @@ class PoolSettings:
     seed: int
     item_item_lambda: float | None  # None: the item-item source is off
     item_item_shares: Sequence[float]
+    als: dict | None = None  # Spark ALS settings (rank, reg_param, alpha, max_iter); None: no ALS features
+    session: Any = None  # the SparkSession ALS fits in
     share: float = 0.0
     share_trials: dict[float, float] = dataclasses.field(default_factory=dict)
 
@@ -194,6 +197,11 @@ def generate_candidates(
     item_item_lambdas: Sequence[float] = (),
     item_item_max_items: int = 20_000,
     item_item_shares: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    als_rank: int = 0,
+    als_reg_param: float = 0.1,
+    als_alpha: float = 1.0,
+    als_max_iter: int = 15,
+    session: Any = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Top-k items per query at each phase of `candidate_phases` (data/phases.py: ranker window, validation,
@@ -217,7 +225,10 @@ def generate_candidates(
     lam, lam_trials = (
         choose_lambda(evaluator_frame, lambdas=item_item_lambdas, log=log, **sizes) if use_item_item else (None, {})
     )
-    pool = PoolSettings(k, index, num_random_negatives, seed, lam, item_item_shares)
+    als = dict(rank=als_rank, reg_param=als_reg_param, alpha=als_alpha, max_iter=als_max_iter) if als_rank else None
+    if als is not None and session is None:
+        raise ValueError("retrieval_candidates: ALS features need a SparkSession")
+    pool = PoolSettings(k, index, num_random_negatives, seed, lam, item_item_shares, als, session)
     outputs = [
         phase_candidates(cp, pool, model_root, index_root, dataset_root, splits, log)
         for cp in candidate_phases(meta.ranker_queries)
@@ -258,7 +269,7 @@ def phase_candidates(
 ) -> PhaseCandidates:
     """One phase's pool: the Two Tower fit of the phase (+ EASE fitted on the same rows), merged; the ranker's
     extra pairs where it trains on this phase. `pool.share` is set here on the phase that chooses it."""
-    from recsys_assets.serving.item_item import choose_share, item_item_scores, merge_pools
+    from recsys_assets.serving.item_item import als_scores, choose_share, item_item_scores, merge_pools
 
     t0 = time.time()
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
@@ -289,10 +300,15 @@ def phase_candidates(
         items = merge_pools(two_tower_items, item_item.top(kk), kk, pool.share)
     has_target = states.targets >= 0
     hit = (items == states.targets[:, None]).any(axis=1) & has_target
+    als = None
+    if pool.als is not None:
+        sizes = dict(num_users=meta.num_users, num_items=meta.num_items)
+        als, fit_positions["als"] = als_scores(pool.session, splits, cp.phase, states, pool.als, **sizes)
     extra = (
         _training_pool_items(states, items, has_target & ~hit, pool, vectors.shape[0]) if cp.ranker_trains_on else []
     )
-    frames = _pairs(cp.phase, states, qv, vectors, [(items, None, "retrieved"), *extra], item_item, kk)
+    sources = {"item_item": item_item, "als": als}
+    frames = _pairs(cp.phase, states, qv, vectors, [(items, None, "retrieved"), *extra], sources, kk)
     hr = lambda found: float(((found == states.targets[:, None]).any(axis=1) & has_target)[has_target].mean())  # noqa: E731
     stats = {
         "queries": int(states.n),
@@ -346,16 +362,19 @@ def _training_pool_items(states, items: np.ndarray, missed: np.ndarray, pool: Po
     return [(targets, "beyond", "target"), (rnd, "beyond", "random")]
 
 
-def _pairs(phase: str, states, qv, vectors, item_sets: list, item_item, k: int) -> list[pd.DataFrame]:
+def _pairs(phase: str, states, qv, vectors, item_sets: list, sources: dict, k: int) -> list[pd.DataFrame]:
     """One frame of (query, item) pairs per (items [Q, m], pool rank (None: the column index; "beyond": k),
-    source) of `item_sets`, with both sources' scores and ranks (-1 items dropped). The EASE lookups of all
-    sets are made in one pass over the queries."""
+    source) of `item_sets`, with the Two Tower's and every collaborative source's score and rank (-1 items
+    dropped; a source that is off gives score 0 and rank -1). Each source's lookups of all sets are made in one
+    pass over the queries."""
     widths = [a.shape[1] for a, _, _ in item_sets]
     every = np.concatenate([a for a, _, _ in item_sets], axis=1)
-    if item_item is not None:
-        ii_score, ii_rank = item_item.lookup(every)
-    else:  # no item-item source: constant features
-        ii_score, ii_rank = np.zeros(every.shape, np.float32), np.full(every.shape, -1, np.int64)
+    looked_up = {}
+    for name, source in sources.items():
+        if source is not None:
+            looked_up[name] = source.lookup(every)
+        else:  # the source is off: constant features
+            looked_up[name] = np.zeros(every.shape, np.float32), np.full(every.shape, -1, np.int64)
     scores = pairwise_scores(qv, vectors, every)
     ranks = item_ranks(qv, vectors, states, every)
     frames, lo = [], 0
@@ -371,8 +390,14 @@ def _pairs(phase: str, states, qv, vectors, item_sets: list, item_item, k: int) 
                 S.ITEM: items.reshape(-1).astype(np.int32),
                 "retrieval_score": scores[:, cols].reshape(-1),
                 "retrieval_rank": ranks[:, cols].reshape(-1).astype(np.int32),
-                "item_item_score": np.nan_to_num(ii_score[:, cols], nan=0.0).reshape(-1),
-                "item_item_rank": ii_rank[:, cols].reshape(-1).astype(np.int32),
+                **{
+                    column: values
+                    for name, (score, rank) in looked_up.items()
+                    for column, values in (
+                        (f"{name}_score", np.nan_to_num(score[:, cols], nan=0.0).reshape(-1)),
+                        (f"{name}_rank", rank[:, cols].reshape(-1).astype(np.int32)),
+                    )
+                },
                 "pool_rank": pr.reshape(-1).astype(np.int32),
                 "source": source,
             }

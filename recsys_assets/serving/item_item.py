@@ -1,12 +1,14 @@
-"""The funnel's collaborative candidate source: EASE item-item scores of each cutoff's fit rows.
+"""The funnel's collaborative candidate sources: EASE item-item scores of each phase's fit rows (a pool source and
+ranker features), and Spark ALS factors (ranker features).
 
 Where the order of a user's rows carries little signal (a table without time, play counts), what the Two
 Tower misses is what EASE / item-kNN capture: items that co-occur with the user's items. This source adds,
-per query user, the EASE top-K to the Two Tower's top-K (one merged pool of K, interleaved by rank with a share
+per query, the EASE top-K to the Two Tower's top-K (one merged pool of K, interleaved by rank with a share
 of EASE items), and gives the ranker every candidate's EASE score and rank as features. λ (EASE's own
 validation NDCG@10) and the share (the merged order's validation NDCG@10: 0 keeps the Two Tower's pool, 1
-takes EASE's) are chosen on the validation cutoff (fit on train) and reused for the test cutoff (fit on
-train + validation)."""
+takes EASE's) are chosen on the validation cutoff (fit on train) and reused for the other phases. ALS (the
+best classical baseline on play counts) gives the ranker each candidate's ALS score and rank.
+"""
 
 from __future__ import annotations
 
@@ -26,21 +28,23 @@ SCORE_BLOCK_USERS = 1024
 
 
 @dataclasses.dataclass
-class ItemItemScores:
-    """EASE of one phase's fit rows scoring that phase's queries (rows aligned with the query states): each
-    query's row is the items before it (its excluded items), which are scored -inf. Scores are computed per
-    block of queries when asked, so memory holds one block of queries × items, not all of them."""
+class QueryScores:
+    """A candidate source's scores of one phase's queries (rows aligned with the query states), each query's
+    excluded items (those before it) at -inf. Scores are computed per block of queries when asked, so memory
+    holds one block of queries × items, not all of them. A source gives `_scores(block)`."""
 
-    lam: float
-    model: Any  # a fitted evaluation.baselines.EASE
+    model: Any  # the fitted source
     states: Any  # serving.retrieval.QueryStates
     _top: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def _scores(self, rows: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
 
     def _blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         st = self.states
         for s in range(0, st.n, SCORE_BLOCK_USERS):
             e = min(s + SCORE_BLOCK_USERS, st.n)
-            block = self.model.score_rows(st.exclude_indptr, st.exclude_indices, np.arange(s, e)).float()
+            block = self._scores(np.arange(s, e)).float()
             lengths = np.diff(st.exclude_indptr[s : e + 1])
             rows = torch.as_tensor(np.repeat(np.arange(e - s), lengths))
             cols = torch.as_tensor(st.exclude_indices[st.exclude_indptr[s] : st.exclude_indptr[e]])
@@ -62,8 +66,8 @@ class ItemItemScores:
         allowed item, ties in item order, -1 for -1 items) of given items per query."""
         scores = np.full(items.shape, np.nan, dtype=np.float32)
         ranks = np.full(items.shape, -1, dtype=np.int64)
-        n = self.model.B_.shape[0]
         for s, e, block in self._blocks():
+            n = block.shape[1]
             it = torch.as_tensor(np.maximum(items[s:e], 0))
             order = torch.argsort(block, dim=1, descending=True, stable=True)
             rank = torch.empty_like(order)
@@ -73,6 +77,38 @@ class ItemItemScores:
             scores[s:e] = np.where(valid & np.isfinite(sc), sc, np.nan)
             ranks[s:e] = np.where(valid, torch.gather(rank, 1, it).numpy(), -1)
         return scores, ranks
+
+
+class ItemItemScores(QueryScores):
+    """EASE: a query's row is the items before it (a window query has seen more than its user's fit rows)."""
+
+    def _scores(self, rows: np.ndarray) -> torch.Tensor:
+        return self.model.score_rows(self.states.exclude_indptr, self.states.exclude_indices, rows)
+
+
+class FactorScores(QueryScores):
+    """Spark ALS: the query's user's factors (fitted on the phase's fit rows) against every item's."""
+
+    def _scores(self, rows: np.ndarray) -> torch.Tensor:
+        return self.model.score(self.states.users[rows])
+
+
+def als_scores(session, frame: pd.DataFrame, phase: str, states, settings: dict, *, num_users: int, num_items: int):
+    """Spark ALS (implicit; `settings`: rank, reg_param, alpha, max_iter) fitted on the phase's fit rows, scoring
+    the phase's queries; with the last fitted position of each user, as `item_item_scores`."""
+    from recsys_assets.evaluation.baselines import SparkALS
+
+    fit_rows, task = _phase_fit(frame, phase, num_users, num_items)
+    model = SparkALS(session, seed=0, **settings).fit(task)
+    return FactorScores(model, states), last_positions(fit_rows, num_users)
+
+
+def _phase_fit(frame: pd.DataFrame, phase: str, num_users: int, num_items: int):
+    from recsys_assets.data.phases import phase as phase_of
+    from recsys_assets.evaluation.protocol import EvalTask
+
+    fit_rows = frame.loc[phase_of(phase).fit.mask(frame)]
+    return fit_rows, EvalTask.of_fit_rows(fit_rows[[USER, ITEM, TIMESTAMP]], phase, num_users, num_items)
 
 
 def choose_lambda(
@@ -96,14 +132,11 @@ def choose_lambda(
 def item_item_scores(frame: pd.DataFrame, phase: str, states, lam: float, *, num_users: int, num_items: int):
     """EASE fitted on the phase's fit rows (data.phases), scoring the phase's queries (`states`); with the
     last fit position of each user (0: none), the evidence that no query's row or a later one was fitted on."""
-    from recsys_assets.data.phases import phase as phase_of
     from recsys_assets.evaluation.baselines import EASE
-    from recsys_assets.evaluation.protocol import EvalTask
 
-    fit_rows = frame.loc[phase_of(phase).fit.mask(frame)]
-    task = EvalTask.of_fit_rows(fit_rows[[USER, ITEM, TIMESTAMP]], phase, num_users, num_items)
+    fit_rows, task = _phase_fit(frame, phase, num_users, num_items)
     model = EASE(lam, max_items=num_items, dtype=torch.float32).fit(task)
-    return ItemItemScores(lam, model, states), last_positions(fit_rows, num_users)
+    return ItemItemScores(model, states), last_positions(fit_rows, num_users)
 
 
 def last_positions(rows: pd.DataFrame, num_users: int) -> np.ndarray:

@@ -48,9 +48,9 @@ class DLRMTrainConfig(common.JsonConfig):
     # optimization
     epochs: int = setting(15, "Most epochs; the best one on the selection set is returned.")
     batch_size: int = setting(
-        128,
-        "Per process (global batch = this x processes; 2 x 128 chosen on the holdout lists: 2 x 256 halves the "
-        "updates and stalled there).",
+        512,
+        "Per process (global batch = this x processes). With the ranker window's ~12k lists on ml-latest-small, "
+        "2 x 512 matched 2 x 128 on the holdout lists (NDCG@10 0.0903 vs 0.0911) at a third of the epoch time.",
     )
     patience: int = setting(4, "Epochs without a gain on the early-stopping metric before stopping.")
     min_delta: float = 0.0
