@@ -205,14 +205,20 @@ def _log_days(later: np.ndarray, earlier: np.ndarray, known: np.ndarray) -> np.n
     return np.where(known, np.log1p(days), 0.0)
 
 
-@feature("retrieval_score_gap", "the Two Tower score minus the query's best retrieved candidate's score")
-def _(b: PairBatch, s: FeatureState) -> np.ndarray:
-    return (b.retrieval_score - b.best_retrieval_score).astype(np.float64)
+def source_features(source: str, gap_meaning: str, rank_meaning: str) -> None:
+    """A candidate source's two features: its score minus the query's best retrieved candidate's score under it
+    (scores of two fits compare this way), and log1p of the item's rank in the query's full ranking by it."""
+    feature(f"{source}_score_gap", gap_meaning)(
+        lambda b, s: (getattr(b, f"{source}_score") - getattr(b, f"best_{source}_score")).astype(np.float64)
+    )
+    feature(f"log_{source}_rank", rank_meaning)(lambda b, s: _log1p(getattr(b, f"{source}_rank")))
 
 
-@feature("log_retrieval_rank", "log1p(the item's rank in the query's full Two Tower ranking)")
-def _(b: PairBatch, s: FeatureState) -> np.ndarray:
-    return _log1p(b.retrieval_rank)
+source_features(
+    "retrieval",
+    "the Two Tower score minus the query's best retrieved candidate's score",
+    "log1p(the item's rank in the query's full Two Tower ranking)",
+)
 
 
 @feature("log_item_count", "log1p(fit interactions of the item)")
@@ -292,27 +298,16 @@ def _categories_of(s: FeatureState, items: np.ndarray) -> tuple[np.ndarray, np.n
     return np.repeat(rows, lengths), s.category_indices[starts + within]
 
 
-@feature(
-    "item_item_score_gap", "the EASE score minus the query's best retrieved candidate's EASE score (0: source off)"
+source_features(
+    "item_item",
+    "the EASE score minus the query's best retrieved candidate's EASE score (0: source off)",
+    "log1p(the item's rank in the query's full EASE ranking) (0: source off)",
 )
-def _(b: PairBatch, s: FeatureState) -> np.ndarray:
-    return (b.item_item_score - b.best_item_item_score).astype(np.float64)
-
-
-@feature("log_item_item_rank", "log1p(the item's rank in the query's full EASE ranking) (0: source off)")
-def _(b: PairBatch, s: FeatureState) -> np.ndarray:
-    return _log1p(b.item_item_rank)
-
-
-@feature("als_score_gap", "the ALS score minus the query's best retrieved candidate's ALS score (0: ALS off)")
-def _(b: PairBatch, s: FeatureState) -> np.ndarray:
-    return (b.als_score - b.best_als_score).astype(np.float64)
-
-
-@feature("log_als_rank", "log1p(the item's rank in the query user's full ALS ranking) (0: ALS off)")
-def _(b: PairBatch, s: FeatureState) -> np.ndarray:
-    return _log1p(b.als_rank)
-
+source_features(
+    "als",
+    "the ALS score minus the query's best retrieved candidate's ALS score (0: ALS off)",
+    "log1p(the item's rank in the query user's full ALS ranking) (0: ALS off)",
+)
 
 DENSE_FEATURES = tuple(f.name for f in FEATURES)
 

@@ -40,10 +40,11 @@ class RetrievalConfig(dg.Config):
         "merged order has the best validation NDCG@10 is used at every phase.",
     )
     als_rank: int = Field(
-        64,
+        0,
         ge=0,
-        description="Spark ALS (implicit) fitted on each phase's fit rows gives every candidate its ALS score and "
-        "rank as ranker features (0 = off).",
+        description="Spark ALS (implicit, this rank) fitted on each phase's fit rows gives every candidate its ALS "
+        "score and rank as ranker features (0 = off: on Last.fm the ranker with them lost to the pool on the "
+        "holdout lists, and they cost minutes per phase there).",
     )
     als_reg_param: float = Field(0.1, gt=0)
     als_alpha: float = Field(1.0, gt=0)
