@@ -81,8 +81,15 @@ def test_the_window_trains_on_many_lists_per_user_and_every_validation_list_choo
     assert info["phases"] == {"train": "ranker", "holdout": "validation", "test": "test"}
     assert set(train["phase"]) == {"ranker"} and set(holdout["phase"]) == {"validation"}
     window = splits[splits["ranker_window"]]
-    assert info["lists"]["train"] == len(window) == train["query_id"].nunique()
-    assert train.groupby("user")["query_id"].nunique().max() == 3  # up to ranker_window lists per user
+    # the window's lists whose item retrieval found: the appended missed items are not trained on
+    pool = pd.read_parquet(candidates / "candidates.parquet").merge(
+        pd.read_parquet(candidates / "queries.parquet")[["phase", "query_id", "target"]], on=["phase", "query_id"]
+    )
+    hits = pool[(pool["phase"] == "ranker") & (pool["item"] == pool["target"])]["query_id"]
+    assert 0 < hits.nunique() < len(window)
+    assert info["lists"]["train"] == hits.nunique() == train["query_id"].nunique()
+    assert set(train["query_id"]) == set(hits) and "target" not in set(train["source"])
+    assert train.groupby("user")["query_id"].nunique().max() > 1  # several lists per user
     # every user with a validation row is a holdout user now (no hashed share)
     assert set(holdout["user"]) == set(splits.loc[splits["split"] == "validation", "user"])
     # each training list's positive is its own window row's item

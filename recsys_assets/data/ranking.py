@@ -331,6 +331,7 @@ class RankingDataSettings:
     seed: int
     mds_partitions: int
     drop_later_train_items: bool = True
+    window_lists_with_a_hit: bool = True
 
 
 def build_ranking_dataset(
@@ -442,7 +443,9 @@ def ranker_lists(
     user's validation lists are the holdout. Without: the validation pairs of all users but a hashed
     `holdout_fraction` train, and those users' validation lists are the holdout. Holdout and test keep the
     retrieved pool only (the lists as served). With `drop_later_train_items`, a training list loses the
-    negatives that are the user's own later train rows (see `without_later_train_items`)."""
+    negatives that are the user's own later train rows (`without_later_train_items`); with a window and
+    `window_lists_with_a_hit`, only the lists whose positive retrieval found train
+    (`lists_with_a_retrieved_positive`)."""
     from pyspark.sql import functions as F
 
     train_phase, holdout_phase, test_phase = _table_phases(set(phase_tables))
@@ -453,11 +456,24 @@ def ranker_lists(
     train = phase_tables[train_phase]
     if settings.drop_later_train_items:
         train = without_later_train_items(train, splits)
+    if train_phase != holdout_phase and settings.window_lists_with_a_hit:
+        train = lists_with_a_retrieved_positive(train)
     return {
         "train": train.filter(~holdout_users) if train_phase == holdout_phase else train,
         "holdout": phase_tables[holdout_phase].filter(holdout_users & retrieved),
         "test": phase_tables[test_phase].filter(retrieved),
     }
+
+
+def lists_with_a_retrieved_positive(pairs: DataFrame) -> DataFrame:
+    """The lists whose positive retrieval found, without the pairs that retrieval did not propose as targets:
+    the ranker only ever reorders the pool. A positive appended where retrieval missed it has the poor ranks of
+    a missed item, which teaches "poor retrieval rank → positive" (measured on Last.fm: in the window's lists
+    positives had worse EASE ranks than negatives, in the holdout lists better)."""
+    from pyspark.sql import functions as F
+
+    hit = pairs.filter((F.col(SOURCE) == "retrieved") & (F.col(LABEL) > 0.5)).select(QUERY_ID).distinct()
+    return pairs.filter(F.col(SOURCE) != "target").join(hit, QUERY_ID, "left_semi")
 
 
 def without_later_train_items(pairs: DataFrame, splits: DataFrame) -> DataFrame:

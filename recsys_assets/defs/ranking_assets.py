@@ -39,6 +39,12 @@ class RankingDataConfig(dg.Config):
         description="A ranker-window list drops the negatives that are the user's own later train rows (they are "
         "not 'not picked'). Labels only: no feature or candidate reads them.",
     )
+    window_lists_with_a_hit: bool = Field(
+        True,
+        description="With a ranker window, train only on the lists whose item retrieval found (the ranker only "
+        "reorders the pool; an appended missed item carries the ranks of a miss). Without a window the missed "
+        "validation item is appended, as before the window.",
+    )
 
 
 class RecommendationsConfig(dg.Config):
