@@ -32,9 +32,9 @@ def test_asset_and_torchrun_train_the_same_model_from_the_defaults(train_cls, da
 
 
 def test_dlrm_defaults_are_the_chosen_ones():
-    """The settings chosen on the holdout lists (README), wherever the DLRM is trained from."""
+    """The settings chosen on the validation lists (README), wherever the DLRM is trained from."""
     cfg = DLRMTrainConfig.from_dict(DLRM_RUN)
-    assert (cfg.epochs, cfg.patience, cfg.batch_size) == (15, 4, 128)
+    assert (cfg.epochs, cfg.patience, cfg.batch_size) == (15, 4, 512)
     assert (cfg.sparse_lr, cfg.dense_lr, cfg.early_stopping_metric) == (0.002, 3e-3, "ndcg@10")
     assert DLRMConfig().epochs == 15 and DLRMConfig().early_stopping_metric == "ndcg@10"
 
