@@ -97,16 +97,17 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
     from recsys_assets.definitions import defs
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
+    state = StateResource(root=str(work / "state"))
     t0 = time.time()
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
         selection=dg.AssetSelection.assets(*selection) if selection else None,
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
-            "state": StateResource(root=str(work / "state")),
+            "state": state,
             "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=3600),
             "mlflow": MLflowResource(
-                tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_location=(work / "artifacts").as_uri()
+                state=state, tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_location=(work / "artifacts").as_uri()
             ),
             # on disk: a later run of the model stages loads the data assets of the first run
             "io_manager": dg.FilesystemIOManager(base_dir=str(work / "io")),

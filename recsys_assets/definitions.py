@@ -15,11 +15,13 @@ from recsys_assets.defs.retrieval_assets import retrieval_assets
 def default_resources() -> dict:
     """Embedded defaults: local Spark, CPU/gloo TorchDistributor with 2 processes, MLflow on a SQLite file and
     files under $RECSYS_STATE_DIR (else ./.recsys_state). Scale out by configuring these, not by code."""
+    # configured at launch, so run config under `resources: state:` reaches the nested copy in MLflow too
+    state = StateResource.configure_at_launch()
     return {
         "spark": SparkResource(),
-        "state": StateResource(),
+        "state": state,
         "torch_distributor": TorchDistributorResource(),
-        "mlflow": MLflowResource(),
+        "mlflow": MLflowResource(state=state),
     }
 
 

@@ -153,11 +153,11 @@ def test_embedding_table_smaller_than_the_largest_id(data, tmp_path, clean_datas
 
 
 def test_unreachable_mlflow_tracking_uri_is_named():
-    from recsys_assets.defs.resources import MLflowResource
+    from recsys_assets.defs.resources import MLflowResource, StateResource
 
     uri = "http://127.0.0.1:9"  # discard port: nothing listens
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="unreachable") as err:
-        MLflowResource(tracking_uri=uri).check_reachable(timeout_s=2)
+        MLflowResource(state=StateResource(), tracking_uri=uri).check_reachable(timeout_s=2)
     assert repr(uri) in str(err.value)
     assert time.monotonic() - start < 15

@@ -193,13 +193,16 @@ def test_two_tower_search_through_dagster_records_nested_mlflow_runs(spark, tmp_
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    state = StateResource(root=str(tmp_path / "state"))
     result = dg.materialize(
         [*data_assets, two_tower_model],
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=4),
-            "state": StateResource(root=str(tmp_path / "state")),
+            "state": state,
             "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=600),
-            "mlflow": MLflowResource(tracking_uri=tracking, artifact_location=(tmp_path / "artifacts").as_uri()),
+            "mlflow": MLflowResource(
+                state=state, tracking_uri=tracking, artifact_location=(tmp_path / "artifacts").as_uri()
+            ),
         },
         run_config={
             "ops": {

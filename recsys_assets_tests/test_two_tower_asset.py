@@ -24,13 +24,16 @@ def materialized(tmp_path_factory, spark):
 
     root = tmp_path_factory.mktemp("two_tower_asset")
     tracking = f"sqlite:///{root}/mlflow.db"
+    state = StateResource(root=str(root / "state"))
     result = dg.materialize(
         [*data_assets, *model_assets],
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=4),
-            "state": StateResource(root=str(root / "state")),
+            "state": state,
             "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=600),
-            "mlflow": MLflowResource(tracking_uri=tracking, artifact_location=(root / "artifacts").as_uri()),
+            "mlflow": MLflowResource(
+                state=state, tracking_uri=tracking, artifact_location=(root / "artifacts").as_uri()
+            ),
         },
         run_config={
             "ops": {

@@ -114,16 +114,14 @@ def root_run_id(context) -> str:
     return context.run.root_run_id or context.run_id
 
 
-def default_state_root() -> Path:
-    return StateResource().resolved_root()
-
-
 class MLflowResource(ConfigurableResource):
     """MLflow tracking for the model and evaluation assets (own code: dagster-mlflow is the old op-style API).
 
-    Store: ``tracking_uri``, else $MLFLOW_TRACKING_URI (read when used), else SQLite in the local state folder.
+    Store: ``tracking_uri``, else $MLFLOW_TRACKING_URI (read when used), else SQLite under ``state``'s root, the
+    same state resource the assets publish to (a nested resource: pass the instance given as "state").
     ``ui_url``: where `make ui` serves the MLflow UI, for the links in asset metadata."""
 
+    state: StateResource
     tracking_uri: str | None = None
     experiment_name: str = "recsys_assets"
     artifact_location: str | None = None
@@ -133,14 +131,14 @@ class MLflowResource(ConfigurableResource):
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
             return uri
-        db = default_state_root() / "mlflow" / "mlflow.db"
+        db = self.state.resolved_root() / "mlflow" / "mlflow.db"
         db.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{db}"
 
     def resolved_artifact_location(self) -> str:
         if self.artifact_location:
             return self.artifact_location
-        return (default_state_root() / "mlflow" / "artifacts").as_uri()
+        return (self.state.resolved_root() / "mlflow" / "artifacts").as_uri()
 
     def client(self):
         from mlflow.tracking import MlflowClient
