@@ -97,15 +97,20 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
     from recsys_assets.definitions import defs
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
-    state = StateResource(root=str(work / "state"))
+    spark, state = (
+        SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
+        StateResource(root=str(work / "state")),
+    )
     t0 = time.time()
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
         selection=dg.AssetSelection.assets(*selection) if selection else None,
         resources={
-            "spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
+            "spark": spark,
             "state": state,
-            "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=3600),
+            "torch_distributor": TorchDistributorResource(
+                spark=spark, num_processes=2, local_mode=True, timeout_seconds=3600
+            ),
             "mlflow": MLflowResource(
                 state=state, tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_location=(work / "artifacts").as_uri()
             ),

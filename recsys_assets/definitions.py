@@ -15,12 +15,13 @@ from recsys_assets.defs.retrieval_assets import retrieval_assets
 def default_resources() -> dict:
     """Embedded defaults: local Spark, CPU/gloo TorchDistributor with 2 processes, MLflow on a SQLite file and
     files under $RECSYS_STATE_DIR (else ./.recsys_state). Scale out by configuring these, not by code."""
-    # configured at launch, so run config under `resources: state:` reaches the nested copy in MLflow too
-    state = StateResource.configure_at_launch()
+    # configured at launch, so run config under `resources: spark:` / `state:` also reaches the resources that
+    # depend on them
+    spark, state = SparkResource.configure_at_launch(), StateResource.configure_at_launch()
     return {
-        "spark": SparkResource(),
+        "spark": spark,
         "state": state,
-        "torch_distributor": TorchDistributorResource(),
+        "torch_distributor": TorchDistributorResource(spark=spark),
         "mlflow": MLflowResource(state=state),
     }
 

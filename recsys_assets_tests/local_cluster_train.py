@@ -57,12 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     events: list[dict] = []
     resource = TorchDistributorResource(
-        num_processes=args.num_processes, local_mode=args.local_mode == "true", timeout_seconds=600
+        spark=spark, num_processes=args.num_processes, local_mode=args.local_mode == "true", timeout_seconds=600
     )
     t0 = time.monotonic()
     result = resource.run(
         dg.build_asset_context(),
-        spark,
         train_two_tower,
         config,
         progress_file=config.progress_file,

@@ -160,15 +160,14 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_mid_epoch(reference, datase
     expected = max(s for s in range(1, kill_at + 1) if s % EVERY == 0 or s % spe == 0)
     assert spe < expected < 2 * spe  # the last checkpoint before the kill is a mid-epoch one
     config = _config(dataset, tmp_path / "ck")
-    resource = TorchDistributorResource(num_processes=2, timeout_seconds=300)
-    session = SparkResource(master="local[2]")
+    resource = TorchDistributorResource(spark=SparkResource(master="local[2]"), num_processes=2, timeout_seconds=300)
 
     # torchrun's processes unpickle train_two_tower_exiting by reference: they import fault_injection from here
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
     before = {pid for pid, _ in _descendants_alive()}  # e.g. multiprocessing's resource tracker, long-lived
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="distributed training failed") as err:
-        resource.run(None, session, train_two_tower_exiting, config, 1, kill_at, on_progress=lambda rec: None)
+        resource.run(None, train_two_tower_exiting, config, 1, kill_at, on_progress=lambda rec: None)
     elapsed = time.monotonic() - start
     print(f"\nkilled run failed after {elapsed:.1f}s: {str(err.value)[:600]}")
     assert elapsed < 150
@@ -178,7 +177,7 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_mid_epoch(reference, datase
     assert [p for p in _descendants_alive() if p[0] not in before] == []  # torchrun and both ranks are gone
 
     t0 = time.monotonic()
-    resumed = resource.run(None, session, train_two_tower, config, on_progress=lambda rec: None)
+    resumed = resource.run(None, train_two_tower, config, on_progress=lambda rec: None)
     print(
         f"relaunch: {time.monotonic() - t0:.1f}s, resumed from step {resumed.resumed_from_step}, "
         f"{resumed.final_metrics} vs uninterrupted {ref.final_metrics}"

@@ -19,11 +19,15 @@ pytestmark = pytest.mark.multiprocess  # TorchDistributor with 2 processes
 def _resources(root: Path) -> dict:
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
+    spark = SparkResource(master="local[2]", shuffle_partitions=4)
+
     state = StateResource(root=str(root / "state"))
     return {
-        "spark": SparkResource(master="local[2]", shuffle_partitions=4),
+        "spark": spark,
         "state": state,
-        "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=600),
+        "torch_distributor": TorchDistributorResource(
+            spark=spark, num_processes=2, local_mode=True, timeout_seconds=600
+        ),
         "mlflow": MLflowResource(
             state=state, tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_location=(root / "artifacts").as_uri()
         ),

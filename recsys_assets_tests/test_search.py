@@ -87,14 +87,11 @@ def test_a_trial_launch_past_its_limit_is_killed_and_the_search_goes_on(spark):
     """The trial's limit reaches the launcher, which kills the training processes (TimeoutError)."""
     from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
 
-    resource = TorchDistributorResource(num_processes=2, timeout_seconds=600)
+    resource = TorchDistributorResource(spark=SparkResource(master="local[2]"), num_processes=2, timeout_seconds=600)
 
     def objective(params, trial):
         if trial.number == 0:  # "training" that would run 10 minutes
-            spark_resource = SparkResource(master="local[2]")
-            resource.run(
-                None, spark_resource, time.sleep, 600, on_progress=print, timeout_seconds=trial.timeout_seconds
-            )
+            resource.run(None, time.sleep, 600, on_progress=print, timeout_seconds=trial.timeout_seconds)
         return 1.0
 
     start = time.monotonic()
@@ -193,13 +190,16 @@ def test_two_tower_search_through_dagster_records_nested_mlflow_runs(spark, tmp_
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    spark = SparkResource(master="local[2]", shuffle_partitions=4)
     state = StateResource(root=str(tmp_path / "state"))
     result = dg.materialize(
         [*data_assets, two_tower_model],
         resources={
-            "spark": SparkResource(master="local[2]", shuffle_partitions=4),
+            "spark": spark,
             "state": state,
-            "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=600),
+            "torch_distributor": TorchDistributorResource(
+                spark=spark, num_processes=2, local_mode=True, timeout_seconds=600
+            ),
             "mlflow": MLflowResource(
                 state=state, tracking_uri=tracking, artifact_location=(tmp_path / "artifacts").as_uri()
             ),

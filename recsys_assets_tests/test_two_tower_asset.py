@@ -24,13 +24,16 @@ def materialized(tmp_path_factory, spark):
 
     root = tmp_path_factory.mktemp("two_tower_asset")
     tracking = f"sqlite:///{root}/mlflow.db"
+    spark = SparkResource(master="local[2]", shuffle_partitions=4)
     state = StateResource(root=str(root / "state"))
     result = dg.materialize(
         [*data_assets, *model_assets],
         resources={
-            "spark": SparkResource(master="local[2]", shuffle_partitions=4),
+            "spark": spark,
             "state": state,
-            "torch_distributor": TorchDistributorResource(num_processes=2, local_mode=True, timeout_seconds=600),
+            "torch_distributor": TorchDistributorResource(
+                spark=spark, num_processes=2, local_mode=True, timeout_seconds=600
+            ),
             "mlflow": MLflowResource(
                 state=state, tracking_uri=tracking, artifact_location=(root / "artifacts").as_uri()
             ),
@@ -148,11 +151,11 @@ def test_failed_rank_is_a_clear_error_without_hanging(spark, tmp_path):
     from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
     from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_two_tower
 
-    resource = TorchDistributorResource(num_processes=2, timeout_seconds=300)
+    resource = TorchDistributorResource(spark=SparkResource(master="local[2]"), num_processes=2, timeout_seconds=300)
     cfg = TwoTowerTrainConfig(data_root=str(tmp_path / "does-not-exist"), epochs=1)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="distributed training failed") as err:
-        resource.run(None, SparkResource(master="local[2]"), train_two_tower, cfg, on_progress=print)
+        resource.run(None, train_two_tower, cfg, on_progress=print)
     assert "does-not-exist" in str(err.value) or "No such file" in str(err.value)
     assert time.monotonic() - start < 120
 
@@ -164,9 +167,9 @@ def test_large_results_come_back_intact(spark):
     its own; this test checks that handover, it does not reproduce the timing.)"""
     from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
 
-    resource = TorchDistributorResource(num_processes=2, timeout_seconds=300)
+    resource = TorchDistributorResource(spark=SparkResource(master="local[2]"), num_processes=2, timeout_seconds=300)
     # 3M distinct short strings: pickling takes long enough that the two ranks' writes overlap
-    out = resource.run(None, SparkResource(master="local[2]"), str.split, "ab " * 3_000_000, on_progress=print)
+    out = resource.run(None, str.split, "ab " * 3_000_000, on_progress=print)
     assert len(out) == 3_000_000 and set(out) == {"ab"}
 
 
@@ -174,10 +177,10 @@ def test_timeout_kills_the_process_tree(spark):
     from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
     from recsys_assets.training.launch import process_table
 
-    resource = TorchDistributorResource(num_processes=2, timeout_seconds=15)
+    resource = TorchDistributorResource(spark=SparkResource(master="local[2]"), num_processes=2, timeout_seconds=15)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="timeout_seconds=15"):
-        resource.run(None, SparkResource(master="local[2]"), time.sleep, 600, on_progress=print)
+        resource.run(None, time.sleep, 600, on_progress=print)
     assert time.monotonic() - start < 90
     time.sleep(2)
     children: dict[int, list[tuple[int, str]]] = {}
@@ -202,7 +205,8 @@ def _is_zombie(pid: int) -> bool:
 def test_num_processes_above_cores_is_refused_before_training():
     import os
 
-    from recsys_assets.defs.resources import TorchDistributorResource
+    from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
 
+    too_many = (os.cpu_count() or 1) + 1
     with pytest.raises(ValueError, match="num_processes=.* larger than"):
-        TorchDistributorResource(num_processes=(os.cpu_count() or 1) + 1).validate()
+        TorchDistributorResource(spark=SparkResource(), num_processes=too_many).validate()

@@ -13,7 +13,7 @@ import dagster as dg
 
 from recsys_assets.data.checks import CheckOutcome
 from recsys_assets.data.stages import Preview
-from recsys_assets.defs.resources import SparkResource, TorchDistributorResource
+from recsys_assets.defs.resources import TorchDistributorResource
 
 
 def progress_logger(context: dg.AssetExecutionContext, model_name: str):
@@ -39,11 +39,10 @@ def progress_logger(context: dg.AssetExecutionContext, model_name: str):
 def launcher(
     context: dg.AssetExecutionContext,
     torch_distributor: TorchDistributorResource,
-    spark: SparkResource,
     model_name: str,
 ):
     """`launch(fn, config, progress_file=...)` for training.runs: TorchDistributor, progress in the Dagster log."""
-    return functools.partial(torch_distributor.run, context, spark, on_progress=progress_logger(context, model_name))
+    return functools.partial(torch_distributor.run, context, on_progress=progress_logger(context, model_name))
 
 
 # Fields of a training config that say where a run reports, not what it trains.

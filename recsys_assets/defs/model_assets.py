@@ -10,7 +10,7 @@ from recsys_assets.defs.configs import TwoTowerConfig, search_budget, train_conf
 from recsys_assets.defs.constants import RETRIEVAL_GROUP, TRAINING_POOL
 from recsys_assets.defs.helpers import TrainedOnce, curves_metadata, launcher, record_search, training_metadata
 from recsys_assets.defs.registry import register_two_tower
-from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+from recsys_assets.defs.resources import MLflowResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import PublishedFolder, TrainedModel
 
 
@@ -49,7 +49,6 @@ def two_tower_model(
     mds_splits: PublishedFolder,
     torch_distributor: TorchDistributorResource,
     mlflow: MLflowResource,
-    spark: SparkResource,
     state: StateResource,
 ) -> dg.Output[TrainedModel]:
     from recsys_assets.training.runs import fit_two_tower
@@ -65,9 +64,7 @@ def two_tower_model(
         trained = TrainedOnce(context.log.info)  # the fit's validation phase reuses the chosen trial's run
         search = None
         if config.search_trials:
-            search = _search(
-                context, config, mds_splits.path, meta, torch_distributor, spark, run, out.staging, trained
-            )
+            search = _search(context, config, mds_splits.path, meta, torch_distributor, run, out.staging, trained)
             config = config.model_copy(update=search.settings)  # the fit below trains the chosen settings
         run.log_params(
             {
@@ -79,7 +76,7 @@ def two_tower_model(
             }
         )
         fit = fit_two_tower(
-            trained.reuse(launcher(context, torch_distributor, spark, "two_tower")),
+            trained.reuse(launcher(context, torch_distributor, "two_tower")),
             lambda **phase: _train_config(
                 config,
                 mds_splits.path,
@@ -110,13 +107,13 @@ def two_tower_model(
     return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
 
 
-def _search(context, config, data_root: str, meta, torch_distributor, spark, run, folder: Path, trained: TrainedOnce):
+def _search(context, config, data_root: str, meta, torch_distributor, run, folder: Path, trained: TrainedOnce):
     """The settings search on the validation phase (training.search); trials' progress in `folder`/search; their
     results kept in `trained`."""
     from recsys_assets.training.search import MlflowTrialRuns, search_two_tower
 
     return search_two_tower(
-        trained.record(launcher(context, torch_distributor, spark, "two_tower search")),
+        trained.record(launcher(context, torch_distributor, "two_tower search")),
         lambda settings, **fields: _train_config(
             config.model_copy(update=settings),
             data_root,

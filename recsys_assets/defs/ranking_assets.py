@@ -110,7 +110,6 @@ def dlrm_model(
     ranking_dataset: RankingData,
     torch_distributor: TorchDistributorResource,
     mlflow: MLflowResource,
-    spark: SparkResource,
     state: StateResource,
 ) -> dg.Output[TrainedModel]:
     from recsys_assets.training.dlrm import DLRMTrainConfig
@@ -129,7 +128,7 @@ def dlrm_model(
     ):
         search = None
         if config.search_trials:
-            search = _search(context, config, ranking_dataset, info, torch_distributor, mlflow, spark, state, run, out)
+            search = _search(context, config, ranking_dataset, info, torch_distributor, mlflow, state, run, out)
             config = config.model_copy(update=search.settings)  # the fit below trains the chosen settings
             layout, settings = _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state)
         run.log_params(
@@ -141,7 +140,7 @@ def dlrm_model(
             }
         )
         fit = fit_dlrm(
-            launcher(context, torch_distributor, spark, "dlrm"),
+            launcher(context, torch_distributor, "dlrm"),
             lambda **kw: train_config(DLRMTrainConfig, config, **settings, mlflow_run_id=run.id, **kw),
             out.staging,
             ranking_dataset.path,
@@ -166,7 +165,7 @@ def dlrm_model(
     return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
 
 
-def _search(context, config, ranking_dataset, info, torch_distributor, mlflow, spark, state, run, out):
+def _search(context, config, ranking_dataset, info, torch_distributor, mlflow, state, run, out):
     """The settings search on the holdout lists (training.search); trials' progress in the model folder's
     search/. A trial's feature switches choose its sparse layout."""
     from recsys_assets.training.dlrm import DLRMTrainConfig
@@ -180,7 +179,7 @@ def _search(context, config, ranking_dataset, info, torch_distributor, mlflow, s
         return train_config(DLRMTrainConfig, trial_config, **{**trial_settings, **fields})
 
     return search_dlrm(
-        launcher(context, torch_distributor, spark, "dlrm search"),
+        launcher(context, torch_distributor, "dlrm search"),
         make_config,
         search_budget(config),
         baseline=config.model_dump(),

@@ -273,8 +273,10 @@ class TorchDistributorResource(ConfigurableResource):
 
     ``local_mode=True`` runs torchrun on the driver; ``local_mode=False`` one process per Spark task on the
     executors (a cluster, or ``local-cluster[...]``). ``use_gpu``: CUDA + nccl and GPU tasks. The function must be
-    importable by the child processes (a module-level function of an installed package)."""
+    importable by the child processes (a module-level function of an installed package). ``spark``: the session
+    TorchDistributor launches from (a nested resource: pass the instance given as "spark")."""
 
+    spark: SparkResource
     num_processes: int = Field(2, ge=1)
     use_gpu: bool = False
     local_mode: bool = True
@@ -297,7 +299,6 @@ class TorchDistributorResource(ConfigurableResource):
     def run(
         self,
         context,
-        spark: SparkResource,
         fn,
         *args,
         progress_file: Path | None = None,
@@ -314,7 +315,7 @@ class TorchDistributorResource(ConfigurableResource):
         return run_distributed(
             fn,
             *args,
-            session=spark.spark_session,
+            session=self.spark.spark_session,
             num_processes=self.num_processes,
             local_mode=self.local_mode,
             use_gpu=self.use_gpu,

@@ -1,0 +1,85 @@
+"""Resources declare what they depend on: MLflow's fallback store lives under the configured state root, set in code
+or at launch, never under a fresh default one; TorchDistributor launches from the configured Spark resource."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+
+
+@dg.asset
+def mlflow_store_probe(mlflow: MLflowResource, state: StateResource) -> dict:
+    """Creates the experiment in the fallback store and reports where it went."""
+    return {
+        "experiment_id": mlflow.experiment_id(),
+        "tracking_uri": mlflow.resolved_tracking_uri(),
+        "artifacts": mlflow.resolved_artifact_location(),
+        "state_root": str(state.resolved_root()),
+    }
+
+
+@pytest.fixture
+def other_state_dir(tmp_path, monkeypatch) -> Path:
+    """The environment points elsewhere, so only the configured root can explain where the store lands."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RECSYS_STATE_DIR", str(tmp_path / "from_env"))
+    return tmp_path / "from_env"
+
+
+def _probe(resources: dict, run_config: dict | None = None) -> dict:
+    result = dg.materialize([mlflow_store_probe], resources=resources, run_config=run_config or {})
+    assert result.success
+    return result.output_for_node("mlflow_store_probe")
+
+
+def _assert_store_under(root: Path, probe: dict) -> None:
+    db = root.resolve() / "mlflow" / "mlflow.db"
+    assert probe["state_root"] == str(root.resolve())
+    assert probe["tracking_uri"] == f"sqlite:///{db}"
+    assert probe["artifacts"] == (root.resolve() / "mlflow" / "artifacts").as_uri()
+    assert db.is_file()
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=f"sqlite:///{db}").get_experiment(probe["experiment_id"]) is not None
+
+
+def test_state_root_set_at_launch_is_where_the_default_definitions_put_mlflow(tmp_path, other_state_dir):
+    from recsys_assets.definitions import default_resources
+
+    root = tmp_path / "configured"
+    probe = _probe(default_resources(), {"resources": {"state": {"config": {"root": str(root)}}}})
+    _assert_store_under(root, probe)
+    assert not (other_state_dir / "mlflow").exists()
+
+
+def test_state_root_set_in_code_is_where_mlflow_stores(tmp_path, other_state_dir):
+    state = StateResource(root=str(tmp_path / "in_code"))
+    probe = _probe({"state": state, "mlflow": MLflowResource(state=state)})
+    _assert_store_under(tmp_path / "in_code", probe)
+    assert not (other_state_dir / "mlflow").exists()
+
+
+@dg.asset
+def distributor_spark_probe(torch_distributor: TorchDistributorResource, spark: SparkResource) -> dict:
+    """The Spark settings TorchDistributor would launch from, next to the top-level resource's (no session starts)."""
+    return {"nested": torch_distributor.spark.resolved_config(), "top_level": spark.resolved_config()}
+
+
+def test_spark_configured_at_launch_is_the_one_torch_distributor_launches_from():
+    from recsys_assets.definitions import default_resources
+
+    spark_config = {"master": "local[1]", "app_name": "configured_at_launch"}
+    result = dg.materialize(
+        [distributor_spark_probe],
+        resources=default_resources(),
+        run_config={"resources": {"spark": {"config": spark_config}}},
+    )
+    assert result.success
+    probe = result.output_for_node("distributor_spark_probe")
+    assert probe["nested"] == probe["top_level"]
+    assert probe["nested"]["spark.master"] == "local[1]"
+    assert probe["nested"]["spark.app.name"] == "configured_at_launch"
