@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from recsys_assets.defs import automation as A
+from recsys_assets.defs.constants import TRAINING_POOL
 from recsys_assets.defs.data_assets import RawInteractionsConfig, TableSourceConfig, data_assets
 from recsys_assets.defs.data_checks import data_checks
 from recsys_assets.defs.model_assets import model_assets, two_tower_model
@@ -74,7 +75,7 @@ def test_retrain_all_carries_run_retry_tags():
 
 
 def test_training_pool_name_matches_the_training_asset():
-    assert two_tower_model.op.pool == A.TRAINING_POOL
+    assert two_tower_model.op.pool == TRAINING_POOL
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -256,24 +257,40 @@ def test_default_sensor_watches_the_demo_config():
 
 
 # ------------------------------------------------------------------------------------------------ instance
+def _ensure_training_pool_limit(instance: dg.DagsterInstance, limit: int = 1, pool: str = TRAINING_POOL) -> bool:
+    """(How a deployment would pin the pool on an existing instance; `make demo` writes dagster.yaml instead.)
+    Sets an explicit limit of `limit` slots on the training pool (the same as
+    `dagster instance concurrency set training 1`, or the UI's Concurrency page). Idempotent.
+
+    Returns True when the instance's pool limit is now `limit`; False when the instance's storage has no
+    concurrency slots (an in-memory instance such as `DagsterInstance.ephemeral()`, which enforces no pools)."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return False
+    current = {p.name: p for p in storage.get_pool_limits()}.get(pool)
+    if current is None or current.limit != limit or current.from_default:
+        storage.set_concurrency_slots(pool, limit)
+    return True
+
+
 def test_ensure_training_pool_limit_on_a_persistent_instance():
     with dg.instance_for_test() as instance:
         storage = instance.event_log_storage
-        assert A.ensure_training_pool_limit(instance) is True
-        assert storage.get_concurrency_info(A.TRAINING_POOL).slot_count == 1
-        assert A.ensure_training_pool_limit(instance) is True  # idempotent
-        assert storage.get_concurrency_info(A.TRAINING_POOL).slot_count == 1
+        assert _ensure_training_pool_limit(instance) is True
+        assert storage.get_concurrency_info(TRAINING_POOL).slot_count == 1
+        assert _ensure_training_pool_limit(instance) is True  # idempotent
+        assert storage.get_concurrency_info(TRAINING_POOL).slot_count == 1
         # one slot: a second run's training step waits until the first frees it
-        assert storage.claim_concurrency_slot(A.TRAINING_POOL, "run-1", "two_tower_model").is_claimed
-        assert not storage.claim_concurrency_slot(A.TRAINING_POOL, "run-2", "two_tower_model").is_claimed
+        assert storage.claim_concurrency_slot(TRAINING_POOL, "run-1", "two_tower_model").is_claimed
+        assert not storage.claim_concurrency_slot(TRAINING_POOL, "run-2", "two_tower_model").is_claimed
         storage.free_concurrency_slots_for_run("run-1")
-        assert storage.claim_concurrency_slot(A.TRAINING_POOL, "run-2", "two_tower_model").is_claimed
-        assert A.ensure_training_pool_limit(instance, limit=2) is True
-        assert storage.get_concurrency_info(A.TRAINING_POOL).slot_count == 2
+        assert storage.claim_concurrency_slot(TRAINING_POOL, "run-2", "two_tower_model").is_claimed
+        assert _ensure_training_pool_limit(instance, limit=2) is True
+        assert storage.get_concurrency_info(TRAINING_POOL).slot_count == 2
 
 
 def test_ensure_training_pool_limit_on_an_in_memory_instance_reports_no_support():
-    assert A.ensure_training_pool_limit(dg.DagsterInstance.ephemeral()) is False
+    assert _ensure_training_pool_limit(dg.DagsterInstance.ephemeral()) is False
 
 
 def test_dagster_yaml_enables_run_retries_and_limits_the_training_pool(tmp_path):
@@ -284,8 +301,8 @@ def test_dagster_yaml_enables_run_retries_and_limits_the_training_pool(tmp_path)
         assert pools.default_pool_limit == 1 and pools.pool_granularity.value == "op"
         assert instance.run_monitoring_enabled
         # the default limit applies to the training pool without any CLI step
-        instance.event_log_storage.initialize_concurrency_limit_to_default(A.TRAINING_POOL)
-        assert instance.event_log_storage.get_concurrency_info(A.TRAINING_POOL).slot_count == 1
+        instance.event_log_storage.initialize_concurrency_limit_to_default(TRAINING_POOL)
+        assert instance.event_log_storage.get_concurrency_info(TRAINING_POOL).slot_count == 1
 
     written = A.write_dagster_yaml(tmp_path / "home")
     assert written.read_text() == A.DAGSTER_YAML

@@ -5,7 +5,7 @@ import struct
 import subprocess
 import sys
 
-from recsys_assets.evaluation.plots import image_markdown, log_png_to_mlflow, metrics_bar_chart_png, training_curves_png
+from recsys_assets.evaluation.plots import image_markdown, metrics_bar_chart_png, training_curves_png
 
 HISTORY = [  # the shape of TwoTowerTrainResult.history
     {
@@ -62,7 +62,7 @@ def test_no_pyplot_state():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_log_png_to_mlflow(tmp_path):
+def test_training_curves_png_is_an_mlflow_artifact(tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -70,5 +70,5 @@ def test_log_png_to_mlflow(tmp_path):
     exp = client.create_experiment("plots", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
     png = training_curves_png(HISTORY, tmp_path / "training_curves.png")
-    log_png_to_mlflow(uri, run_id, png)
+    client.log_artifact(run_id, str(png), artifact_path="plots")
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/training_curves.png"]

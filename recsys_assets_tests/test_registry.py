@@ -106,6 +106,8 @@ def test_champion_stays_on_a_better_old_version_and_moves_to_a_better_new_one(cl
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == v2
     tags = client.get_model_version(NAME, v2).tags
     assert tags[R.ALIAS_TAG] == "challenger" and tags[R.REASON_TAG] == second.reason
+    assert float(tags[R.SCORE_TAG]) == pytest.approx(second.candidate_score, abs=1e-6)
+    assert R.SCORE_TAG not in client.get_model_version(NAME, v1).tags  # the first version had nothing to beat
     assert tags["dagster.run_id"].startswith("dagster-")
 
     v3 = _register(client, _scorer(1.0, seed=3))  # better

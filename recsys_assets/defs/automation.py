@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 import dagster as dg
 import yaml
 
-from recsys_assets.defs.constants import TRAINING_POOL
 from recsys_assets.defs.data_assets import RawInteractionsConfig
 
 RETRAIN_CRON_ENV = "RECSYS_RETRAIN_CRON"
@@ -53,7 +52,8 @@ RUN_EXECUTOR = dg.in_process_executor
 retrain_all = dg.define_asset_job(
     name="retrain_all",
     selection=dg.AssetSelection.all(),
-    description="Materialize the whole graph: source -> splits -> MDS -> Two Tower model -> item embeddings. "
+    description="Materialize the whole graph: source -> interactions -> splits -> MDS -> Two Tower -> item "
+    "embeddings and index -> retrieval candidates -> ranking dataset -> DLRM -> recommendations, and the evaluation. "
     f"Retried up to {RETRAIN_MAX_RETRIES} times from the failed step (instance run retries must be enabled).",
     tags=RETRAIN_RUN_TAGS,  # no run_tags given: Dagster appends these job tags to every run of the job
     executor_def=RUN_EXECUTOR,
@@ -301,21 +301,6 @@ def write_dagster_yaml(dagster_home: str | os.PathLike, *, overwrite: bool = Fal
     if overwrite or not target.exists() or not target.read_text().strip():
         target.write_text(DAGSTER_YAML)
     return target
-
-
-def ensure_training_pool_limit(instance: dg.DagsterInstance, limit: int = 1, pool: str = TRAINING_POOL) -> bool:
-    """Sets an explicit limit of `limit` slots on the training pool (the same as
-    `dagster instance concurrency set training 1`, or the UI's Concurrency page). Idempotent.
-
-    Returns True when the instance's pool limit is now `limit`; False when the instance's storage has no
-    concurrency slots (an in-memory instance such as `DagsterInstance.ephemeral()`, which enforces no pools)."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return False
-    current = {p.name: p for p in storage.get_pool_limits()}.get(pool)
-    if current is None or current.limit != limit or current.from_default:
-        storage.set_concurrency_slots(pool, limit)
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ exports

@@ -130,10 +130,3 @@ def image_markdown(path: PathLike, alt: str = "plot") -> str:
     """Markdown that shows the PNG inline (base64 data URI): `![alt](data:image/png;base64,...)`."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f"![{alt}](data:image/png;base64,{data})"
-
-
-def log_png_to_mlflow(tracking_uri: str, run_id: str, path: PathLike, artifact_path: str = "plots") -> None:
-    """Adds the PNG to an existing MLflow run's artifacts (under `artifact_path/`)."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=tracking_uri).log_artifact(run_id, str(path), artifact_path=artifact_path)

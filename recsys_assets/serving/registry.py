@@ -23,7 +23,7 @@ REGISTERED_MODELS = {"two_tower": "recsys_two_tower", "dlrm": "recsys_dlrm"}
 MODEL_FOLDER_TAG = "model_folder"  # the published model folder: where a later run re-scores this version
 ALIAS_TAG = "registry_alias"
 REASON_TAG = "registry_reason"
-SCORE_TAG = "registry_score"  # the candidate score at registration (on its own data)
+SCORE_TAG = "registry_score"  # the new version's score on the new validation data, when compared with a champion
 METRIC_TAG = "registry_metric"
 
 
@@ -116,6 +116,8 @@ def promote(
     client.set_registered_model_alias(name, decision.alias, version)
     client.set_model_version_tag(name, version, ALIAS_TAG, decision.alias)
     client.set_model_version_tag(name, version, REASON_TAG, decision.reason[:5000])
+    if decision.candidate_score is not None:  # scored only when compared with a champion
+        client.set_model_version_tag(name, version, SCORE_TAG, f"{decision.candidate_score:.6f}")
     return decision
 
 
