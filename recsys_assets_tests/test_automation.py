@@ -14,11 +14,9 @@ import yaml
 
 from recsys_assets.defs import automation as A
 from recsys_assets.defs.constants import TRAINING_POOL
-from recsys_assets.defs.data_assets import RawInteractionsConfig, TableSourceConfig, data_assets
+from recsys_assets.defs.data_assets import RawInteractionsConfig, TableSourceConfig
 from recsys_assets.defs.data_checks import data_checks
-from recsys_assets.defs.model_assets import model_assets, two_tower_model
-from recsys_assets.defs.ranking_assets import ranking_assets
-from recsys_assets.defs.retrieval_assets import retrieval_assets
+from recsys_assets.defs.model_assets import two_tower_model
 
 ENV_VARS = (A.RETRAIN_CRON_ENV, A.RETRAIN_TIMEZONE_ENV, A.RUN_CONFIG_ENV, A.SENSOR_INTERVAL_ENV)
 
@@ -30,12 +28,12 @@ def clean_env(monkeypatch):
 
 
 def _defs(schedules=None, sensors=None) -> dg.Definitions:
-    from recsys_assets.definitions import default_resources
+    """The product's definitions (every asset and check), with these schedules and sensors."""
+    from recsys_assets.definitions import default_resources, defs
 
     return dg.Definitions(
-        # the graph up to the ranker: the demo run config sets dlrm_model too
-        assets=[*data_assets, *model_assets, *retrieval_assets, *ranking_assets],
-        asset_checks=[*data_checks],
+        assets=defs.assets,
+        asset_checks=defs.asset_checks,
         resources=default_resources(),
         jobs=A.jobs,
         schedules=A.schedules if schedules is None else schedules,
@@ -60,9 +58,13 @@ def test_objects_load_with_the_project_assets():
     defs = _defs()
     dg.Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("retrain_all")
-    assert set(job.asset_layer.asset_graph.get_all_asset_keys()) >= {a.key for a in [*data_assets, *model_assets]}
-    # blocking data checks run inside the job too
-    assert len(job.asset_layer.asset_graph.asset_check_keys) == len(data_checks)
+    # the whole product graph, evaluation included (the demo run config sets its settings)
+    job_assets = set(job.asset_layer.asset_graph.get_all_asset_keys())
+    assert job_assets == {key for a in defs.assets for key in a.keys}
+    assert dg.AssetKey("evaluation") in job_assets
+    # blocking data checks and the funnel's gates run inside the job too
+    assert set(job.asset_layer.asset_graph.asset_check_keys) == {key for c in defs.asset_checks for key in c.check_keys}
+    assert {key for c in data_checks for key in c.check_keys} <= set(job.asset_layer.asset_graph.asset_check_keys)
     assert [s.name for s in A.schedules] == ["retrain_all_schedule"]
     assert [s.name for s in A.sensors] == ["new_source_data"]
     assert all(s.job_name == "retrain_all" for s in [*A.schedules, *A.sensors])
