@@ -40,37 +40,53 @@ def test_a_failing_trial_is_recorded_and_skipped():
     assert "| 1 | FAIL |" in table and "RuntimeError: boom in trial 1" in table
 
 
+class FakeClock:
+    """The search's clock, advanced by the objectives: trials "take" exact times, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_a_trial_past_its_time_is_failed_and_the_budget_stops_new_trials():
-    limits = []
+    clock, limits = FakeClock(), []
 
     def objective(params, trial):
         limits.append(trial.timeout_seconds)
-        time.sleep(0.6 if trial.number == 0 else 0.05)
+        clock.spend(0.5 if trial.number == 0 else 0.25)
         return params["x"]
 
     result = search_settings(
         objective,
         SPACE,
-        SearchBudget(trials=2, timeout_seconds=60, trial_timeout_seconds=0.3),
+        SearchBudget(trials=2, timeout_seconds=60, trial_timeout_seconds=0.25),
         metric="score",
         log=lambda _: None,
+        clock=clock,
     )
     assert [t.state for t in result.trials] == ["FAIL", "COMPLETE"]
-    assert "past its limit of 0.3 s" in result.trials[0].error
+    assert "ran 0.5 s, past its limit of 0.2 s" in result.trials[0].error  # 0.25 printed to one decimal
+    assert [t.seconds for t in result.trials] == [0.5, 0.25]  # a trial at its limit exactly is not past it
     assert result.best_params == result.trials[1].params
-    assert limits == [0.3, 0.3]  # the objective is told its limit (to stop its training)
+    assert limits == [0.25, 0.25]  # the objective is told its limit (to stop its training)
 
-    # no trial starts once the wall-clock budget is spent, and none is given more than what is left
-    limits.clear()
+    # no trial starts once the budget is spent, and none is given more than what is left of it
+    clock, limits = FakeClock(), []
     short = search_settings(
-        lambda params, trial: (limits.append(trial.timeout_seconds), time.sleep(0.2), 1.0)[-1],
+        lambda params, trial: (limits.append(trial.timeout_seconds), clock.spend(0.25), 1.0)[-1],
         SPACE,
         SearchBudget(trials=100, timeout_seconds=1.0, trial_timeout_seconds=10),
         metric="score",
         log=lambda _: None,
+        clock=clock,
     )
-    assert 2 <= len(short.trials) <= 7
-    assert all(limit <= 1.0 for limit in limits)
+    assert [t.state for t in short.trials] == ["COMPLETE"] * 4
+    assert limits == [1.0, 0.75, 0.5, 0.25]
 
 
 def test_no_successful_trial_keeps_the_configured_settings():

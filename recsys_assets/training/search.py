@@ -187,6 +187,7 @@ def search_settings(
     to_settings: Callable[[dict[str, Any]], dict[str, Any]] = dict,
     trial_runs: MlflowTrialRuns | None = None,
     log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.monotonic,
 ) -> SearchResult:
     """Up to `budget.trials` trials of ``objective(params, trial) -> metric`` with a seeded TPE sampler.
 
@@ -194,7 +195,8 @@ def search_settings(
     an Exception, returns a non-finite value or runs past its limit is recorded as FAIL with the error and
     skipped. A trial's limit is `trial_timeout_seconds`, cut to what is left of `timeout_seconds`, and is handed
     to the objective to stop its training; no trial starts once `timeout_seconds` is spent. `to_settings` turns
-    the best parameters into config values (`SearchResult.settings`)."""
+    the best parameters into config values (`SearchResult.settings`). `clock` measures the budget and the trials
+    (seconds; a test passes its own)."""
     import optuna
 
     if direction not in ("maximize", "minimize"):
@@ -204,15 +206,15 @@ def search_settings(
     if fixed:
         study.enqueue_trial(fixed)
     records: list[TrialRecord] = []
-    start = time.monotonic()
+    start = clock()
 
     def run_trial(optuna_trial) -> float:
         params = {name: dim.suggest(optuna_trial, name) for name, dim in space.items()}
-        limit = max(0.0, min(budget.trial_timeout_seconds, budget.timeout_seconds - (time.monotonic() - start)))
+        limit = max(0.0, min(budget.trial_timeout_seconds, budget.timeout_seconds - (clock() - start)))
         number = optuna_trial.number
         run_id = trial_runs.start(number, params) if trial_runs else None
         log(f"search trial {number} (limit {limit:.0f} s): {params}")
-        t0 = time.monotonic()
+        t0 = clock()
         value, error = None, None
         try:
             value = float(objective(params, Trial(number, limit, run_id)))
@@ -222,9 +224,9 @@ def search_settings(
             error = f"{type(exc).__name__}: {exc}"
         except BaseException as exc:  # interrupted (Ctrl-C, run terminated): the nested run fails, then re-raise
             if trial_runs:
-                trial_runs.end(_record(number, params, None, time.monotonic() - t0, run_id, repr(exc)), metric)
+                trial_runs.end(_record(number, params, None, clock() - t0, run_id, repr(exc)), metric)
             raise
-        seconds = time.monotonic() - t0
+        seconds = clock() - t0
         if error is None and seconds > limit:
             # an objective that does not stop itself in time: its value is not used
             error = f"ran {seconds:.1f} s, past its limit of {limit:.1f} s"
@@ -238,13 +240,18 @@ def search_settings(
             raise _TrialFailed(error)
         return value
 
+    def stop_when_spent(study, _trial) -> None:
+        """No trial starts once the budget is spent (checked after each trial, as Optuna's own timeout is)."""
+        if clock() - start >= budget.timeout_seconds:
+            study.stop()
+
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial is logged above, without Optuna's traceback
     try:
-        study.optimize(run_trial, n_trials=budget.trials, timeout=budget.timeout_seconds, catch=(_TrialFailed,))
+        study.optimize(run_trial, n_trials=budget.trials, catch=(_TrialFailed,), callbacks=[stop_when_spent])
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return _result(records, metric, direction, to_settings, time.monotonic() - start)
+    return _result(records, metric, direction, to_settings, clock() - start)
 
 
 def _record(number, params, value, seconds, run_id, error) -> TrialRecord:
