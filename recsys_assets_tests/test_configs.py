@@ -39,17 +39,42 @@ def test_dlrm_defaults_are_the_chosen_ones():
     assert DLRMConfig().epochs == 15 and DLRMConfig().early_stopping_metric == "ndcg@10"
 
 
+# Settings whose changed value needs a partner to stay valid, or is not a number or a flag.
+CHANGED_TOGETHER = {
+    DLRMTrainConfig: {
+        "embedding_dim": {"embedding_dim": 32, "bottom_layer_sizes": [64, 32]},  # the bottom MLP ends at it
+        "bottom_layer_sizes": {"bottom_layer_sizes": [32, 16]},
+        "top_layer_sizes": {"top_layer_sizes": [16, 1]},
+        "early_stopping_metric": {"early_stopping_metric": "hr@10"},
+    },
+    TwoTowerTrainConfig: {"layer_sizes": {"layer_sizes": [48, 32]}, "max_history": {"max_history": 5}},
+}
+
+
+def _changed(value):
+    """A value other than the default, of its type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1 if isinstance(value, int) else (value * 0.5 or 0.5)
+    raise AssertionError(f"no changed value for {value!r}: add the setting to CHANGED_TOGETHER")
+
+
 @pytest.mark.parametrize(
-    ("train_cls", "dagster_cls"), [(DLRMTrainConfig, DLRMConfig), (TwoTowerTrainConfig, TwoTowerConfig)]
+    ("train_cls", "dagster_cls", "run"),
+    [(DLRMTrainConfig, DLRMConfig, DLRM_RUN), (TwoTowerTrainConfig, TwoTowerConfig, TWO_TOWER_RUN)],
+    ids=["dlrm", "two_tower"],
 )
-def test_dagster_config_fields_are_the_training_settings(train_cls, dagster_cls):
-    exposed = {f.name: f for f in exposed_fields(train_cls)}
+def test_every_training_setting_set_on_the_asset_reaches_the_training_run(train_cls, dagster_cls, run):
     fields = dagster_cls.model_fields
-    assert set(exposed) <= set(fields)
-    for name, f in exposed.items():
-        default = list(f.default) if isinstance(f.default, tuple) else f.default
-        assert fields[name].default == default, name
-        assert fields[name].description == f.metadata["help"], name
+    defaults = train_cls.from_dict(run)
+    for f in exposed_fields(train_cls):
+        assert fields[f.name].description == f.metadata["help"], f.name  # the UI shows the training help
+        settings = CHANGED_TOGETHER[train_cls].get(f.name) or {f.name: _changed(f.default)}
+        trained = train_config(train_cls, dagster_cls(**settings), **run)
+        for name, value in settings.items():
+            value = tuple(value) if isinstance(value, list) else value
+            assert getattr(trained, name) == value != getattr(defaults, name), name
 
 
 def test_a_bad_setting_is_refused_by_the_one_validator():
