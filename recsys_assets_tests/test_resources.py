@@ -83,3 +83,34 @@ def test_spark_configured_at_launch_is_the_one_torch_distributor_launches_from()
     assert probe["nested"] == probe["top_level"]
     assert probe["nested"]["spark.master"] == "local[1]"
     assert probe["nested"]["spark.app.name"] == "configured_at_launch"
+
+
+SESSION_SETTINGS = """
+import json, sys
+from recsys_assets.defs.resources import SparkResource
+spark = SparkResource(
+    master="local[1]", app_name="settings_probe", shuffle_partitions=3, spark_config={"spark.sql.shuffle.partitions": "5"}
+).spark_session
+conf = spark.conf
+print(json.dumps({key: conf.get(key) for key in ("spark.master", "spark.app.name", "spark.sql.shuffle.partitions",
+    "spark.sql.session.timeZone")}))
+spark.stop()
+"""
+
+
+def test_spark_resource_settings_reach_the_session():
+    """In a fresh process (pytest's session would otherwise be reused by getOrCreate): the typed fields and the
+    `spark_config` overrides are the running session's settings."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SESSION_SETTINGS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    conf = json.loads(out.stdout.strip().splitlines()[-1])
+    assert conf == {
+        "spark.master": "local[1]",
+        "spark.app.name": "settings_probe",
+        "spark.sql.shuffle.partitions": "5",  # spark_config overrides the typed field (3)
+        "spark.sql.session.timeZone": "UTC",
+    }
