@@ -103,3 +103,23 @@ def test_history_settings_beyond_the_dataset_are_refused_not_clamped():
     ok = train_config(TwoTowerTrainConfig, TwoTowerConfig(max_history=5, recent_items=2), **TWO_TOWER_RUN)
     spec = ok.feature_spec(meta)
     assert (spec.max_history, spec.recent_items) == (5, 2)
+
+
+def test_the_sparse_switches_are_declared_once():
+    """The asset's switches, the layout and the search all read ranker_features.SPARSE_SWITCHES."""
+    from recsys_assets.data.ranker_features import SPARSE_SWITCHES
+    from recsys_assets.data.ranking import sparse_layout
+    from recsys_assets.training.search import dlrm_space
+
+    fields = DLRMConfig.model_fields
+    for name, (default, meaning) in SPARSE_SWITCHES.items():
+        assert (fields[name].default, fields[name].description) == (default, meaning), name
+    assert set(SPARSE_SWITCHES) <= set(dlrm_space(epochs=10))
+    info = {"num_users": 7, "num_items": 5, "num_categories": 3, "attribute_columns": ["age"]}
+    info["attribute_cardinalities"] = {"age": 4}
+    defaults = {name: default for name, (default, _) in SPARSE_SWITCHES.items()}
+    assert [f["name"] for f in sparse_layout(info, defaults)] == ["categories", "age"]
+    everything = sparse_layout(info, dict.fromkeys(SPARSE_SWITCHES, True))
+    assert [f["table"] for f in everything] == ["user", "item", "item", "category", "age"]
+    with pytest.raises(ValueError, match="use_history"):
+        sparse_layout(info, {name: v for name, v in defaults.items() if name != "use_history"})

@@ -319,3 +319,15 @@ def compute_features(state: FeatureState, pairs: pd.DataFrame) -> pd.DataFrame:
     for f in FEATURES:
         out[f.name] = f.compute(batch, state)
     return out
+
+
+# ----------------------------------------------------------------------------------------- sparse switches
+# The DLRM's sparse features: each switch's default (chosen on the holdout lists) and meaning, declared once for
+# the asset's config, the layout (data.ranking.sparse_layout) and the settings search.
+SPARSE_SWITCHES: dict[str, tuple[bool, str]] = {
+    "use_user_id": (False, "A user-id table (up to ranker_window lists per user train it)."),
+    "use_item_id": (False, "An item-id table (always used when no other sparse feature exists)."),
+    "use_history": (False, "The user's history as a bag on the item table."),
+    "use_categories": (True, "The item's categories as a bag."),
+    "use_user_attributes": (True, "One table per user attribute."),
+}

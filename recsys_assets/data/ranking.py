@@ -514,17 +514,16 @@ def _write_model_tables(session, raw: Path, out_dir: Path, stats, **columns) -> 
     return counts
 
 
-def sparse_layout(
-    info: dict[str, Any],
-    *,
-    use_user_id: bool,
-    use_item_id: bool,
-    use_history: bool,
-    use_categories: bool,
-    use_user_attributes: bool,
-) -> list[dict]:
+def sparse_layout(info: dict[str, Any], switches: dict[str, bool]) -> list[dict]:
     """The DLRM's sparse features over a ranking dataset's columns (`info`: its meta.json; item and history
-    share the item table)."""
+    share the item table), for the `switches` of ranker_features.SPARSE_SWITCHES (every one given)."""
+    from recsys_assets.data.ranker_features import SPARSE_SWITCHES
+
+    if set(switches) != set(SPARSE_SWITCHES):
+        raise ValueError(f"sparse_layout needs exactly the switches {sorted(SPARSE_SWITCHES)}, got {sorted(switches)}")
+    use_user_id, use_item_id, use_history, use_categories, use_user_attributes = (
+        bool(switches[name]) for name in SPARSE_SWITCHES
+    )
     layout = []
     if use_user_id:
         layout.append(dict(name=S.USER, table="user", num_embeddings=int(info["num_users"])))

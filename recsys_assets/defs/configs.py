@@ -17,6 +17,7 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
+from recsys_assets.data.ranker_features import SPARSE_SWITCHES
 from recsys_assets.training.dlrm import DLRMTrainConfig
 from recsys_assets.training.search import SearchBudget
 from recsys_assets.training.two_tower import TwoTowerTrainConfig
@@ -122,14 +123,7 @@ DLRMConfig = dagster_config(
     "DLRM settings (declared in DLRMTrainConfig) and its sparse features. The dense features + category / "
     "attribute bags are the default (chosen on holdout lists); the id tables (user, item, history bag) are one "
     "switch away, and the settings search can turn them on.",
-    use_user_id=(
-        bool,
-        Field(False, description="A user-id table (up to ranker_window lists per user train it)."),
-    ),
-    use_item_id=(bool, Field(False, description="An item-id table (always used when no other sparse feature exists).")),
-    use_history=(bool, Field(False, description="The user's history as a bag on the item table.")),
-    use_categories=(bool, Field(True, description="The item's categories as a bag.")),
-    use_user_attributes=(bool, Field(True, description="One table per user attribute.")),
+    **{name: (bool, Field(default, description=meaning)) for name, (default, meaning) in SPARSE_SWITCHES.items()},
     gate_min_gain=(
         float,
         Field(

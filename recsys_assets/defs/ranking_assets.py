@@ -192,12 +192,12 @@ def _search(context, config, ranking_dataset, info, torch_distributor, mlflow, s
 def _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state) -> tuple[list, dict]:
     """The sparse layout of `config` and the run's training settings; a bad config fails here, before an MLflow
     run or a process starts. A retry of a failed run resumes after its last finished epoch (checkpoint_dir)."""
+    from recsys_assets.data.ranker_features import SPARSE_SWITCHES
     from recsys_assets.data.ranking import sparse_layout
     from recsys_assets.training.dlrm import DLRMTrainConfig
     from recsys_assets.training.runs import dlrm_data_settings
 
-    flags = ("use_user_id", "use_item_id", "use_history", "use_categories", "use_user_attributes")
-    layout = sparse_layout(info, **{f: getattr(config, f) for f in flags})
+    layout = sparse_layout(info, {name: getattr(config, name) for name in SPARSE_SWITCHES})
     settings = dict(
         dlrm_data_settings(ranking_dataset.path, info, layout),
         use_gpu=torch_distributor.use_gpu,

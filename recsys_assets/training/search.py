@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from recsys_assets.data.ranker_features import SPARSE_SWITCHES
+
 # The trials' columns of the markdown table, in order.
 TABLE_COLUMNS = ("trial", "state", "value", "seconds", "params", "mlflow run", "error")
 # Longest error text kept per trial (table, MLflow tag).
@@ -346,10 +348,6 @@ def search_two_tower(
     return _saved(result, work_dir)
 
 
-# the DLRM's sparse feature switches (settings of its asset: they choose the layout)
-DLRM_FEATURE_SWITCHES = ("use_user_id", "use_item_id", "use_history", "use_categories", "use_user_attributes")
-
-
 def dlrm_space(epochs: int) -> dict[str, FloatRange | IntRange | Choice]:
     """Learning rates, width, weight decay, the sparse feature switches and the most epochs."""
     return {
@@ -357,7 +355,7 @@ def dlrm_space(epochs: int) -> dict[str, FloatRange | IntRange | Choice]:
         "dense_lr": FloatRange(3e-4, 1e-2, log=True),
         "embedding_dim": Choice((8, 16, 32)),
         "weight_decay": Choice((0.0, 1e-5, 1e-4)),
-        **{name: Choice((False, True)) for name in DLRM_FEATURE_SWITCHES},
+        **{name: Choice((False, True)) for name in SPARSE_SWITCHES},  # the asset's switches: they choose the layout
         "epochs": IntRange(max(1, epochs // 2), epochs),
     }
 
