@@ -6,10 +6,10 @@ from recsys_assets.defs.automation import RUN_EXECUTOR, jobs, schedules, sensors
 from recsys_assets.defs.data_assets import data_assets
 from recsys_assets.defs.data_checks import data_checks
 from recsys_assets.defs.evaluation_assets import evaluation_assets, funnel_checks
-from recsys_assets.defs.model_assets import model_assets
 from recsys_assets.defs.ranking_assets import ranking_assets
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.retrieval_assets import retrieval_assets
+from recsys_assets.defs.two_tower_assets import two_tower_assets
 
 
 def default_resources() -> dict:
@@ -27,7 +27,7 @@ def default_resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=[*data_assets, *model_assets, *retrieval_assets, *ranking_assets, *evaluation_assets],
+    assets=[*data_assets, *two_tower_assets, *retrieval_assets, *ranking_assets, *evaluation_assets],
     asset_checks=[*data_checks, *funnel_checks],
     resources=default_resources(),
     jobs=jobs,

@@ -16,7 +16,7 @@ from recsys_assets.defs import automation as A
 from recsys_assets.defs.constants import TRAINING_POOL
 from recsys_assets.defs.data_assets import RawInteractionsConfig, TableSourceConfig
 from recsys_assets.defs.data_checks import data_checks
-from recsys_assets.defs.model_assets import two_tower_model
+from recsys_assets.defs.two_tower_assets import two_tower_model
 
 ENV_VARS = (A.RETRAIN_CRON_ENV, A.RETRAIN_TIMEZONE_ENV, A.RUN_CONFIG_ENV, A.SENSOR_INTERVAL_ENV)
 

@@ -202,8 +202,8 @@ def test_two_tower_search_through_dagster_records_nested_mlflow_runs(spark, tmp_
     from mlflow.tracking import MlflowClient
 
     from recsys_assets.defs.data_assets import data_assets
-    from recsys_assets.defs.model_assets import two_tower_model
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+    from recsys_assets.defs.two_tower_assets import two_tower_model
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     spark = SparkResource(master="local[2]", shuffle_partitions=4)

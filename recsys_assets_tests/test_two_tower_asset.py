@@ -19,15 +19,15 @@ pytestmark = pytest.mark.multiprocess  # TorchDistributor with 2 processes
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory, spark):
     from recsys_assets.defs.data_assets import data_assets
-    from recsys_assets.defs.model_assets import model_assets
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+    from recsys_assets.defs.two_tower_assets import two_tower_assets
 
     root = tmp_path_factory.mktemp("two_tower_asset")
     tracking = f"sqlite:///{root}/mlflow.db"
     spark = SparkResource(master="local[2]", shuffle_partitions=4)
     state = StateResource(root=str(root / "state"))
     result = dg.materialize(
-        [*data_assets, *model_assets],
+        [*data_assets, *two_tower_assets],
         resources={
             "spark": spark,
             "state": state,

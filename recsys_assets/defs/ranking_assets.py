@@ -10,7 +10,7 @@ from pydantic import Field
 from recsys_assets.defs.configs import DLRMConfig, search_budget, train_config
 from recsys_assets.defs.constants import RANKING_GROUP, TOP_K, TRAINING_POOL
 from recsys_assets.defs.helpers import curves_metadata, launcher, record_search, training_metadata
-from recsys_assets.defs.registry import register_dlrm, served_versions
+from recsys_assets.defs.model_registration import register_dlrm, served_versions
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import CandidateSet, PublishedFolder, RankingData, TrainedModel
 

@@ -9,7 +9,7 @@ from recsys_assets.data import schema as S
 from recsys_assets.defs.configs import TwoTowerConfig, search_budget, train_config
 from recsys_assets.defs.constants import RETRIEVAL_GROUP, TRAINING_POOL
 from recsys_assets.defs.helpers import TrainedOnce, curves_metadata, launcher, record_search, training_metadata
-from recsys_assets.defs.registry import register_two_tower
+from recsys_assets.defs.model_registration import register_two_tower
 from recsys_assets.defs.resources import MLflowResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import PublishedFolder, TrainedModel
 
@@ -163,4 +163,4 @@ def item_embeddings(
     return out.output({**stats, "mlflow_run_id": two_tower_model.mlflow_run_id})
 
 
-model_assets = [two_tower_model, item_embeddings]
+two_tower_assets = [two_tower_model, item_embeddings]
