@@ -19,7 +19,7 @@ class TrainedModel:
 
     path: str
     mlflow_run_id: str
-    model_version: str | None = None  # its version of the registered model (defs.registry), when registered
+    model_version: str | None = None  # its version of the registered model (defs.model_registration), when registered
 
 
 @dataclasses.dataclass(frozen=True)
