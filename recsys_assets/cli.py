@@ -5,7 +5,9 @@
                                                        popular items, flagged as a fallback
   recsys-assets status [--require ASSET:KEY,KEY ...]    each asset's last materialization and its metrics;
                                                        exits 1 unless every asset is materialized and each
-                                                       required metadata entry is a finite number (CI)
+                                                       required metadata entry is a finite number (CI);
+                                                       first marks runs whose process is gone as failed and
+                                                       frees their pool slots (defs/dead_runs.py)
 
 Also runnable as ``python -m recsys_assets.cli``. The lookup itself is recsys_assets.serving.lookup."""
 
@@ -58,12 +60,14 @@ def recommend(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     from recsys_assets.definitions import defs
+    from recsys_assets.defs.dead_runs import release_dead_runs
 
     required: dict[str, list[str]] = {}
     for spec in args.require:
         asset, _, keys = spec.partition(":")
         required.setdefault(asset, []).extend(k for k in keys.split(",") if k)
     instance = _instance()
+    release_dead_runs(instance, log=lambda line: print(f"released: {line}", file=sys.stderr))
     problems, missing = [], []
     for key in sorted(defs.resolve_asset_graph().get_all_asset_keys(), key=lambda k: k.to_user_string()):
         name = key.to_user_string()

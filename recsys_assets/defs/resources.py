@@ -67,6 +67,14 @@ class StateResource(ConfigurableResource):
 
     root: str | None = None
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Every asset uses the state: at a run's start, release runs whose process is gone (their pool slots would
+        block this run's training steps) and record this run's process (defs/dead_runs.py)."""
+        from recsys_assets.defs.dead_runs import prepare_run
+
+        if context.instance is not None and context.run_id:
+            prepare_run(context.instance, context.run_id, context.log.info if context.log else print)
+
     def resolved_root(self) -> Path:
         root = self.root or os.environ.get("RECSYS_STATE_DIR") or str(Path.cwd() / ".recsys_state")
         return Path(root).expanduser().resolve()
