@@ -53,7 +53,9 @@ def read_worker(args) -> None:
     """One reader process (or one rank under torchrun): iterate one epoch, build model-ready batches."""
     from recsys_assets.data.schema import DatasetMeta, DatasetPaths
     from recsys_assets.models.features import FeatureStore
-    from recsys_assets.training import common
+    from recsys_assets.training.distributed import init_distributed, shutdown_distributed
+    from recsys_assets.training.reporting import peak_rss_mb
+    from recsys_assets.training.streaming import block_loader, prepare_streaming
     from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_block_columns
 
     root = Path(args.data)
@@ -61,10 +63,10 @@ def read_worker(args) -> None:
     config = TwoTowerTrainConfig(data_root=str(root), batch_size=args.batch_size)
     spec = config.feature_spec(meta)
     store = FeatureStore.load(root, spec)
-    env = common.init_distributed()
-    common.prepare_streaming()
+    env = init_distributed()
+    prepare_streaming()
     if args.read == "blocks":
-        loader = common.block_loader(
+        loader = block_loader(
             [args.mds], train_block_columns(meta.history_length), args.batch_size, env, seed=0, num_workers=args.workers
         )
     else:
@@ -77,9 +79,9 @@ def read_worker(args) -> None:
         _model_ready(batch, spec, store, config)
         rows += len(batch["user"])
     seconds = time.perf_counter() - t0
-    result = {"rank": env.rank, "rows": rows, "seconds": seconds, "peak_rss_mb": common.peak_rss_mb()}
+    result = {"rank": env.rank, "rows": rows, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     Path(f"{args.out}.{env.rank}").write_text(json.dumps(result))
-    common.shutdown_distributed(env)
+    shutdown_distributed(env)
 
 
 def run_reader(read: str, data: Path, mds: Path, batch_size: int, work: Path, nproc: int = 1, workers: int = 0):

@@ -63,10 +63,10 @@ def _write_train(splits, out: Path, block_rows: int = 4) -> dict:
 
 
 def _loader(out: Path, batch_size: int, **kwargs):
-    from recsys_assets.training import common
     from recsys_assets.training.block_loader import open_loader
+    from recsys_assets.training.streaming import prepare_streaming
 
-    common.prepare_streaming()
+    prepare_streaming()
     return open_loader([out], split_layout(H, 4).columns, batch_size, seed=3, **kwargs)
 
 
@@ -158,12 +158,12 @@ RANK_WORKER = textwrap.dedent(
     import json, os, sys
     import torch.distributed as dist
     from recsys_assets.data.mds import split_layout
-    from recsys_assets.training import common
+    from recsys_assets.training.streaming import prepare_streaming
     from recsys_assets.training.block_loader import open_loader
 
     local, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
-    common.prepare_streaming()
+    prepare_streaming()
     loader = open_loader([local], split_layout(4, 4).columns, 2, seed=0, rank=dist.get_rank(), world_size=2)
     keys, sizes = [], []
     for batch in loader:

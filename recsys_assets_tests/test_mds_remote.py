@@ -51,8 +51,8 @@ def _rows(samples) -> list[tuple]:
 def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path: Path):
 
     from recsys_assets.data.blocks import read_layout
-    from recsys_assets.training import common
     from recsys_assets.training.block_loader import open_loader, read_blocks
+    from recsys_assets.training.streaming import prepare_streaming
 
     rows = [(u, (u * 3 + k) % 11, 1000 + 10 * k, float(1 + k)) for u in range(7) for k in range(5)]
     splits = temporal_split(spark.createDataFrame(rows, "user int, item int, timestamp bigint, rating float"), H)
@@ -83,7 +83,7 @@ def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path
     assert (cache / "index.json").is_file()
 
     # the trainers' loader: remote + a fresh cache folder (the layout file is fetched from the remote too)
-    common.prepare_streaming()
+    prepare_streaming()
     needed = [layout.column(c) for c in (S.USER, S.ITEM, S.TIMESTAMP, S.HISTORY, S.HISTORY_LEN)]
     batches = list(open_loader([tmp_path / "cache2"], needed, 4, seed=0, remotes=[remote]))
     got = []

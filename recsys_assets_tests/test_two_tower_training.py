@@ -149,15 +149,15 @@ def test_kjt_keeps_id_zero_and_respects_lengths(dataset):
 def test_training_batches_contain_id_zero(dataset):
     """Real block batches of the train split -> KJTs that contain user 0 and item 0 (no `if value:`)."""
     from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt
-    from recsys_assets.training import common
     from recsys_assets.training.block_loader import open_loader
+    from recsys_assets.training.streaming import prepare_streaming
     from recsys_assets.training.two_tower import train_block_columns
 
     spec = FeatureSpec.from_meta(dataset.meta, recent_items=1, use_user_id=True)
     store = FeatureStore.load(dataset.root, spec)
     needed = train_block_columns(dataset.meta.history_length)
     folder = dataset.paths.mds("train")
-    common.prepare_streaming()
+    prepare_streaming()
     loader = open_loader([folder], needed, 512, seed=0)
     seen = {"user_id": False, "history": False, "recent_items": False, "item_id": False}
     n_hist = n_recent = 0

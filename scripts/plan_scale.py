@@ -93,9 +93,9 @@ def plan(
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    from recsys_assets.training.common import sharding_constraints
+    from recsys_assets.training.sharding import sharding_constraints
 
-    for ebc in ebcs:  # as common.shard_model: the planner sizes optimizer state from the fused optimizer
+    for ebc in ebcs:  # as sharding.shard_model: the planner sizes optimizer state from the fused optimizer
         if not any(hasattr(p, "_optimizer_classes") for p in ebc.parameters()):
             _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.05, "eps": 1e-8})
     topology = Topology(
@@ -161,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         "--sharding-types",
         nargs="+",
         default=None,
-        help="allowed ShardingType values (default: training's GPU set, common.GPU_SHARDING_TYPES)",
+        help="allowed ShardingType values (default: training's GPU set, sharding.GPU_SHARDING_TYPES)",
     )
     p.add_argument("--planner-stats", action="store_true", help="also print the planner's own stats table")
     args = p.parse_args(argv)
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if args.planner_stats else logging.WARNING, format="%(message)s")
-    from recsys_assets.training.common import GPU_SHARDING_TYPES
+    from recsys_assets.training.sharding import GPU_SHARDING_TYPES
 
     sharding_types = tuple(args.sharding_types or GPU_SHARDING_TYPES)
     users, items = int(args.users), int(args.items)

@@ -1,7 +1,7 @@
 """The model assets' Dagster configs, derived from the training configs (the one declaration of each setting).
 
 A training config (`TwoTowerTrainConfig`, `DLRMTrainConfig`) marks the fields an asset exposes with
-`training.common.setting(default, help)`; `dagster_config` turns them into a `dg.Config` with the same names,
+`training.trainer_config.setting(default, help)`; `dagster_config` turns them into a `dg.Config` with the same names,
 types, defaults and descriptions, plus asset-only fields. Values are validated once, by the training config
 (`train_config`), before any process starts.
 """

@@ -160,7 +160,7 @@ class LoadedCheckpoint:
 class CheckpointManager:
     """Saves and loads resumable checkpoints under `root` (see the module docstring).
 
-    env: anything with ``rank``, ``world_size`` and ``is_main`` (common.DistEnv). every_n_steps: `due(step)`
+    env: anything with ``rank``, ``world_size`` and ``is_main`` (distributed.DistEnv). every_n_steps: `due(step)`
     is True every that many global steps (0 = only where the trainer saves explicitly, e.g. at epoch ends).
     keep: complete checkpoints kept (the newest), besides pinned ones.
     """

@@ -23,15 +23,16 @@ import torch
 from recsys_assets.data.pairs import PairSet, load_pair_set
 from recsys_assets.data.schema import DENSE, LABEL
 from recsys_assets.evaluation.lists import pair_metrics
-from recsys_assets.training import checkpoint, common, loop
-from recsys_assets.training.common import DistEnv, setting
+from recsys_assets.training import checkpoint, distributed, loop, sharding, streaming, trainer_config
+from recsys_assets.training.distributed import DistEnv
+from recsys_assets.training.trainer_config import setting
 
 LOWER_IS_BETTER = ("logloss",)  # early-stopping metrics to minimize (the others are maximized)
 TEST_SET = "test"  # an evaluation set by this name is only ever a final set
 
 
 @dataclasses.dataclass
-class DLRMTrainConfig(common.JsonConfig):
+class DLRMTrainConfig(trainer_config.JsonConfig):
     train_mds: tuple[str, ...]  # MDS folders of training pairs
     layout: tuple[dict, ...]  # SparseFeature dicts (models.dlrm.SparseFeature)
     dense_in_features: int
@@ -176,7 +177,7 @@ def sharded_logits(dlrm, layout, config, data: PairSet, env: DistEnv, batch_size
     from recsys_assets.models.dlrm import batch_to_kjt, dense_tensor
 
     n = data.n
-    start, end = common.shard_bounds(n, env.rank, env.world_size)
+    start, end = distributed.shard_bounds(n, env.rank, env.world_size)
     n_calls = max(1, math.ceil(math.ceil(n / env.world_size) / batch_size))
     out = []
     was_training = dlrm.training
@@ -191,7 +192,7 @@ def sharded_logits(dlrm, layout, config, data: PairSet, env: DistEnv, batch_size
         out.append(logits[: hi - lo].float())
     dlrm.train(was_training)
     local = torch.cat(out) if out else torch.zeros(0)
-    return common.all_gather_variable(local.to(env.device), env).cpu().numpy()
+    return distributed.all_gather_variable(local.to(env.device), env).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -216,7 +217,7 @@ def validate_train_mds(config: DLRMTrainConfig) -> None:
 def train_dlrm(config: DLRMTrainConfig | Mapping[str, Any], callbacks: Sequence[loop.Callback] = ()) -> DLRMTrainResult:
     """Train on the MDS pairs; score the eval sets each epoch and the final sets once, with the returned weights.
     Every rank returns the same result."""
-    return common.run_trainer(config, DLRMTrainConfig, functools.partial(_train, callbacks=callbacks))
+    return trainer_config.run_trainer(config, DLRMTrainConfig, functools.partial(_train, callbacks=callbacks))
 
 
 class DLRMHooks(loop.TrainerHooks):
@@ -228,7 +229,7 @@ class DLRMHooks(loop.TrainerHooks):
         env: DistEnv,
         eval_sets: Mapping[str, PairSet],
         final_sets: Mapping[str, PairSet],
-        sharded: common.ShardedModel,
+        sharded: sharding.ShardedModel,
         optimizer: Any,
     ) -> None:
         self.config, self.env, self.eval_sets, self.final_sets = config, env, eval_sets, final_sets
@@ -280,7 +281,7 @@ def _build(config: DLRMTrainConfig, env: DistEnv) -> DLRMHooks:
             raise ValueError(f"evaluation set {name!r} ({paths[name]}) is empty")
     dlrm = build_dlrm(layout, model_config, device=env.device, table_device="meta")
     tables = embedding_bag_configs(layout, model_config.embedding_dim)
-    sharded, optimizer = common.shard_for_training(
+    sharded, optimizer = sharding.shard_for_training(
         DLRMTrainTask(dlrm), [dlrm.sparse_arch.embedding_bag_collection], tables, env, config
     )
     eval_sets = {name: sets[name] for name in config.eval_sets}
@@ -293,7 +294,7 @@ def _train(
 ) -> DLRMTrainResult:
     from recsys_assets.models.dlrm import strip_prefix
 
-    common.seed_everything(config.seed)
+    distributed.seed_everything(config.seed)
     # corrupt shards, another layout, or an explicit resume without a checkpoint fail here, before any model
     validate_train_mds(config)
     resume_path = checkpoint.resolve_resume(config.checkpoint_dir, config.resume)
@@ -309,8 +310,8 @@ def _train(
     settings = loop.LoopSettings.from_config(
         config, name="dlrm", phase=config.selection_set or "train", selection=selection, resume_path=resume_path
     )
-    common.prepare_streaming()
-    loader = common.block_loader(
+    streaming.prepare_streaming()
+    loader = streaming.block_loader(
         config.train_mds,
         train_block_columns(config),
         config.batch_size,
@@ -343,7 +344,7 @@ def _train(
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.trainer_cli(
+    return trainer_config.trainer_cli(
         argv,
         description="Train the DLRM ranker (run under torchrun).",
         config_cls=DLRMTrainConfig,

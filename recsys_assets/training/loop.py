@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from recsys_assets.training import checkpoint, common
-from recsys_assets.training.common import DistEnv
+from recsys_assets.training import checkpoint, distributed, reporting, sharding
+from recsys_assets.training.distributed import DistEnv
 
 # Global sums of an epoch in progress: loss * samples, samples, steps, training seconds.
 _NO_PARTIAL = (0.0, 0.0, 0.0, 0.0)
@@ -81,7 +81,7 @@ class LoopSettings:
     checkpoint_keep: int = 2
     resume_path: Path | None = None  # the checkpoint to continue from (checkpoint.resolve_resume)
     run_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved with every checkpoint
-    reporting: dict[str, Any] = dataclasses.field(default_factory=dict)  # common.ProgressReporter keywords
+    reporting: dict[str, Any] = dataclasses.field(default_factory=dict)  # reporting.ProgressReporter keywords
 
     def __post_init__(self) -> None:
         if self.selection is not None and not self.evaluate_each_epoch:
@@ -150,7 +150,7 @@ class TrainingLoop:
         env: DistEnv,
         hooks: TrainerHooks,
         *,
-        sharded: common.ShardedModel,
+        sharded: sharding.ShardedModel,
         optimizer: Any,
         loader: Any,
         generators: Mapping[str, torch.Generator] | None = None,
@@ -160,7 +160,7 @@ class TrainingLoop:
         self.sharded, self.model, self.optimizer, self.loader = sharded, sharded.dmp, optimizer, loader
         self.generators = dict(generators or {})
         self.callbacks = list(callbacks)
-        self.reporter = common.ProgressReporter(env, **settings.reporting)
+        self.reporter = reporting.ProgressReporter(env, **settings.reporting)
         self.state = LoopState(world_size=env.world_size, config=settings.run_config)
         self.global_step = 0
         self.resumed_from_step: int | None = None
@@ -275,7 +275,7 @@ class TrainingLoop:
                 self._save_mid_epoch(epoch, sums, seconds_before + time.time() - t0)
             for cb in self.callbacks:
                 cb.on_step(self.global_step, self.env)
-        return seconds_before + time.time() - t0, common.all_reduce_sum(sums, self.env)
+        return seconds_before + time.time() - t0, distributed.all_reduce_sum(sums, self.env)
 
     def _select(self, epoch: int, flat: Mapping[str, float]) -> bool:
         """Track the best epoch (snapshot its weights if they are to be restored); True if this one is it."""
@@ -288,7 +288,7 @@ class TrainingLoop:
             return False
         st.best_value, st.best_epoch, st.bad_epochs = score, epoch, 0
         if sel.restore_best:
-            self._snapshot = common.snapshot_local_state(self.model)
+            self._snapshot = sharding.snapshot_local_state(self.model)
             st.best_checkpoint = checkpoint.checkpoint_name(self.global_step) if self.manager is not None else None
         return True
 
@@ -312,7 +312,7 @@ class TrainingLoop:
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save_mid_epoch(self, epoch: int, local_sums: Sequence[float], seconds: float) -> None:
         lstate = self.loader.state_dict()  # collective
-        sums = common.all_reduce_sum(local_sums, self.env)
+        sums = distributed.all_reduce_sum(local_sums, self.env)
         self.state.epoch = epoch
         self._save(lstate, (*sums, seconds))
 
@@ -338,7 +338,7 @@ class TrainingLoop:
         best_epoch = st.best_epoch if sel is not None and sel.restore_best else last
         if best_epoch != last:
             if self._snapshot is not None:
-                common.restore_local_state(self.model, self._snapshot)
+                sharding.restore_local_state(self.model, self._snapshot)
             elif self.manager is not None and st.best_checkpoint:  # the best epoch was before this launch resumed
                 self.manager.load_model(Path(self.settings.checkpoint_dir) / st.best_checkpoint, self.model)
             else:
@@ -358,8 +358,8 @@ class TrainingLoop:
 
     def result_fields(self, out: LoopResult, t_start: float) -> dict[str, Any]:
         """Collective. The fields both trainers' results share; the unsharded `state_dict` only on rank 0."""
-        state_dict = common.gather_state_dict(self.model.state_dict(), self.env)
-        rss = common.all_gather_object(common.peak_rss_mb(), self.env)
+        state_dict = sharding.gather_state_dict(self.model.state_dict(), self.env)
+        rss = distributed.all_gather_object(reporting.peak_rss_mb(), self.env)
         return dict(
             state_dict=state_dict,
             config=self.settings.run_config,
@@ -386,4 +386,4 @@ class TrainingLoop:
                     "stopped_early": result.stopped_early,
                 }
             )
-        return common.broadcast_object(result, self.env)
+        return distributed.broadcast_object(result, self.env)

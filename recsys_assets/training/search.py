@@ -163,7 +163,7 @@ class MlflowTrialRuns:
         return run.info.run_id
 
     def end(self, record: TrialRecord, metric: str) -> None:
-        from recsys_assets.training.common import mlflow_key
+        from recsys_assets.training.reporting import mlflow_key
 
         run_id = record.mlflow_run_id
         if record.value is not None:

@@ -33,8 +33,9 @@ from recsys_assets.data.schema import (
     DatasetPaths,
 )
 from recsys_assets.data.splits import load_splits_frame
-from recsys_assets.training import checkpoint, common, loop
-from recsys_assets.training.common import DistEnv, setting
+from recsys_assets.training import checkpoint, distributed, loop, sharding, streaming, trainer_config
+from recsys_assets.training.distributed import DistEnv
+from recsys_assets.training.trainer_config import setting
 
 log = logging.getLogger(__name__)
 # the phase whose held-out rows choose the epochs (and the search's settings)
@@ -42,7 +43,7 @@ SELECTION_PHASE = "validation"
 
 
 @dataclasses.dataclass
-class TwoTowerTrainConfig(common.JsonConfig):
+class TwoTowerTrainConfig(trainer_config.JsonConfig):
     """All settings of one training run (JSON-able: `to_json` / `from_json`)."""
 
     data_root: str  # dataset folder (schema.DatasetPaths)
@@ -95,7 +96,7 @@ class TwoTowerTrainConfig(common.JsonConfig):
     use_gpu: bool = False
     sharding_types: tuple[str, ...] | None = None  # default: table_wise/column_wise on CPU
     column_wise_min_partition: int | None = None  # planner's lower bound on column-shard width
-    single_node: bool = False  # set LOCAL_RANK=RANK, LOCAL_WORLD_SIZE=WORLD_SIZE (see common.init_distributed)
+    single_node: bool = False  # set LOCAL_RANK=RANK, LOCAL_WORLD_SIZE=WORLD_SIZE (see distributed.init_distributed)
     num_workers: int = 0  # DataLoader workers decoding MDS blocks ahead of the step (0: in the trainer; GPU: 2)
     num_threads: int | None = None  # torch.set_num_threads per process
 
@@ -325,7 +326,7 @@ def sharded_item_vectors(two_tower, spec, store, env: DistEnv, batch_size: int) 
     from recsys_assets.models.features import build_kjt
 
     n = spec.num_items
-    start, end = common.shard_bounds(n, env.rank, env.world_size)
+    start, end = distributed.shard_bounds(n, env.rank, env.world_size)
     n_calls = max(1, math.ceil(math.ceil(n / env.world_size) / batch_size))
     parts = []
     for lo, hi in _chunks(start, end, n_calls, batch_size):
@@ -333,7 +334,7 @@ def sharded_item_vectors(two_tower, spec, store, env: DistEnv, batch_size: int) 
         ids[: hi - lo] = torch.arange(lo, hi)
         kjt = build_kjt(spec, store, stride=batch_size, items=ids).to(env.device)
         parts.append(two_tower.candidate(kjt)[: hi - lo])
-    return common.all_gather_variable(torch.cat(parts), env)
+    return distributed.all_gather_variable(torch.cat(parts), env)
 
 
 @torch.no_grad()
@@ -345,7 +346,7 @@ def sharded_ranks(
     from recsys_assets.models.features import build_kjt
 
     q = int(data.users.numel())
-    start, end = common.shard_bounds(q, env.rank, env.world_size)
+    start, end = distributed.shard_bounds(q, env.rank, env.world_size)
     n_calls = max(1, math.ceil(math.ceil(q / env.world_size) / batch_size))
     out = []
     for lo, hi in _chunks(start, end, n_calls, batch_size):
@@ -364,7 +365,7 @@ def sharded_ranks(
                 ).cpu()
             )
     local = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-    return common.all_gather_variable(local.to(env.device), env).cpu()
+    return distributed.all_gather_variable(local.to(env.device), env).cpu()
 
 
 def evaluate_sharded(
@@ -507,7 +508,7 @@ def train_two_tower(
     returns the same result. The process group is destroyed at the end if this call created it. `callbacks`
     observe the loop on every rank (e.g. tests' fault injection).
     """
-    return common.run_trainer(config, TwoTowerTrainConfig, functools.partial(_train, callbacks=callbacks))
+    return trainer_config.run_trainer(config, TwoTowerTrainConfig, functools.partial(_train, callbacks=callbacks))
 
 
 class TwoTowerHooks(loop.TrainerHooks):
@@ -522,7 +523,7 @@ class TwoTowerHooks(loop.TrainerHooks):
         store,
         eval_data: EvalData,
         log_q_table: torch.Tensor,
-        sharded: common.ShardedModel,
+        sharded: sharding.ShardedModel,
         optimizer: Any,
     ) -> None:
         self.config, self.env, self.spec, self.store, self.eval_data = config, env, spec, store, eval_data
@@ -530,7 +531,7 @@ class TwoTowerHooks(loop.TrainerHooks):
         self.log_q_table = log_q_table.to(env.device)
         self.sharded, self.optimizer = sharded, optimizer
         self.tower = sharded.dmp.module.two_tower  # the sharded TwoTower without the DDP wrapper (evaluation)
-        self.negatives = common.rank_generator(config.seed, env.rank)
+        self.negatives = distributed.rank_generator(config.seed, env.rank)
         self.resume_check: dict[str, dict[str, torch.Tensor]] | None = None
 
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -581,7 +582,7 @@ def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta:
     # tables on the meta device (the plan places them), dense layers on the device
     two_tower = build_two_tower(spec, model_config, device=env.device, table_device="meta")
     tables = embedding_bag_configs(spec, model_config.embedding_dim)
-    sharded, optimizer = common.shard_for_training(
+    sharded, optimizer = sharding.shard_for_training(
         TwoTowerTrainTask(two_tower),
         [two_tower.ebc],
         tables,
@@ -594,15 +595,15 @@ def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta:
 
 def _fit_loader(config: TwoTowerTrainConfig, paths: DatasetPaths, meta: DatasetMeta, env: DistEnv):
     """Collective. The block loader over the fit splits (local MDS, or remote MDS through a local cache)."""
-    common.prepare_streaming()
+    streaming.prepare_streaming()
     folders, remotes = [paths.mds(s) for s in config.fit_folders], None
     if config.mds_remote:
         from recsys_assets.data.mds import join_remote
 
-        cache = Path(config.mds_cache_dir or common.default_mds_cache_dir(config.mds_remote))
+        cache = Path(config.mds_cache_dir or streaming.default_mds_cache_dir(config.mds_remote))
         folders = [cache / s for s in config.fit_folders]
         remotes = [join_remote(config.mds_remote, s) for s in config.fit_folders]
-    return common.block_loader(
+    return streaming.block_loader(
         folders,
         train_block_columns(meta.history_length),
         config.batch_size,
@@ -617,7 +618,7 @@ def _fit_loader(config: TwoTowerTrainConfig, paths: DatasetPaths, meta: DatasetM
 def _train(
     config: TwoTowerTrainConfig, env: DistEnv, t_start: float, callbacks: Sequence[loop.Callback] = ()
 ) -> TwoTowerTrainResult:
-    common.seed_everything(config.seed)
+    distributed.seed_everything(config.seed)
     paths = DatasetPaths(Path(config.data_root))
     meta = DatasetMeta.load(paths.meta)
     if config.validate_data:
@@ -684,7 +685,7 @@ def _train(
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.trainer_cli(
+    return trainer_config.trainer_cli(
         argv,
         description="Train the Two Tower model (run under torchrun).",
         config_cls=TwoTowerTrainConfig,
