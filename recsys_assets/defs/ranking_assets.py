@@ -1,6 +1,7 @@
 """Ranking stage: ranking_dataset (Spark → MDS: recsys_assets.data.ranking) → dlrm_model (TorchDistributor:
 recsys_assets.training.runs) → recommendations (top-K re-ranked: recsys_assets.serving.rerank)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,8 +10,9 @@ from pydantic import Field
 
 from recsys_assets.defs.configs import DLRMConfig, search_budget, train_config
 from recsys_assets.defs.constants import RANKING_GROUP, TOP_K, TRAINING_POOL
-from recsys_assets.defs.helpers import curves_metadata, launcher, record_search, training_metadata
+from recsys_assets.defs.helpers import curves_metadata, launcher, training_metadata
 from recsys_assets.defs.model_registration import register_dlrm, served_versions
+from recsys_assets.defs.model_training import train_model_asset
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import CandidateSet, PublishedFolder, RankingData, TrainedModel
 
@@ -112,100 +114,99 @@ def dlrm_model(
     mlflow: MLflowResource,
     state: StateResource,
 ) -> dg.Output[TrainedModel]:
-    from recsys_assets.training.dlrm import DLRMTrainConfig
-    from recsys_assets.training.runs import fit_dlrm
-
-    torch_distributor.validate()
-    mlflow.check_reachable()
     info = json.loads((Path(ranking_dataset.path) / "meta.json").read_text())
-    layout, settings = _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state)
-    with (
-        state.checkpoints(context) as checkpoints,
-        mlflow.asset_run(
-            context, model="dlrm", two_tower_run_id=ranking_dataset.two_tower_run_id, checkpoint_dir=checkpoints
-        ) as run,
-        state.output_folder(context) as out,
-    ):
-        search = None
-        if config.search_trials:
-            search = _search(context, config, ranking_dataset, info, torch_distributor, mlflow, state, run, out)
-            config = config.model_copy(update=search.settings)  # the fit below trains the chosen settings
-            layout, settings = _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state)
-        run.log_params(
-            {
-                **config.model_dump(),
-                "num_processes": torch_distributor.num_processes,
-                "data": ranking_dataset.path,
-                **{f"rows_{k}": v for k, v in info["rows"].items()},
-            }
+    run_settings = dict(
+        use_gpu=torch_distributor.use_gpu,
+        mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+        checkpoint_dir=str(state.checkpoint_dir(context)),  # a retry resumes after its last finished epoch
+    )
+    recipe = DLRMRecipe(context, config, ranking_dataset, info, torch_distributor, run_settings)
+    return train_model_asset(context, recipe, torch_distributor, mlflow, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class DLRMRecipe:
+    """The DLRM's steps of the model-asset template (defs/model_training.py). The sparse layout follows the
+    config's feature switches, so a search trial's switches choose its layout."""
+
+    context: dg.AssetExecutionContext
+    config: DLRMConfig
+    ranking_dataset: RankingData
+    info: dict
+    torch_distributor: TorchDistributorResource
+    run_settings: dict
+    model: str = "dlrm"
+
+    def settings_of(self, config: DLRMConfig) -> tuple[list, dict]:
+        """The sparse layout of `config` and its training settings; a bad config fails here."""
+        from recsys_assets.data.ranker_features import SPARSE_SWITCHES
+        from recsys_assets.data.ranking import sparse_layout
+        from recsys_assets.training.dlrm import DLRMTrainConfig
+        from recsys_assets.training.runs import dlrm_data_settings
+
+        layout = sparse_layout(self.info, {name: getattr(config, name) for name in SPARSE_SWITCHES})
+        settings = {**dlrm_data_settings(self.ranking_dataset.path, self.info, layout), **self.run_settings}
+        train_config(DLRMTrainConfig, config, **settings)
+        return layout, settings
+
+    def _train_config(self, config: DLRMConfig, **fields):
+        from recsys_assets.training.dlrm import DLRMTrainConfig
+
+        return train_config(DLRMTrainConfig, config, **{**self.settings_of(config)[1], **fields})
+
+    def check_inputs(self) -> None:
+        self.settings_of(self.config)
+
+    def run_tags(self) -> dict:
+        return {"two_tower_run_id": self.ranking_dataset.two_tower_run_id}
+
+    def search(self, run, out):
+        from recsys_assets.training.search import MlflowTrialRuns, search_dlrm
+
+        return search_dlrm(
+            launcher(self.context, self.torch_distributor, "dlrm search"),
+            lambda settings, **fields: self._train_config(self.config.model_copy(update=settings), **fields),
+            search_budget(self.config),
+            baseline=self.config.model_dump(),
+            work_dir=out.staging / "search",
+            trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
+            log=self.context.log.info,
         )
-        fit = fit_dlrm(
-            launcher(context, torch_distributor, "dlrm"),
-            lambda **kw: train_config(DLRMTrainConfig, config, **settings, mlflow_run_id=run.id, **kw),
+
+    def with_settings(self, settings: dict) -> "DLRMRecipe":
+        return dataclasses.replace(self, config=self.config.model_copy(update=settings))
+
+    def data_params(self) -> dict:
+        return {"data": self.ranking_dataset.path, **{f"rows_{k}": v for k, v in self.info["rows"].items()}}
+
+    def fit(self, run, out, checkpoints: Path):
+        from recsys_assets.training.runs import fit_dlrm
+
+        return fit_dlrm(
+            launcher(self.context, self.torch_distributor, "dlrm"),
+            lambda **fields: self._train_config(self.config, mlflow_run_id=run.id, **fields),
             out.staging,
-            ranking_dataset.path,
-            min_gain=config.gate_min_gain,
+            self.ranking_dataset.path,
+            min_gain=self.config.gate_min_gain,
             k=TOP_K,
         )
+
+    def final_model(self, fit):
+        return fit.result.load_model()
+
+    def log_results(self, run, fit) -> None:
         result, retrieval = fit.result, fit.gate["holdout_retrieval"]
-        model_info = run.log_model(result.load_model())
-        version, registry = register_dlrm(context, run, model_info, out, ranking_dataset.path, info, fit.gate)
         run.log_metrics({f"final_{name}/{k}": v for name, m in result.final_metrics.items() for k, v in m.items()})
         run.log_metrics({f"final_holdout/retrieval_{k}": v for k, v in retrieval.items()})
         if fit.curves is not None:
             run.log_artifact(fit.curves, "plots")
-        searched = record_search(run, search) if search is not None else {}
-    metadata = {
-        **run.metadata(),
-        **_fit_metadata(fit, out.path),
-        "sparse_features": dg.MetadataValue.json([f["name"] for f in layout]),
-        **searched,
-        **registry,
-    }
-    return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
 
+    def register(self, run, model_info, out, fit) -> tuple[str, dict]:
+        return register_dlrm(self.context, run, model_info, out, self.ranking_dataset.path, self.info, fit.gate)
 
-def _search(context, config, ranking_dataset, info, torch_distributor, mlflow, state, run, out):
-    """The settings search on the holdout lists (training.search); trials' progress in the model folder's
-    search/. A trial's feature switches choose its sparse layout."""
-    from recsys_assets.training.dlrm import DLRMTrainConfig
-    from recsys_assets.training.search import MlflowTrialRuns, search_dlrm
-
-    def make_config(settings, **fields):
-        trial_config = config.model_copy(update=settings)
-        _, trial_settings = _dlrm_settings(
-            context, trial_config, ranking_dataset, info, torch_distributor, mlflow, state
-        )
-        return train_config(DLRMTrainConfig, trial_config, **{**trial_settings, **fields})
-
-    return search_dlrm(
-        launcher(context, torch_distributor, "dlrm search"),
-        make_config,
-        search_budget(config),
-        baseline=config.model_dump(),
-        work_dir=out.staging / "search",
-        trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
-        log=context.log.info,
-    )
-
-
-def _dlrm_settings(context, config, ranking_dataset, info, torch_distributor, mlflow, state) -> tuple[list, dict]:
-    """The sparse layout of `config` and the run's training settings; a bad config fails here, before an MLflow
-    run or a process starts. A retry of a failed run resumes after its last finished epoch (checkpoint_dir)."""
-    from recsys_assets.data.ranker_features import SPARSE_SWITCHES
-    from recsys_assets.data.ranking import sparse_layout
-    from recsys_assets.training.dlrm import DLRMTrainConfig
-    from recsys_assets.training.runs import dlrm_data_settings
-
-    layout = sparse_layout(info, {name: getattr(config, name) for name in SPARSE_SWITCHES})
-    settings = dict(
-        dlrm_data_settings(ranking_dataset.path, info, layout),
-        use_gpu=torch_distributor.use_gpu,
-        mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
-        checkpoint_dir=str(state.checkpoint_dir(context)),
-    )
-    train_config(DLRMTrainConfig, config, **settings)
-    return layout, settings
+    def metadata(self, fit, folder: Path, checkpoints: Path) -> dict:
+        layout = self.settings_of(self.config)[0]
+        return {**_fit_metadata(fit, folder), "sparse_features": dg.MetadataValue.json([f["name"] for f in layout])}
 
 
 def _fit_metadata(fit, folder: Path) -> dict:

@@ -1,6 +1,8 @@
 """Retrieval half of the graph: two_tower_model (distributed TorchRec training: recsys_assets.training.runs) →
 item_embeddings (recsys_assets.serving.candidates)."""
 
+import dataclasses
+import functools
 from pathlib import Path
 
 import dagster as dg
@@ -8,8 +10,9 @@ import dagster as dg
 from recsys_assets.data import schema as S
 from recsys_assets.defs.configs import TwoTowerConfig, search_budget, train_config
 from recsys_assets.defs.constants import RETRIEVAL_GROUP, TRAINING_POOL
-from recsys_assets.defs.helpers import TrainedOnce, curves_metadata, launcher, record_search, training_metadata
+from recsys_assets.defs.helpers import TrainedOnce, curves_metadata, launcher, training_metadata
 from recsys_assets.defs.model_registration import register_two_tower
+from recsys_assets.defs.model_training import train_model_asset
 from recsys_assets.defs.resources import MLflowResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import PublishedFolder, TrainedModel
 
@@ -51,83 +54,84 @@ def two_tower_model(
     mlflow: MLflowResource,
     state: StateResource,
 ) -> dg.Output[TrainedModel]:
-    from recsys_assets.training.runs import fit_two_tower
+    recipe = TwoTowerRecipe(context, config, mds_splits.path, torch_distributor, TrainedOnce(context.log.info))
+    return train_model_asset(context, recipe, torch_distributor, mlflow, state)
 
-    torch_distributor.validate()
-    mlflow.check_reachable()
-    meta = _check_inputs(config, mds_splits.path)
-    with (
-        state.checkpoints(context) as checkpoints,
-        mlflow.asset_run(context, model="two_tower", checkpoint_dir=checkpoints) as run,
-        state.output_folder(context) as out,
-    ):
-        trained = TrainedOnce(context.log.info)  # the fit's validation phase reuses the chosen trial's run
-        search = None
-        if config.search_trials:
-            search = _search(context, config, mds_splits.path, meta, torch_distributor, run, out.staging, trained)
-            config = config.model_copy(update=search.settings)  # the fit below trains the chosen settings
-        run.log_params(
-            {
-                **config.model_dump(),
-                "num_processes": torch_distributor.num_processes,
-                "use_gpu": torch_distributor.use_gpu,
-                "data": mds_splits.path,
-                **{f"data_{k}": v for k, v in meta.rows.items()},
-            }
+
+@dataclasses.dataclass(frozen=True)
+class TwoTowerRecipe:
+    """The Two Tower's steps of the model-asset template (defs/model_training.py). `trained`: the search's
+    launches, so the fit's validation phase reuses the chosen trial instead of training it again."""
+
+    context: dg.AssetExecutionContext
+    config: TwoTowerConfig
+    data_root: str
+    torch_distributor: TorchDistributorResource
+    trained: TrainedOnce
+    model: str = "two_tower"
+
+    @functools.cached_property
+    def meta(self) -> S.DatasetMeta:
+        return _check_inputs(self.config, self.data_root)
+
+    def check_inputs(self) -> None:
+        self.meta  # noqa: B018 - validates and caches
+
+    def run_tags(self) -> dict:
+        return {}
+
+    def _train_config(self, config: TwoTowerConfig, run, **fields):
+        use_gpu = self.torch_distributor.use_gpu
+        return _train_config(config, self.data_root, use_gpu=use_gpu, mlflow_tracking_uri=run.tracking_uri, **fields)
+
+    def search(self, run, out):
+        from recsys_assets.training.search import MlflowTrialRuns, search_two_tower
+
+        return search_two_tower(
+            self.trained.record(launcher(self.context, self.torch_distributor, "two_tower search")),
+            lambda settings, **fields: self._train_config(self.config.model_copy(update=settings), run, **fields),
+            search_budget(self.config),
+            baseline=self.config.model_dump(),
+            history_length=self.meta.history_length,
+            work_dir=out.staging / "search",
+            trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
+            log=self.context.log.info,
         )
-        fit = fit_two_tower(
-            trained.reuse(launcher(context, torch_distributor, "two_tower")),
-            lambda **phase: _train_config(
-                config,
-                mds_splits.path,
-                use_gpu=torch_distributor.use_gpu,
-                mlflow_tracking_uri=run.tracking_uri,
-                mlflow_run_id=run.id,
-                **phase,
-            ),
+
+    def with_settings(self, settings: dict) -> "TwoTowerRecipe":
+        chosen = dataclasses.replace(self, config=self.config.model_copy(update=settings))
+        chosen.__dict__["meta"] = self.meta  # the inputs are the same
+        return chosen
+
+    def data_params(self) -> dict:
+        return {"data": self.data_root, **{f"data_{k}": v for k, v in self.meta.rows.items()}}
+
+    def fit(self, run, out, checkpoints: Path):
+        from recsys_assets.training.runs import fit_two_tower
+
+        return fit_two_tower(
+            self.trained.reuse(launcher(self.context, self.torch_distributor, "two_tower")),
+            lambda **phase: self._train_config(self.config, run, mlflow_run_id=run.id, **phase),
             out.staging,
             checkpoints,
-            refit=config.refit_on_validation,
-            ranker_phase=meta.ranker_queries > 0,
-            log=context.log.info,
+            refit=self.config.refit_on_validation,
+            ranker_phase=self.meta.ranker_queries > 0,
+            log=self.context.log.info,
         )
+
+    def final_model(self, fit):
+        return fit.final.load_model()
+
+    def log_results(self, run, fit) -> None:
         for png in fit.curves.values():
             run.log_artifact(png, "plots")
-        model_info = run.log_model(fit.final.load_model())
-        version, registry = register_two_tower(context, run, model_info, out, mds_splits.path, meta)
         run.log_metrics({f"final_{phase}/{k}": v for phase, m in fit.phase_metrics().items() for k, v in m.items()})
-        searched = record_search(run, search) if search is not None else {}
-    metadata = {
-        **run.metadata(),
-        **_fit_metadata(fit, out.path),
-        "checkpoint_dir": dg.MetadataValue.path(str(checkpoints)),
-        **searched,
-        **registry,
-    }
-    return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
 
+    def register(self, run, model_info, out, fit) -> tuple[str, dict]:
+        return register_two_tower(self.context, run, model_info, out, self.data_root, self.meta)
 
-def _search(context, config, data_root: str, meta, torch_distributor, run, folder: Path, trained: TrainedOnce):
-    """The settings search on the validation phase (training.search); trials' progress in `folder`/search; their
-    results kept in `trained`."""
-    from recsys_assets.training.search import MlflowTrialRuns, search_two_tower
-
-    return search_two_tower(
-        trained.record(launcher(context, torch_distributor, "two_tower search")),
-        lambda settings, **fields: _train_config(
-            config.model_copy(update=settings),
-            data_root,
-            use_gpu=torch_distributor.use_gpu,
-            mlflow_tracking_uri=run.tracking_uri,
-            **fields,
-        ),
-        search_budget(config),
-        baseline=config.model_dump(),
-        history_length=meta.history_length,
-        work_dir=folder / "search",
-        trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
-        log=context.log.info,
-    )
+    def metadata(self, fit, folder: Path, checkpoints: Path) -> dict:
+        return {**_fit_metadata(fit, folder), "checkpoint_dir": dg.MetadataValue.path(str(checkpoints))}
 
 
 def _fit_metadata(fit, folder: Path) -> dict:
