@@ -9,6 +9,7 @@ from recsys_assets.defs.evaluation_assets import evaluation_assets, funnel_check
 from recsys_assets.defs.ranking_assets import ranking_assets
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
 from recsys_assets.defs.retrieval_assets import retrieval_assets
+from recsys_assets.defs.source_data import interaction_source
 from recsys_assets.defs.two_tower_assets import two_tower_assets
 
 
@@ -27,7 +28,14 @@ def default_resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=[*data_assets, *two_tower_assets, *retrieval_assets, *ranking_assets, *evaluation_assets],
+    assets=[
+        interaction_source,
+        *data_assets,
+        *two_tower_assets,
+        *retrieval_assets,
+        *ranking_assets,
+        *evaluation_assets,
+    ],
     asset_checks=[*data_checks, *funnel_checks],
     resources=default_resources(),
     jobs=jobs,

@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 from recsys_assets.defs import automation as A
+from recsys_assets.defs import source_data as SD
 from recsys_assets.defs.constants import TRAINING_POOL
 from recsys_assets.defs.data_assets import RawInteractionsConfig, TableSourceConfig
 from recsys_assets.defs.data_checks import data_checks
 from recsys_assets.defs.two_tower_assets import two_tower_model
 
-ENV_VARS = (A.RETRAIN_CRON_ENV, A.RETRAIN_TIMEZONE_ENV, A.RUN_CONFIG_ENV, A.SENSOR_INTERVAL_ENV)
+ENV_VARS = (A.RETRAIN_CRON_ENV, A.RETRAIN_TIMEZONE_ENV, SD.RUN_CONFIG_ENV, A.SENSOR_INTERVAL_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +61,8 @@ def test_objects_load_with_the_project_assets():
     job = defs.resolve_job_def("retrain_all")
     # the whole product graph, evaluation included (the demo run config sets its settings)
     job_assets = set(job.asset_layer.asset_graph.get_all_asset_keys())
-    assert job_assets == {key for a in defs.assets for key in a.keys}
+    materialized = {key for a in defs.assets if isinstance(a, dg.AssetsDefinition) for key in a.keys}
+    assert job_assets == materialized | {dg.AssetKey(SD.SOURCE_ASSET)}  # the observed source: upstream, not run
     assert dg.AssetKey("evaluation") in job_assets
     # blocking data checks and the funnel's gates run inside the job too
     assert set(job.asset_layer.asset_graph.asset_check_keys) == {key for c in defs.asset_checks for key in c.check_keys}
@@ -110,7 +112,7 @@ def test_schedule_evaluation_requests_retrain_all_with_the_demo_run_config():
     data = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when))
     assert len(data.run_requests) == 1
     request = data.run_requests[0]
-    assert request.run_config == yaml.safe_load(A.DEFAULT_RUN_CONFIG_FILE.read_text())
+    assert request.run_config == yaml.safe_load(SD.DEFAULT_RUN_CONFIG_FILE.read_text())
     assert request.tags["recsys/trigger"] == "schedule"
     dg.validate_run_config(_defs(schedules=[schedule]).resolve_job_def("retrain_all"), request.run_config)
 
@@ -128,7 +130,7 @@ def test_run_config_file_from_env(tmp_path, monkeypatch):
             }
         )
     )
-    monkeypatch.setenv(A.RUN_CONFIG_ENV, str(config_file))
+    monkeypatch.setenv(SD.RUN_CONFIG_ENV, str(config_file))
     request = A.retrain_schedule().evaluate_tick(dg.build_schedule_context()).run_requests[0]
     assert request.run_config["ops"]["raw_interactions"]["config"]["movielens_path"] == str(data)
     sensor = A.new_data_sensor()
@@ -139,10 +141,10 @@ def test_run_config_file_from_env(tmp_path, monkeypatch):
 def test_run_config_file_with_unknown_source_keys_fails_loudly(tmp_path, monkeypatch):
     config_file = tmp_path / "typo.yaml"
     config_file.write_text(yaml.safe_dump({"ops": {"raw_interactions": {"config": {"movielens_pth": "/x"}}}}))
-    monkeypatch.setenv(A.RUN_CONFIG_ENV, str(config_file))
+    monkeypatch.setenv(SD.RUN_CONFIG_ENV, str(config_file))
     with pytest.raises(dg.DagsterInvalidDefinitionError, match="movielens_pth"):
         A.retrain_schedule()
-    monkeypatch.setenv(A.RUN_CONFIG_ENV, str(tmp_path / "missing.yaml"))
+    monkeypatch.setenv(SD.RUN_CONFIG_ENV, str(tmp_path / "missing.yaml"))
     with pytest.raises(dg.DagsterInvalidDefinitionError, match="not found"):
         A.new_data_sensor()
 
@@ -158,6 +160,10 @@ def test_sensor_first_tick_records_then_skips_then_requests_on_change(tmp_path):
     first = _tick(sensor, None)
     assert first.run_requests == [] and "first tick" in first.skip_message
     assert first.cursor
+    # the tick records the source asset's observation: its data version is the cursor
+    [observed] = first.asset_events
+    assert observed.asset_key == dg.AssetKey(SD.SOURCE_ASSET)
+    assert observed.tags[SD.DATA_VERSION_TAG] == first.cursor == SD.observe_source(source).data_version
 
     same = _tick(sensor, first.cursor)
     assert same.run_requests == [] and "no change" in same.skip_message
@@ -187,7 +193,8 @@ def test_sensor_first_tick_records_then_skips_then_requests_on_change(tmp_path):
             }
         }
     }
-    assert request.tags["recsys/source_fingerprint"] == changed.cursor
+    assert request.tags[A.SOURCE_VERSION_TAG] == changed.cursor
+    assert [e.tags[SD.DATA_VERSION_TAG] for e in changed.asset_events] == [changed.cursor]
     dg.validate_run_config(_defs(sensors=[sensor]).resolve_job_def("retrain_all"), request.run_config)
 
     # a modified file (same name and size, new mtime) is a new version too
@@ -221,11 +228,11 @@ def test_sensor_watches_a_single_table_file_and_keeps_other_run_config(tmp_path)
 def test_fingerprint_covers_names_sizes_and_mtimes(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.csv").write_text("1")
-    digest, n = A.source_fingerprint(tmp_path)
+    digest, n = SD.source_fingerprint(tmp_path)
     assert n == 1
-    assert A.source_fingerprint(tmp_path) == (digest, 1)
+    assert SD.source_fingerprint(tmp_path) == (digest, 1)
     (tmp_path / "a" / "x.csv").write_text("12")
-    assert A.source_fingerprint(tmp_path)[0] != digest
+    assert SD.source_fingerprint(tmp_path)[0] != digest
 
 
 @pytest.mark.parametrize(
@@ -242,6 +249,34 @@ def test_sensor_skips_with_a_reason_when_there_is_nothing_to_watch(source, reaso
     assert result.run_requests == []
     assert reason in result.skip_message
     assert result.cursor is None
+
+
+def test_the_source_is_an_observed_asset_upstream_of_raw_interactions(tmp_path, monkeypatch):
+    from recsys_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    source_key = dg.AssetKey(SD.SOURCE_ASSET)
+    assert graph.get(source_key).is_observable and not graph.get(source_key).is_materializable
+    assert graph.get(dg.AssetKey("raw_interactions")).parent_keys == {source_key}
+
+    folder = _movielens_folder(tmp_path)
+    run_config = {"ops": {"raw_interactions": {"config": {"source": "movielens", "movielens_path": str(folder)}}}}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(run_config))
+    monkeypatch.setenv(SD.RUN_CONFIG_ENV, str(config_file))
+    observe = defs.resolve_job_def("observe_interaction_source")
+    with dg.instance_for_test() as instance:
+        assert observe.execute_in_process(instance=instance).success
+        record = instance.get_latest_data_version_record(source_key)
+        expected = SD.observe_source(RawInteractionsConfig(source="movielens", movielens_path=str(folder)))
+        assert record.asset_observation.data_version == expected.data_version
+        assert record.asset_observation.metadata["files"].value == 2  # ratings.csv and movies.csv
+        (folder / "tags.csv").write_text("userId,movieId,tag,timestamp\n")
+        assert observe.execute_in_process(instance=instance).success
+        assert instance.get_latest_data_version_record(source_key).asset_observation.data_version not in (
+            None,
+            expected.data_version,
+        )
 
 
 def test_sensor_interval_from_argument_env_and_default(monkeypatch, tmp_path):

@@ -274,6 +274,19 @@ def test_asset_catalog_lists_every_asset(browser, webserver):
     page.close()
 
 
+def test_lineage_shows_the_source_files_upstream_of_raw_interactions(browser, webserver):
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    # raw_interactions' upstream lineage: a graph of two nodes, the observable source and the asset itself
+    page.goto(f"{webserver}/assets/raw_interactions?view=lineage&lineageScope=upstream", wait_until="domcontentloaded")
+    _dismiss_community_dialog(page)
+    source = page.get_by_text("interaction_source", exact=True).first
+    source.wait_for(state="visible")
+    page.screenshot(path=str(_artifacts_dir() / "ui_source_lineage.png"), full_page=True)
+    assert page.get_by_text("raw_interactions", exact=True).count() >= 1
+    page.close()
+
+
 def test_markdown_metadata_renders_embedded_png(browser, webserver):
     page = browser.new_page(viewport={"width": 1600, "height": 1400})
     page.set_default_timeout(PAGE_TIMEOUT_MS)

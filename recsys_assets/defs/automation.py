@@ -1,5 +1,6 @@
-"""Operations: the `retrain_all` job, its schedule, the `new_source_data` sensor, the instance's training pool
-limit and run retries (`DAGSTER_YAML`, written by `write_dagster_yaml`). Schedule and sensor start STOPPED.
+"""Operations: the `retrain_all` job, its schedule, the `new_source_data` sensor (it observes the
+`interaction_source` asset of source_data.py), the instance's training pool limit and run retries (`DAGSTER_YAML`,
+written by `write_dagster_yaml`). Schedule and sensor start STOPPED.
 
 Read when the definitions load:
 | env var                            | default                           | used by                             |
@@ -12,28 +13,32 @@ Read when the definitions load:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import dagster as dg
-import yaml
 
 from recsys_assets.defs.data_assets import RawInteractionsConfig
+from recsys_assets.defs.source_data import (
+    SOURCE_ASSET,
+    load_run_config,
+    observation_event,
+    observe_source,
+    source_config_from_run_config,
+    watched_path,
+    with_source_config,
+)
 
 RETRAIN_CRON_ENV = "RECSYS_RETRAIN_CRON"
 RETRAIN_TIMEZONE_ENV = "RECSYS_RETRAIN_TIMEZONE"
-RUN_CONFIG_ENV = "RECSYS_RUN_CONFIG"
 SENSOR_INTERVAL_ENV = "RECSYS_NEW_DATA_INTERVAL_SECONDS"
 
 DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Monday 03:00
 DEFAULT_TIMEZONE = "UTC"
 DEFAULT_SENSOR_INTERVAL_SECONDS = 300
-DEFAULT_RUN_CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+SOURCE_VERSION_TAG = "recsys/source_data_version"  # on a sensor run: the source's data version it trains
 
 # Run retries of retrain_all (honoured only where the instance enables run retries, see DAGSTER_YAML):
 # FROM_FAILURE re-executes the failed step and what had not run yet, reusing the versioned folders that the
@@ -59,65 +64,13 @@ retrain_all = dg.define_asset_job(
     executor_def=RUN_EXECUTOR,
 )
 
-
-# ------------------------------------------------------------------------------------------------ run config
-def run_config_path(path: str | os.PathLike | None = None) -> Path:
-    """The run config file of scheduled / sensor runs: `path`, else $RECSYS_RUN_CONFIG, else demo.yaml."""
-    chosen = path if path is not None else (os.environ.get(RUN_CONFIG_ENV) or DEFAULT_RUN_CONFIG_FILE)
-    return Path(chosen).expanduser()
-
-
-def load_run_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Reads a run config file (YAML or JSON, the `dagster asset materialize -c` format). Fails loudly (at
-    definitions load) if the file is missing or not a mapping, and if its raw_interactions config has keys
-    RawInteractionsConfig does not know."""
-    file = run_config_path(path)
-    if not file.is_file():
-        raise dg.DagsterInvalidDefinitionError(
-            f"run config file {file} not found (set ${RUN_CONFIG_ENV} to a YAML/JSON run config file)"
-        )
-    loaded = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise dg.DagsterInvalidDefinitionError(
-            f"run config file {file} must hold a mapping, not {type(loaded).__name__}"
-        )
-    source_config_from_run_config(loaded, origin=str(file))  # validate the source part now
-    return loaded
-
-
-def _unknown_keys(model: type[dg.Config], values: Mapping[str, Any], where: str) -> list[str]:
-    """Keys of `values` that `model` (and its nested Config fields) does not declare. dg.Config does not forbid
-    extra keys when constructed in Python, so a typo would otherwise only surface when a run is launched."""
-    unknown = []
-    for key, value in values.items():
-        field = model.model_fields.get(key)
-        if field is None:
-            unknown.append(f"{where}.{key}")
-            continue
-        sub = field.annotation
-        for candidate in getattr(sub, "__args__", (sub,)):  # Optional[X] -> X
-            if isinstance(candidate, type) and issubclass(candidate, dg.Config) and isinstance(value, Mapping):
-                unknown += _unknown_keys(candidate, value, f"{where}.{key}")
-    return unknown
-
-
-def source_config_from_run_config(run_config: Mapping[str, Any], origin: str = "run config") -> RawInteractionsConfig:
-    """The raw_interactions config in a run config (`ops.raw_interactions.config`); defaults if absent."""
-    values = ((run_config.get("ops") or {}).get("raw_interactions") or {}).get("config") or {}
-    unknown = _unknown_keys(RawInteractionsConfig, values, "ops.raw_interactions.config")
-    if unknown:
-        raise dg.DagsterInvalidDefinitionError(f"{origin}: unknown raw_interactions config keys {unknown}")
-    return RawInteractionsConfig(**values)
-
-
-def with_source_config(run_config: Mapping[str, Any] | None, source_config: RawInteractionsConfig) -> dict[str, Any]:
-    """`run_config` (other ops' config kept) with raw_interactions' config replaced by `source_config`."""
-    result = json.loads(json.dumps(dict(run_config or {})))  # deep copy of plain data
-    raw = dg.RunConfig(ops={"raw_interactions": source_config}).to_config_dict()["ops"]["raw_interactions"]
-    result.setdefault("ops", {})
-    result["ops"] = dict(result["ops"] or {})
-    result["ops"]["raw_interactions"] = raw
-    return result
+# The source's observation alone (the UI's "Observe sources"; the sensor records the same on its ticks).
+observe_source_job = dg.define_asset_job(
+    name="observe_interaction_source",
+    selection=dg.AssetSelection.assets(SOURCE_ASSET),
+    description=f"Observe {SOURCE_ASSET}: record the data version (size/mtime fingerprint) of the source files.",
+    executor_def=RUN_EXECUTOR,
+)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -147,62 +100,6 @@ def retrain_schedule(
 
 
 # ------------------------------------------------------------------------------------------------ sensor
-def watched_path(source_config: RawInteractionsConfig) -> str | None:
-    """The local file or folder behind a source, or None when there is nothing to watch (synthetic)."""
-    if source_config.source == "movielens":
-        return source_config.movielens_path
-    if source_config.source == "table":
-        return source_config.table.path if source_config.table is not None else None
-    return None
-
-
-def _local_path(path: str) -> Path | None:
-    """A local Path for `path` (plain or file://), None for other URI schemes (s3://, hdfs://, ...)."""
-    parsed = urlparse(path)
-    if parsed.scheme == "file":
-        return Path(parsed.path)
-    if parsed.scheme and len(parsed.scheme) > 1:  # "C:" drive letters are not schemes
-        return None
-    return Path(path).expanduser()
-
-
-def _is_hidden(relative: Path) -> bool:
-    # Spark/Hadoop's own convention: names starting with "_" or "." are not data (_SUCCESS, .crc, _temporary/
-    # of a write in progress, rsync's .name.XXXX temporaries); readers skip them and so does the fingerprint.
-    return any(part.startswith((".", "_")) for part in relative.parts)
-
-
-def source_fingerprint(path: str | os.PathLike) -> tuple[str, int]:
-    """(sha256 hex of the sorted (relative name, size, mtime_ns) of every data file under `path`, file count).
-
-    `path` may be a file (its own name is the relative name) or a folder (walked recursively). Cheap: stat calls
-    only, no file is read."""
-    root = Path(path)
-    if root.is_file():
-        st = root.stat()
-        entries = [(root.name, st.st_size, st.st_mtime_ns)]
-    else:
-        entries = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith((".", "_"))]
-            for name in filenames:
-                file = Path(dirpath) / name
-                relative = file.relative_to(root)
-                if _is_hidden(relative):
-                    continue
-                st = file.stat()
-                entries.append((relative.as_posix(), st.st_size, st.st_mtime_ns))
-        entries.sort()
-    digest = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
-    return digest, len(entries)
-
-
-def _fingerprint_key(source_config: RawInteractionsConfig, path: str, files_digest: str) -> str:
-    # The source kind and path are part of the key: pointing the sensor at another source counts as new data.
-    blob = json.dumps([source_config.source, path, files_digest]).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
-
-
 def new_data_sensor(
     source_config: RawInteractionsConfig | None = None,
     *,
@@ -212,13 +109,14 @@ def new_data_sensor(
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
     name: str = "new_source_data",
 ) -> dg.SensorDefinition:
-    """A sensor that requests a `retrain_all` run when the files of the watched source change.
+    """A sensor that observes the `interaction_source` asset and requests a `retrain_all` run when its data
+    version changes.
 
     Source: `source_config`, else the raw_interactions config of the run config file (see the module
-    docstring); its requests get that run config (or `run_config`) with that source. Only local movielens / table
-    paths are watched. A changed size/mtime fingerprint (names starting with "_" or "." ignored) requests a run
-    keyed by the fingerprint, so one version of the data is trained once; the first tick only records it unless
-    `run_on_first_tick`."""
+    docstring); its requests get that run config (or `run_config`) with that source. Each tick records the
+    observation (the source asset's data version: source_data.observe_source) and compares it with the last one
+    it saw (its cursor); a new version requests a run keyed by it, so one version of the data is trained once.
+    The first tick only records the version unless `run_on_first_tick`."""
     if source_config is None:
         base = dict(run_config) if run_config is not None else load_run_config()
         source_config = source_config_from_run_config(base)
@@ -236,38 +134,33 @@ def new_data_sensor(
         job=retrain_all,
         minimum_interval_seconds=interval,
         default_status=default_status,
-        description=f"Requests retrain_all when the files of the {watched} change (size/mtime fingerprint).",
+        description=f"Observes {SOURCE_ASSET} (the {watched}) and requests retrain_all when its data version "
+        "(size/mtime fingerprint) changes.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        if source_config.source == "synthetic":
-            return dg.SkipReason("source 'synthetic' is generated, not read: there is no new data to watch")
-        if not path:
-            return dg.SkipReason(f"source '{source_config.source}' has no path configured: nothing to watch")
-        local = _local_path(path)
-        if local is None:
-            return dg.SkipReason(f"{path}: only local paths (or file:// URIs) are watched")
-        if not local.exists():
-            return dg.SkipReason(f"{path} does not exist (yet)")
-        files_digest, n_files = source_fingerprint(local)
-        fingerprint = _fingerprint_key(source_config, path, files_digest)
-        previous = context.cursor
-        if previous == fingerprint:
-            return dg.SkipReason(f"no change in {n_files} file(s) under {path} (fingerprint {fingerprint[:12]})")
-        request = dg.RunRequest(
-            run_key=f"source-{fingerprint}",
-            run_config=request_config,
-            tags={"recsys/trigger": name, "recsys/source_fingerprint": fingerprint},
-        )
+        observation = observe_source(source_config)
+        if not observation.watchable:
+            return dg.SkipReason(f"{observation.note}: there is no new data to watch")
+        version, previous = observation.data_version, context.cursor
+        if previous == version:
+            return dg.SkipReason(f"no change in {observation.note} under {path} (data version {version[:12]})")
+        events = [observation_event(observation)]
         if previous is None and not run_on_first_tick:
             return dg.SensorResult(
                 skip_reason=dg.SkipReason(
-                    f"first tick: recorded fingerprint {fingerprint[:12]} of {n_files} file(s) under {path}; "
+                    f"first tick: recorded data version {version[:12]} of {observation.note} under {path}; "
                     "changes from now on request retrain_all"
                 ),
-                cursor=fingerprint,
+                cursor=version,
+                asset_events=events,
             )
-        context.log.info(f"{n_files} file(s) under {path} changed (fingerprint {fingerprint[:12]}): retrain_all")
-        return dg.SensorResult(run_requests=[request], cursor=fingerprint)
+        request = dg.RunRequest(
+            run_key=f"source-{version}",
+            run_config=request_config,
+            tags={"recsys/trigger": name, SOURCE_VERSION_TAG: version},
+        )
+        context.log.info(f"{observation.note} under {path} changed (data version {version[:12]}): retrain_all")
+        return dg.SensorResult(run_requests=[request], cursor=version, asset_events=events)
 
     return _sensor
 
@@ -306,6 +199,6 @@ def write_dagster_yaml(dagster_home: str | os.PathLike, *, overwrite: bool = Fal
 # ------------------------------------------------------------------------------------------------ exports
 # Built when the definitions load (recsys_assets.definitions imports this module): env vars are read then.
 # Call retrain_schedule(...) / new_data_sensor(...) directly for other settings.
-jobs = [retrain_all]
+jobs = [retrain_all, observe_source_job]
 schedules = [retrain_schedule()]
 sensors = [new_data_sensor()]

@@ -166,6 +166,7 @@ def _read_source(spark, config: RawInteractionsConfig) -> sources.RawTables:
     group_name=DATA_GROUP,
     kinds={"spark", "parquet"},
     tags={"stage": "ingest"},
+    deps=["interaction_source"],  # the observable source (defs/source_data.py): lineage shows the files read
     description="The source interaction table (synthetic, MovieLens or any table), in one raw schema.",
 )
 def raw_interactions(
