@@ -45,6 +45,7 @@ test:
 	VENV=$(venv)
 	export PYSPARK_PYTHON=$$VENV/bin/python PATH=$$VENV/bin:$$PATH
 	$(MAKE) --no-print-directory lint
+	$$VENV/bin/dg check defs  # the defs folder loads ([tool.dg] in pyproject.toml)
 	bash scripts/install_browser.sh || true  # chromium for test_ui_browser.py; never fails the tests
 	$$VENV/bin/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory ci-materialize

@@ -30,7 +30,8 @@ def clean_env(monkeypatch):
 
 def _defs(schedules=None, sensors=None) -> dg.Definitions:
     """The product's definitions (every asset and check), with these schedules and sensors."""
-    from recsys_assets.definitions import default_resources, defs
+    from recsys_assets.definitions import defs
+    from recsys_assets.defs.resources import default_resources
 
     return dg.Definitions(
         assets=defs.assets,

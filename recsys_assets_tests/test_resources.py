@@ -48,7 +48,7 @@ def _assert_store_under(root: Path, probe: dict) -> None:
 
 
 def test_state_root_set_at_launch_is_where_the_default_definitions_put_mlflow(tmp_path, other_state_dir):
-    from recsys_assets.definitions import default_resources
+    from recsys_assets.defs.resources import default_resources
 
     root = tmp_path / "configured"
     probe = _probe(default_resources(), {"resources": {"state": {"config": {"root": str(root)}}}})
@@ -70,7 +70,7 @@ def distributor_spark_probe(torch_distributor: TorchDistributorResource, spark: 
 
 
 def test_spark_configured_at_launch_is_the_one_torch_distributor_launches_from():
-    from recsys_assets.definitions import default_resources
+    from recsys_assets.defs.resources import default_resources
 
     spark_config = {"master": "local[1]", "app_name": "configured_at_launch"}
     result = dg.materialize(

@@ -197,8 +197,15 @@ def write_dagster_yaml(dagster_home: str | os.PathLike, *, overwrite: bool = Fal
 
 
 # ------------------------------------------------------------------------------------------------ exports
-# Built when the definitions load (recsys_assets.definitions imports this module): env vars are read then.
+# Built when the definitions load (load_from_defs_folder imports this module): env vars are read then.
 # Call retrain_schedule(...) / new_data_sensor(...) directly for other settings.
 jobs = [retrain_all, observe_source_job]
 schedules = [retrain_schedule()]
 sensors = [new_data_sensor()]
+
+
+@dg.definitions
+def operations() -> dg.Definitions:
+    """The jobs, the schedule, the sensor and the run executor (one process per run, also for `dagster asset
+    materialize`'s implicit job: make demo), as load_from_defs_folder collects them."""
+    return dg.Definitions(jobs=jobs, schedules=schedules, sensors=sensors, executor=RUN_EXECUTOR)

@@ -332,3 +332,23 @@ class TorchDistributorResource(ConfigurableResource):
             progress_file=progress_file,
             on_progress=on_progress or (lambda rec: context.log.info(json.dumps(rec))),
         )
+
+
+def default_resources() -> dict:
+    """Embedded defaults: local Spark, CPU/gloo TorchDistributor with 2 processes, MLflow on a SQLite file and
+    files under $RECSYS_STATE_DIR (else ./.recsys_state). Scale out by configuring these, not by code."""
+    # configured at launch, so run config under `resources: spark:` / `state:` also reaches the resources that
+    # depend on them
+    spark, state = SparkResource.configure_at_launch(), StateResource.configure_at_launch()
+    return {
+        "spark": spark,
+        "state": state,
+        "torch_distributor": TorchDistributorResource(spark=spark),
+        "mlflow": MLflowResource(state=state),
+    }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    """The code location's resources (load_from_defs_folder collects this)."""
+    return dg.Definitions(resources=default_resources())
