@@ -124,22 +124,12 @@ def _wait_for_step(instance_home: Path, step: str, proc: subprocess.Popen, deadl
 
 
 def _kill_tree(root: int) -> None:
-    """SIGKILL the process and every descendant (torchrun and its ranks sit in their own process groups)."""
-    from recsys_assets.training.launch import process_table
+    """SIGKILL the process and every descendant, its Spark JVM included (kill -9 of the whole materialization)."""
+    from recsys_assets.training.launch import kill_training_processes
 
-    children: dict[int, list[int]] = {}
-    for pid, ppid, _ in process_table():
-        children.setdefault(ppid, []).append(pid)
-    victims, stack = [root], [root]
-    while stack:
-        for pid in children.get(stack.pop(), []):
-            victims.append(pid)
-            stack.append(pid)
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    os.kill(root, signal.SIGSTOP)  # frozen first: it cannot react (fail its run) while its children die
+    kill_training_processes(root, spare_jvm=False)
+    os.kill(root, signal.SIGKILL)
 
 
 @pytest.mark.multiprocess

@@ -17,23 +17,10 @@ pytestmark = pytest.mark.multiprocess  # TorchDistributor with 2 processes
 
 
 def _resources(root: Path) -> dict:
-    from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+    from training_resources import training_resources
 
-    spark = SparkResource(master="local[2]", shuffle_partitions=4)
-
-    state = StateResource(root=str(root / "state"))
-    return {
-        "spark": spark,
-        "state": state,
-        "torch_distributor": TorchDistributorResource(
-            spark=spark, num_processes=2, local_mode=True, timeout_seconds=600
-        ),
-        "mlflow": MLflowResource(
-            state=state, tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_location=(root / "artifacts").as_uri()
-        ),
-        # on disk, so a later run of a subset loads the upstream values of this one
-        "io_manager": dg.FilesystemIOManager(base_dir=str(root / "io")),
-    }
+    # the IO manager on disk, so a later run of a subset loads the upstream values of this one
+    return {**training_resources(root), "io_manager": dg.FilesystemIOManager(base_dir=str(root / "io"))}
 
 
 def _run_config(gate_min_gain: float) -> dict:

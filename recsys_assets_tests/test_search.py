@@ -200,26 +200,15 @@ def _metadata(result, key: str) -> dict:
 @pytest.mark.multiprocess  # TorchDistributor with 2 processes
 def test_two_tower_search_through_dagster_records_nested_mlflow_runs(spark, tmp_path):
     from mlflow.tracking import MlflowClient
+    from training_resources import training_resources
 
     from recsys_assets.defs.data_assets import data_assets
-    from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
     from recsys_assets.defs.two_tower_assets import two_tower_model
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    spark = SparkResource(master="local[2]", shuffle_partitions=4)
-    state = StateResource(root=str(tmp_path / "state"))
     result = dg.materialize(
         [*data_assets, two_tower_model],
-        resources={
-            "spark": spark,
-            "state": state,
-            "torch_distributor": TorchDistributorResource(
-                spark=spark, num_processes=2, local_mode=True, timeout_seconds=600
-            ),
-            "mlflow": MLflowResource(
-                state=state, tracking_uri=tracking, artifact_location=(tmp_path / "artifacts").as_uri()
-            ),
-        },
+        resources=training_resources(tmp_path, tracking),
         run_config={
             "ops": {
                 "raw_interactions": {"config": {"synthetic": {"size": "tiny"}}},

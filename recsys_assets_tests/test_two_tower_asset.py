@@ -18,26 +18,16 @@ pytestmark = pytest.mark.multiprocess  # TorchDistributor with 2 processes
 
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory, spark):
+    from training_resources import training_resources
+
     from recsys_assets.defs.data_assets import data_assets
-    from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
     from recsys_assets.defs.two_tower_assets import two_tower_assets
 
     root = tmp_path_factory.mktemp("two_tower_asset")
     tracking = f"sqlite:///{root}/mlflow.db"
-    spark = SparkResource(master="local[2]", shuffle_partitions=4)
-    state = StateResource(root=str(root / "state"))
     result = dg.materialize(
         [*data_assets, *two_tower_assets],
-        resources={
-            "spark": spark,
-            "state": state,
-            "torch_distributor": TorchDistributorResource(
-                spark=spark, num_processes=2, local_mode=True, timeout_seconds=600
-            ),
-            "mlflow": MLflowResource(
-                state=state, tracking_uri=tracking, artifact_location=(root / "artifacts").as_uri()
-            ),
-        },
+        resources=training_resources(root, tracking),
         run_config={
             "ops": {
                 "raw_interactions": {"config": {"synthetic": {"size": "tiny"}}},

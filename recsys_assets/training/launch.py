@@ -177,9 +177,10 @@ def process_table() -> list[tuple[int, int, str]]:
     return rows
 
 
-def kill_training_processes(root_pid: int | None = None) -> list[int]:
-    """SIGKILLs every descendant of this process except the Spark JVM (torchrun and its workers, which sit in
-    their own process groups, so killing one group is not enough). Returns the pids signalled."""
+def kill_training_processes(root_pid: int | None = None, *, spare_jvm: bool = True) -> list[int]:
+    """SIGKILLs every descendant of `root_pid` (default: this process) except the Spark JVM unless not
+    `spare_jvm` (torchrun and its workers sit in their own process groups, so killing one group is not enough).
+    Returns the pids signalled."""
     root_pid = root_pid or os.getpid()
     table = process_table()
     children: dict[int, list[tuple[int, str]]] = {}
@@ -188,7 +189,7 @@ def kill_training_processes(root_pid: int | None = None) -> list[int]:
     victims, stack = [], [root_pid]
     while stack:
         for pid, comm in children.get(stack.pop(), []):
-            if "java" in comm:
+            if spare_jvm and "java" in comm:
                 continue  # the Spark JVM stays
             victims.append(pid)
             stack.append(pid)
