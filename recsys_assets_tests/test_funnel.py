@@ -74,7 +74,9 @@ def test_every_asset_and_check_of_the_graph_ran(funnel):
     assert result.success
     _, _, graph = _assets_and_checks()
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert done == {k.to_user_string() for k in graph.get_all_asset_keys()}
+    # every asset but the observed source (interaction_source: observed, never materialized)
+    materializable = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
+    assert done == materializable and "raw_interactions" in done
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["ranking_data_has_no_test_period"] and checks["two_tower_beats_most_popular"]
     assert checks["served_list_beats_most_popular"]
