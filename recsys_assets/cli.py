@@ -69,8 +69,14 @@ def status(args: argparse.Namespace) -> int:
     instance = _instance()
     release_dead_runs(instance, log=lambda line: print(f"released: {line}", file=sys.stderr))
     problems, missing = [], []
-    for key in sorted(defs.resolve_asset_graph().get_all_asset_keys(), key=lambda k: k.to_user_string()):
+    graph = defs.resolve_asset_graph()
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         name = key.to_user_string()
+        if not graph.get(key).is_materializable:  # the observed source: its latest data version, if observed
+            record = instance.get_latest_data_version_record(key)
+            version = record.asset_observation.data_version if record and record.asset_observation else None
+            print(f"== {name} (observed source): data version {version[:12] if version else 'not observed yet'}")
+            continue
         event = instance.get_latest_materialization_event(key)
         if event is None or event.asset_materialization is None:
             missing.append(name)

@@ -240,3 +240,6 @@ def test_status_lists_what_is_materialized_and_fails_on_a_missing_requirement(
     captured = capsys.readouterr()
     assert "== recommendations" in captured.out and str(folder) in captured.out
     assert "REQUIRED: evaluation: not materialized" in captured.err
+    # the observed source is shown, never reported as not materialized (make ci-materialize requires all)
+    assert "== interaction_source (observed source): data version not observed yet" in captured.out
+    assert "interaction_source" not in captured.err
