@@ -96,11 +96,13 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
 
     from recsys_assets.definitions import defs
     from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
+    from recsys_assets.defs.storage import AssetFolderIOManager
 
     spark, state = (
         SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
         StateResource(root=str(work / "state")),
     )
+    (work / "dagster_home").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
@@ -114,11 +116,12 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
             "mlflow": MLflowResource(
                 state=state, tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_location=(work / "artifacts").as_uri()
             ),
-            # on disk: a later run of the model stages loads the data assets of the first run
-            "io_manager": dg.FilesystemIOManager(base_dir=str(work / "io")),
+            "io_manager": AssetFolderIOManager(state=state),
         },
         run_config={"ops": {k: v for k, v in ops.items() if not selection or k in selection}},
         raise_on_error=False,
+        # persistent: a later run of the model stages loads the data assets the first run recorded
+        instance=dg.DagsterInstance.local_temp(str(work / "dagster_home")),
     )
     md = {
         e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
@@ -141,9 +144,9 @@ def validation_lists(md: dict, seed: int, holdout_fraction: float = 0.2) -> dict
     from recsys_assets.serving.rerank import dlrm_scores
 
     ranking, dlrm = md["ranking_dataset"], md["dlrm_model"]
-    holdout_path = Path(ranking["published_path"]) / "holdout.parquet"
+    holdout_path = Path(ranking["path"]) / "holdout.parquet"
     holdout = pd.read_parquet(holdout_path, columns=["user", "query_id", "label", "pool_rank"])
-    holdout["dlrm"] = dlrm_scores(dlrm["published_path"], holdout_path)
+    holdout["dlrm"] = dlrm_scores(dlrm["path"], holdout_path)
     spark = SparkSession.builder.getOrCreate()
     users = spark.createDataFrame(pd.DataFrame({"user": holdout["user"].unique().astype("int32")}))
     hashed = {r.user for r in users.filter(hashed_holdout_users(holdout_fraction, seed)).collect()}
@@ -287,7 +290,7 @@ def main() -> int:
         served.append(ev["served_stage"])
         seconds.append(out["seconds"])
         if seed == 0:
-            pins = pinned_baselines(Path(ev["published_path"]))
+            pins = pinned_baselines(Path(ev["path"]))
             ops = _merge(ops, {"evaluation": {"config": {**pins, "sasrec": False}}})
     text = report(name, runs, served, seconds) + "\n" + validation_report(validation)
     print(text)

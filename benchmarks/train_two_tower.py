@@ -37,18 +37,21 @@ def build_dataset(source: dict, root: Path) -> Path:
 
     from recsys_assets.defs.data_assets import data_assets
     from recsys_assets.defs.resources import SparkResource, StateResource
+    from recsys_assets.defs.storage import AssetFolderIOManager
 
+    state = StateResource(root=str(root))
     result = dg.materialize(
         data_assets,
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=8, driver_memory="4g"),
-            "state": StateResource(root=str(root)),
+            "state": state,
+            "io_manager": AssetFolderIOManager(state=state),
         },
         run_config={"ops": {"raw_interactions": {"config": source}}},
     )
     assert result.success
     [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "mds_splits"]
-    return Path(event.materialization.metadata["published_path"].value)
+    return Path(event.materialization.metadata["path"].value)
 
 
 def torchrun(config: dict, nproc: int, work: Path) -> dict:

@@ -35,25 +35,28 @@ def _instance() -> dg.DagsterInstance:
         raise CliError(f"no Dagster instance: {e}. {hint}") from e
 
 
-def _published_path(instance: dg.DagsterInstance, asset: str) -> Path:
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    materialization = event.asset_materialization if event is not None else None
-    path = materialization.metadata.get("published_path") if materialization is not None else None
-    if path is None:
+def _published_folder(instance: dg.DagsterInstance, asset: str) -> Path:
+    """The folder of `asset`'s latest materialization, through the I/O manager's record (a local copy when it is
+    on object storage)."""
+    from recsys_assets.defs.resources import StateResource
+    from recsys_assets.defs.storage import stored_folder
+
+    try:
+        folder = stored_folder(instance, dg.AssetKey(asset), None, StateResource())
+    except dg.Failure as e:  # recorded, but gone or incomplete
+        raise CliError(f"the latest {asset!r} cannot be read: {e.description}; run `make demo`") from e
+    if folder is None:
         raise CliError(
             f"no materialization of {asset!r} in the Dagster instance at {instance.root_directory}: "
             "run `make demo` first (or materialize the graph)"
         )
-    folder = Path(str(path.value))
-    if not folder.is_dir():
-        raise CliError(f"the latest {asset!r} was published at {folder}, which no longer exists: run `make demo`")
     return folder
 
 
 def recommend(args: argparse.Namespace) -> int:
     from recsys_assets.serving.lookup import lookup
 
-    folder = _published_path(_instance(), RECOMMENDATIONS)
+    folder = _published_folder(_instance(), RECOMMENDATIONS)
     print(lookup(folder, args.user, args.k).format())
     return 0
 
@@ -90,7 +93,6 @@ def status(args: argparse.Namespace) -> int:
             k: v.value
             for k, v in md.items()
             if isinstance(v.value, (int, float, str))
-            and k != "path"
             and not k.startswith("dagster/")
             and len(str(v.value)) < 120
         }

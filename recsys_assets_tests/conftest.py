@@ -79,10 +79,14 @@ def pyspark_sample_ratings() -> Path:
 
 @pytest.fixture()
 def data_resources(spark, tmp_path: Path) -> dict:
-    """Resources for materializing the data assets: local Spark (the session above) and a fresh state root."""
+    """Resources for materializing the data assets: local Spark (the session above), a fresh state root and the
+    project's I/O manager on it."""
     from recsys_assets.defs.resources import SparkResource, StateResource
+    from recsys_assets.defs.storage import AssetFolderIOManager
 
+    state = StateResource(root=str(tmp_path / "state"))
     return {
         "spark": SparkResource(master="local[2]", shuffle_partitions=4),
-        "state": StateResource(root=str(tmp_path / "state")),
+        "state": state,
+        "io_manager": AssetFolderIOManager(state=state),
     }

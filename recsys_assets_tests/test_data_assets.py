@@ -30,21 +30,36 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
 @pytest.fixture(scope="module")
 def tiny_run(spark, tmp_path_factory):
     from recsys_assets.defs.resources import SparkResource, StateResource
+    from recsys_assets.defs.storage import AssetFolderIOManager
 
     root = tmp_path_factory.mktemp("state")
+    state, instance = StateResource(root=str(root)), dg.DagsterInstance.ephemeral()
     result = dg.materialize(
         [*data_assets, *data_checks],
         run_config={"ops": {"raw_interactions": {"config": {"synthetic": {"size": "tiny"}}}}},
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=4),
-            "state": StateResource(root=str(root)),
+            "state": state,
+            "io_manager": AssetFolderIOManager(state=state),
         },
+        instance=instance,
     )
-    return result, root
+    return result, root, _handed_downstream(instance, AssetFolderIOManager(state=state), result.run_id)
+
+
+def _handed_downstream(instance, manager, run_id: str):
+    """What a downstream step of this run receives for an asset: the I/O manager's load_input."""
+
+    def load(asset: str):
+        key = dg.AssetKey(asset)
+        upstream = dg.build_output_context(asset_key=key, run_id=run_id)
+        return manager.load_input(dg.build_input_context(asset_key=key, instance=instance, upstream_output=upstream))
+
+    return load
 
 
 def test_materialize_tiny_synthetic_succeeds_and_checks_pass(tiny_run):
-    result, _ = tiny_run
+    result, _, _ = tiny_run
     assert result.success
     materialized = {
         e.asset_key.to_user_string()
@@ -59,7 +74,7 @@ def test_materialize_tiny_synthetic_succeeds_and_checks_pass(tiny_run):
 
 
 def test_metadata_row_counts_are_consistent(tiny_run):
-    result, _ = tiny_run
+    result, _, handed_downstream = tiny_run
     raw = _metadata(result, "raw_interactions")
     inter = _metadata(result, "interactions")
     splits = _metadata(result, "interaction_splits")
@@ -86,16 +101,16 @@ def test_metadata_row_counts_are_consistent(tiny_run):
     assert mds["columns"] == split_layout(20).mds_columns()
     # Each asset records the folder it published (the value handed downstream), one per run.
     for asset in DATA_ASSETS:
-        published = Path(_metadata(result, asset)["published_path"])
-        assert str(published) == result.output_for_node(asset).path
+        published = Path(_metadata(result, asset)["path"])
+        assert str(published) == handed_downstream(asset).path
         assert published.is_dir() and published.name == result.run_id
 
 
 def test_published_dataset_layout_and_meta(tiny_run, spark):
-    result, root = tiny_run
+    result, root, handed_downstream = tiny_run
     inter = _metadata(result, "interactions")
-    mds_path = Path(_metadata(result, "mds_splits")["published_path"])
-    assert mds_path == Path(result.output_for_node("mds_splits").path)
+    mds_path = Path(_metadata(result, "mds_splits")["path"])
+    assert mds_path == Path(handed_downstream("mds_splits").path)
     assert mds_path.parent == root / "assets" / "mds_splits"
     assert (root / "assets" / "mds_splits" / "latest").resolve() == mds_path.resolve()
     assert not [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]

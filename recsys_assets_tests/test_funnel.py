@@ -19,8 +19,13 @@ pytestmark = pytest.mark.multiprocess  # TorchDistributor with 2 processes
 def _resources(root: Path) -> dict:
     from training_resources import training_resources
 
-    # the IO manager on disk, so a later run of a subset loads the upstream values of this one
-    return {**training_resources(root), "io_manager": dg.FilesystemIOManager(base_dir=str(root / "io"))}
+    return training_resources(root)
+
+
+def _instance(root: Path) -> dg.DagsterInstance:
+    """A persistent instance: the `recsys-assets` command reads it, and a later run of a subset loads the upstream
+    values of the first run from the materializations it recorded (the I/O manager's paths)."""
+    return dg.DagsterInstance.local_temp(str(root / "dagster_home"))
 
 
 def _run_config(gate_min_gain: float) -> dict:
@@ -49,9 +54,8 @@ def funnel(tmp_path_factory, spark):
     root = tmp_path_factory.mktemp("funnel")
     # The served stage is whichever wins on the holdout lists (on tiny data often the retrieval order);
     # `test_when_the_ranker_loses_*` below demands an impossible gain to force the retrieval order.
-    # a persistent instance, so the `recsys-assets` command can read it (test_recommendations_in_source_ids_…)
     (root / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(str(root / "dagster_home"))
+    instance = _instance(root)
     result = dg.materialize(
         [*assets, *checks], resources=_resources(root), run_config=_run_config(0.0), instance=instance
     )
@@ -66,7 +70,7 @@ def _md(result, key: str) -> dict:
 def _splits(result) -> pd.DataFrame:
     from recsys_assets.data.schema import DatasetPaths
 
-    return pd.read_parquet(DatasetPaths(Path(_md(result, "mds_splits")["published_path"])).splits)
+    return pd.read_parquet(DatasetPaths(Path(_md(result, "mds_splits")["path"])).splits)
 
 
 def test_every_asset_and_check_of_the_graph_ran(funnel):
@@ -85,7 +89,7 @@ def test_every_asset_and_check_of_the_graph_ran(funnel):
 def test_candidates_never_include_items_seen_before_the_query(funnel):
     result, _ = funnel
     splits = _splits(result)
-    folder = Path(_md(result, "retrieval_candidates")["published_path"])
+    folder = Path(_md(result, "retrieval_candidates")["path"])
     cand = pd.read_parquet(folder / "candidates.parquet")
     queries = pd.read_parquet(folder / "queries.parquet")
     assert set(cand["phase"]) == {"ranker", "validation", "test"}
@@ -114,7 +118,7 @@ def test_candidates_never_include_items_seen_before_the_query(funnel):
 def test_ranker_trains_on_the_window_and_every_validation_list_chooses(funnel):
     result, _ = funnel
     splits = _splits(result)
-    root = Path(_md(result, "ranking_dataset")["published_path"])
+    root = Path(_md(result, "ranking_dataset")["path"])
     train = pd.read_parquet(root / "train.parquet")
     holdout = pd.read_parquet(root / "holdout.parquet")
     assert set(train["phase"]) == {"ranker"} and set(holdout["phase"]) == {"validation"}
@@ -162,10 +166,10 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     assert 0.0 <= md["holdout_auroc"] <= 1.0 and 0.0 <= md["test_auroc"] <= 1.0
     assert np.isfinite(md["test_logloss"]) and md["test_logloss"] > 0
     # test is scored once, with the final weights: no epoch of the history names it
-    history = json.loads((Path(md["published_path"]) / "result.json").read_text())["history"]
+    history = json.loads((Path(md["path"]) / "result.json").read_text())["history"]
     assert history and all(set(h["metrics"]) == {"holdout"} for h in history)
     assert md["mlflow_run"].endswith(md["mlflow_run_id"])
-    model, layout, cfg = load_dlrm_model(TrainedModel(md["published_path"], md["mlflow_run_id"]))
+    model, layout, cfg = load_dlrm_model(TrainedModel(md["path"], md["mlflow_run_id"]))
     # the defaults chosen on holdout lists: category bag + user attributes (id tables are opt-in)
     names = {f.name for f in layout}
     assert "categories" in names and any(n.startswith("attr_") for n in names)
@@ -178,7 +182,7 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
     assert md["model_version_url"].endswith("/#/models/recsys_dlrm/versions/1")
     version = client.get_model_version("recsys_dlrm", "1")
     assert version.run_id == md["mlflow_run_id"] and version.tags["dagster.run_id"] == result.run_id
-    assert version.tags["data_path"] == _md(result, "ranking_dataset")["published_path"]
+    assert version.tags["data_path"] == _md(result, "ranking_dataset")["path"]
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {
         "ranking_dataset/train",
         "ranking_dataset/holdout",
@@ -192,7 +196,7 @@ def test_dlrm_recorded_in_mlflow_and_reloads(funnel):
 def test_recommendations_are_top10_reranked_unseen_items(funnel):
     result, _ = funnel
     md = _md(result, "recommendations")
-    recs = pd.read_parquet(Path(md["published_path"]) / "recommendations.parquet")
+    recs = pd.read_parquet(Path(md["path"]) / "recommendations.parquet")
     splits = _splits(result)
     assert recs.groupby("user").size().max() == 10
     assert recs["user"].nunique() == splits["user"].nunique()  # every user gets a list
@@ -214,17 +218,17 @@ def test_recommendations_in_source_ids_and_the_command_serves_them(funnel, monke
 
     result, root = funnel
     md = _md(result, "recommendations")
-    recs = pd.read_parquet(Path(md["published_path"]) / "recommendations.parquet")
+    recs = pd.read_parquet(Path(md["path"]) / "recommendations.parquet")
     assert list(recs.columns[:5]) == ["user_id", "rank", "item_id", "title", "categories"]
     assert recs["user_id"].dtype == np.int64 and recs["item_id"].dtype == np.int64
-    index_root = Path(_md(result, "interactions")["published_path"])
+    index_root = Path(_md(result, "interactions")["path"])
     raw_item = pd.read_parquet(index_root / "item_index").set_index("item")["raw_item"]
     raw_user = pd.read_parquet(index_root / "user_index").set_index("user")["raw_user"]
     assert (recs["item_id"].astype(str).to_numpy() == raw_item.loc[recs["item"]].to_numpy()).all()
     assert (recs["user_id"].astype(str).to_numpy() == raw_user.loc[recs["user"]].to_numpy()).all()
     assert (recs["user_id"] != recs["user"]).any()  # the synthetic ids are offset: a real mapping happened
     assert "user_id" in md["preview"] and "item_id" in md["preview"]
-    items = pd.read_parquet(Path(_md(result, "item_embeddings")["published_path"]) / "items.parquet")
+    items = pd.read_parquet(Path(_md(result, "item_embeddings")["path"]) / "items.parquet")
     assert items["item"].tolist() == list(range(len(items)))
     assert (items["item_id"].astype(str).to_numpy() == raw_item.loc[items["item"]].to_numpy()).all()
 
@@ -266,7 +270,7 @@ def test_evaluation_reports_every_model_through_one_evaluator(funnel):
     assert md["chart"].startswith("![")
     # the served list's HR@10 recomputed from the published recommendations with the evaluator
     splits = _splits(result)
-    recs = pd.read_parquet(Path(_md(result, "recommendations")["published_path"]) / "recommendations.parquet")
+    recs = pd.read_parquet(Path(_md(result, "recommendations")["path"]) / "recommendations.parquet")
     task = EvalTask.from_splits(splits[["user", "item", "timestamp", "split"]], "test")
     order = {(u, i): 10 - r for u, i, r in zip(recs["user"], recs["item"], recs["rank"])}
 
@@ -297,6 +301,7 @@ def test_when_the_ranker_loses_the_retrieval_order_is_served_and_evaluation_runs
         selection=dg.AssetSelection.assets(*names),
         resources=_resources(root),
         run_config={"ops": {k: v for k, v in _run_config(1.0)["ops"].items() if k in names}},
+        instance=_instance(root),
     )
     assert run.success
     verdicts = {e.check_name: e for e in run.get_asset_check_evaluations()}
@@ -307,7 +312,7 @@ def test_when_the_ranker_loses_the_retrieval_order_is_served_and_evaluation_runs
     assert done == set(names)
     md = _md(run, "recommendations")
     assert md["served_stage"] == "retrieval" and "does not improve" in md["served_stage_reason"]
-    recs = pd.read_parquet(Path(md["published_path"]) / "recommendations.parquet")
+    recs = pd.read_parquet(Path(md["path"]) / "recommendations.parquet")
     assert (recs["served_stage"] == "retrieval").all()
     assert (recs.sort_values(["user", "rank"]).groupby("user")["pool_rank"].diff().dropna() > 0).all()
     ev = _md(run, "evaluation")
@@ -332,10 +337,10 @@ def test_recommend_in_the_dlrm_order(funnel, tmp_path):
     result, _ = funnel
     dlrm = _md(result, "dlrm_model")
     top = recommend(
-        dlrm["published_path"],
-        _md(result, "ranking_dataset")["published_path"],
+        dlrm["path"],
+        _md(result, "ranking_dataset")["path"],
         tmp_path,
-        dataset_root=_md(result, "mds_splits")["published_path"],
+        dataset_root=_md(result, "mds_splits")["path"],
         top_k=10,
         served="dlrm",
         two_tower_run_id="tt",
@@ -347,7 +352,7 @@ def test_recommend_in_the_dlrm_order(funnel, tmp_path):
     assert {"pool_rank", "dlrm_score"} <= set(scored.columns) and len(scored) >= len(top)
     with pytest.raises(ValueError, match="served must be one of"):
         recommend(
-            dlrm["published_path"],
+            dlrm["path"],
             "",
             tmp_path,
             dataset_root="",
@@ -367,7 +372,7 @@ def test_served_list_gate_fails_with_a_message_that_says_so(funnel):
     zero = {"hr@10": 0.0, "ndcg@10": 0.0}
     gate = {"holdout_two_stage": zero, "holdout_retrieval": zero, "holdout_queries": 10, "min_gain": 0.0}
     outcome = served_list_beats_most_popular(
-        gate, _md(result, "ranking_dataset")["published_path"], _md(result, "mds_splits")["published_path"], k=10
+        gate, _md(result, "ranking_dataset")["path"], _md(result, "mds_splits")["path"], k=10
     )
     assert not outcome.passed
     assert "does not beat MostPopular on validation" in outcome.description

@@ -98,8 +98,9 @@ def test_split_written_to_file_remote_reads_back_through_a_cache(spark, tmp_path
 def test_mds_splits_asset_uploads_to_remote_root_and_records_it(spark, tmp_path: Path):
     from recsys_assets.defs.data_assets import data_assets
     from recsys_assets.defs.resources import SparkResource, StateResource
+    from recsys_assets.defs.storage import AssetFolderIOManager
 
-    bucket = tmp_path / "bucket"
+    bucket, state = tmp_path / "bucket", StateResource(root=str(tmp_path / "state"))
     result = dg.materialize(
         data_assets,
         run_config={
@@ -110,11 +111,13 @@ def test_mds_splits_asset_uploads_to_remote_root_and_records_it(spark, tmp_path:
         },
         resources={
             "spark": SparkResource(master="local[2]", shuffle_partitions=4),
-            "state": StateResource(root=str(tmp_path / "state")),
+            "state": state,
+            "io_manager": AssetFolderIOManager(state=state),
         },
     )
     assert result.success
-    paths = S.DatasetPaths(Path(result.output_for_node("mds_splits").path))
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "mds_splits"]
+    paths = S.DatasetPaths(Path(event.materialization.metadata["path"].value))
     meta = S.DatasetMeta.load(paths.meta)
     assert meta.mds_remote == f"{bucket.as_uri()}/mds_splits/{result.run_id}"
     for split in S.SPLITS:

@@ -6,6 +6,7 @@ instance in a temporary DAGSTER_HOME. The whole graph's recommendations are chec
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from recsys_assets.data import schema as S
 from recsys_assets.data import sources, stages
+from recsys_assets.defs.storage import MARKER
 from recsys_assets.serving.lookup import FALLBACK_NOTE
 from recsys_assets.serving.source_ids import POPULAR_FILE, RECOMMENDATIONS_FILE, publish_recommendations
 
@@ -162,10 +164,12 @@ def instance_with_recommendations(movielens, tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("recommendations")
     publish_recommendations(top, dataset, folder)
+    # stored as the I/O manager stores a value: its marker names the type (the CLI refuses a folder without it)
+    (folder / MARKER).write_text(json.dumps({"type": "PublishedFolder", "fields": {"table": RECOMMENDATIONS_FILE}}))
     home = tmp_path_factory.mktemp("dagster_home")
     with dg.DagsterInstance.local_temp(str(home)) as instance:
         instance.report_runless_asset_event(
-            dg.AssetMaterialization("recommendations", metadata={"published_path": dg.MetadataValue.path(str(folder))})
+            dg.AssetMaterialization("recommendations", metadata={"path": dg.MetadataValue.path(str(folder))})
         )
     return home, folder
 

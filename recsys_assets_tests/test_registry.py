@@ -185,14 +185,6 @@ def test_two_tower_score_is_the_evaluator_on_validation_and_refuses_a_changed_ca
     assert "num_users" not in str(err.value)  # unchanged tables are not reported
 
 
-def test_champion_folder_must_exist(tmp_path):
-    gone = SimpleNamespace(tags={R.MODEL_FOLDER_TAG: str(tmp_path / "gone")})
-    with pytest.raises(R.ChampionDoesNotFit, match="missing"):
-        R.champion_folder(gone)
-    (tmp_path / "here").mkdir()
-    assert R.champion_folder(SimpleNamespace(tags={R.MODEL_FOLDER_TAG: str(tmp_path / "here")})) == tmp_path / "here"
-
-
 def test_inputs_are_logged_as_mlflow_datasets(client, tmp_path):
     run = client.create_run(client.get_experiment_by_name("registry").experiment_id)
     R.log_input_folders(

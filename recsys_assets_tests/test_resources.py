@@ -12,14 +12,16 @@ from recsys_assets.defs.resources import MLflowResource, SparkResource, StateRes
 
 
 @dg.asset
-def mlflow_store_probe(mlflow: MLflowResource, state: StateResource) -> dict:
-    """Creates the experiment in the fallback store and reports where it went."""
-    return {
-        "experiment_id": mlflow.experiment_id(),
-        "tracking_uri": mlflow.resolved_tracking_uri(),
-        "artifacts": mlflow.resolved_artifact_location(),
-        "state_root": str(state.resolved_root()),
-    }
+def mlflow_store_probe(mlflow: MLflowResource, state: StateResource) -> dg.MaterializeResult:
+    """Creates the experiment in the fallback store and reports where it went (as metadata: no output)."""
+    return dg.MaterializeResult(
+        metadata={
+            "experiment_id": mlflow.experiment_id(),
+            "tracking_uri": mlflow.resolved_tracking_uri(),
+            "artifacts": mlflow.resolved_artifact_location(),
+            "state_root": str(state.resolved_root()),
+        }
+    )
 
 
 @pytest.fixture
@@ -33,7 +35,12 @@ def other_state_dir(tmp_path, monkeypatch) -> Path:
 def _probe(resources: dict, run_config: dict | None = None) -> dict:
     result = dg.materialize([mlflow_store_probe], resources=resources, run_config=run_config or {})
     assert result.success
-    return result.output_for_node("mlflow_store_probe")
+    return _probe_metadata(result)
+
+
+def _probe_metadata(result) -> dict:
+    [event] = result.get_asset_materialization_events()
+    return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
 def _assert_store_under(root: Path, probe: dict) -> None:
@@ -64,9 +71,11 @@ def test_state_root_set_in_code_is_where_mlflow_stores(tmp_path, other_state_dir
 
 
 @dg.asset
-def distributor_spark_probe(torch_distributor: TorchDistributorResource, spark: SparkResource) -> dict:
-    """The Spark settings TorchDistributor would launch from, next to the top-level resource's (no session starts)."""
-    return {"nested": torch_distributor.spark.resolved_config(), "top_level": spark.resolved_config()}
+def distributor_spark_probe(torch_distributor: TorchDistributorResource, spark: SparkResource) -> dg.MaterializeResult:
+    """The Spark settings TorchDistributor would launch from, next to the top-level resource's (no session starts),
+    as metadata (no output: the project's I/O manager stores asset folders only)."""
+    nested, top_level = torch_distributor.spark.resolved_config(), spark.resolved_config()
+    return dg.MaterializeResult(metadata={"nested": dg.MetadataValue.json(nested), "top_level": top_level})
 
 
 def test_spark_configured_at_launch_is_the_one_torch_distributor_launches_from():
@@ -79,7 +88,7 @@ def test_spark_configured_at_launch_is_the_one_torch_distributor_launches_from()
         run_config={"resources": {"spark": {"config": spark_config}}},
     )
     assert result.success
-    probe = result.output_for_node("distributor_spark_probe")
+    probe = _probe_metadata(result)
     assert probe["nested"] == probe["top_level"]
     assert probe["nested"]["spark.master"] == "local[1]"
     assert probe["nested"]["spark.app.name"] == "configured_at_launch"

@@ -248,4 +248,4 @@ def test_two_tower_search_through_dagster_records_nested_mlflow_runs(spark, tmp_
     assert md["search_best_validation_ndcg@10"] == max(r.data.metrics["search_validation_ndcg_at_10"] for r in trials)
     params = client.get_run(parent).data.params
     assert params["embedding_dim"] == str(chosen["embedding_dim"]) and float(params["sparse_lr"]) == chosen["sparse_lr"]
-    assert (Path(md["published_path"]) / "search" / "search.json").is_file()
+    assert (Path(md["path"]) / "search" / "search.json").is_file()

@@ -25,6 +25,7 @@ def materialized(tmp_path_factory, spark):
 
     root = tmp_path_factory.mktemp("two_tower_asset")
     tracking = f"sqlite:///{root}/mlflow.db"
+    instance = dg.DagsterInstance.ephemeral()  # kept: the registry's champion is found through it
     result = dg.materialize(
         [*data_assets, *two_tower_assets],
         resources=training_resources(root, tracking),
@@ -34,8 +35,9 @@ def materialized(tmp_path_factory, spark):
                 "two_tower_model": {"config": {"epochs": 10, "patience": 3}},
             }
         },
+        instance=instance,
     )
-    return result, tracking
+    return result, tracking, instance
 
 
 def _metadata(result, key: str) -> dict:
@@ -46,7 +48,7 @@ def _metadata(result, key: str) -> dict:
 def test_two_tower_asset_links_to_a_finished_mlflow_run(materialized):
     from mlflow.tracking import MlflowClient
 
-    result, tracking = materialized
+    result, tracking, _ = materialized
     assert result.success
     md = _metadata(result, "two_tower_model")
     run_id = md["mlflow_run_id"]
@@ -63,7 +65,7 @@ def test_two_tower_asset_links_to_a_finished_mlflow_run(materialized):
     assert len(losses) >= 2
     # Training curves: inline in the metadata, in the published folder and among the MLflow run's artifacts.
     assert md["training_curves"].count("](data:image/png;base64,") == 2  # validation run + refit run
-    assert Path(md["training_curves_path"]).is_file()
+    assert (Path(md["path"]) / md["training_curves_file"]).is_file()
     plots = {a.path for a in MlflowClient(tracking_uri=tracking).list_artifacts(run_id, "plots")}
     assert plots == {"plots/training_curves.png", "plots/training_curves_refit.png"}
 
@@ -71,14 +73,18 @@ def test_two_tower_asset_links_to_a_finished_mlflow_run(materialized):
 def test_two_tower_registered_as_first_champion_with_its_inputs(materialized):
     from mlflow.tracking import MlflowClient
 
-    result, tracking = materialized
+    from recsys_assets.defs.model_registration import champion_folder
+    from recsys_assets.defs.resources import StateResource
+
+    result, tracking, instance = materialized
     md = _metadata(result, "two_tower_model")
     client = MlflowClient(tracking_uri=tracking)
     version = client.get_model_version("recsys_two_tower", md["model_version"])
     assert version.run_id == md["mlflow_run_id"]
     assert version.tags["dagster.run_id"] == result.run_id
-    assert version.tags["data_path"] == _metadata(result, "mds_splits")["published_path"]
-    assert version.tags["model_folder"] == md["published_path"]
+    assert version.tags["data_path"] == _metadata(result, "mds_splits")["path"]
+    # the version leads back to its published model folder (how a later run re-scores the champion)
+    assert champion_folder(instance, version, StateResource()) == Path(md["path"])
     assert md["registry_alias"] == "champion" and md["registry_reason"] == "gates passed; no champion yet"
     assert str(client.get_model_version_by_alias("recsys_two_tower", "champion").version) == md["model_version"]
     assert md["model_version_url"] == f"http://127.0.0.1:5000/#/models/recsys_two_tower/versions/{md['model_version']}"
@@ -98,13 +104,13 @@ def test_training_learns_the_planted_structure(materialized):
     from recsys_assets.evaluation.baselines import MostPopular
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
 
-    result, tracking = materialized
+    result, tracking, _ = materialized
     md = _metadata(result, "two_tower_model")
     history = MlflowClient(tracking_uri=tracking).get_metric_history(md["mlflow_run_id"], "train_loss")
     values = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert min(values) < values[0] * 0.95, values
 
-    data_root = Path(_metadata(result, "mds_splits")["published_path"])
+    data_root = Path(_metadata(result, "mds_splits")["path"])
     splits = pd.read_parquet(data_root / "splits", columns=["user", "item", "timestamp", "split"])
     task = EvalTask.from_splits(splits, "validation")
     popular = evaluate(MostPopular().fit(task).score, task).metrics
@@ -120,16 +126,16 @@ def test_logged_model_loads_back_and_scores_the_same(materialized):
     from recsys_assets.models.two_tower import ItemEncoder
     from recsys_assets.training.model_files import load_trained_two_tower
 
-    result, tracking = materialized
+    result, tracking, _ = materialized
     md = _metadata(result, "two_tower_model")
     emb_md = _metadata(result, "item_embeddings")
-    vectors = np.load(Path(emb_md["published_path"]) / "item_vectors.npy")
+    vectors = np.load(Path(emb_md["path"]) / "item_vectors.npy")
     assert vectors.shape == (emb_md["num_items"], emb_md["dim"])
 
     mlflow.set_tracking_uri(tracking)
     logged = mlflow.pytorch.load_model(f"runs:/{md['mlflow_run_id']}/model")
-    local, spec = load_trained_two_tower(TrainedModel(md["published_path"], md["mlflow_run_id"]))
-    data_root = Path(_metadata(result, "mds_splits")["published_path"])
+    local, spec = load_trained_two_tower(TrainedModel(md["path"], md["mlflow_run_id"]))
+    data_root = Path(_metadata(result, "mds_splits")["path"])
     store = FeatureStore.load(data_root, spec)
     with torch.no_grad():
         from_mlflow = ItemEncoder(logged.eval(), store).encode_all().numpy()

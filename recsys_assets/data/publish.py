@@ -26,21 +26,55 @@ def publish_folder(destination: str | Path, *, keep_versions: int = 3, point_lat
     ``keep_versions=0, point_latest=False``: no ``latest`` link and no pruning of the parent folder."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _hidden_sibling(destination, "tmp")
     tmp.mkdir()
     try:
         yield tmp
-        if destination.exists():
-            # Re-materializing the same version: move the old one aside first, then swap.
-            old = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(destination, old)
-            os.rename(tmp, destination)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, destination)
+        _swap_in(tmp, destination)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _after_publish(destination, keep_versions, point_latest)
+
+
+def publish_built_folder(
+    built: str | Path, destination: str | Path, *, keep_versions: int = 3, point_latest: bool = True
+) -> None:
+    """Publishes a folder written elsewhere (an asset's build folder) at `destination`, as `publish_folder` does:
+    one rename on the same filesystem; from another one, a copy into a hidden sibling first, then the rename.
+    A process killed before the rename leaves `destination` (and ``latest``) as they were."""
+    built, destination = Path(built), Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(built).st_dev == os.stat(destination.parent).st_dev:
+        _swap_in(built, destination)
+    else:  # copy next to the destination, so that publishing stays one rename
+        tmp = _hidden_sibling(destination, "tmp")
+        try:
+            shutil.copytree(built, tmp)
+            _swap_in(tmp, destination)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(built, ignore_errors=True)
+    _after_publish(destination, keep_versions, point_latest)
+
+
+def _hidden_sibling(destination: Path, kind: str) -> Path:
+    return destination.parent / f".{destination.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def _swap_in(tmp: Path, destination: Path) -> None:
+    if destination.exists():
+        # Re-materializing the same version: move the old one aside first, then swap.
+        old = _hidden_sibling(destination, "old")
+        os.rename(destination, old)
+        os.rename(tmp, destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, destination)
+
+
+def _after_publish(destination: Path, keep_versions: int, point_latest: bool) -> None:
     if point_latest:
         _point_latest(destination)
     _prune(destination.parent, keep_versions)

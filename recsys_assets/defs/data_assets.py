@@ -173,11 +173,12 @@ def raw_interactions(
     context: dg.AssetExecutionContext, config: RawInteractionsConfig, spark: SparkResource, state: StateResource
 ) -> dg.Output[PublishedFolder]:
     raw = _read_source(spark.spark_session, config)  # schema checks happen here, before any pass over the data
-    with state.output_folder(context) as out:
-        stats, preview = stages.write_raw(spark.spark_session, raw, out.staging)
+    with state.build_folder(context) as build:
+        stats, preview = stages.write_raw(spark.spark_session, raw, build)
     context.log.info(f"read {stats['rows']} interactions from {raw.description}")
-    return out.output(
-        {
+    return dg.Output(
+        PublishedFolder(str(build), table="interactions"),
+        metadata={
             "source": raw.description,
             "dagster/row_count": int(stats["rows"]),
             "distinct_users": int(stats["users"]),
@@ -194,7 +195,7 @@ def raw_interactions(
             "has_item_features": raw.items is not None,
             "has_user_features": raw.users is not None,
             **table_metadata(preview),
-        }
+        },
     )
 
 
@@ -211,11 +212,11 @@ def interactions(
     spark: SparkResource,
     state: StateResource,
 ) -> dg.Output[PublishedFolder]:
-    with state.output_folder(context) as out:
+    with state.build_folder(context) as build:
         summary, preview = stages.clean_and_index(
             spark.spark_session,
             raw_interactions.path,
-            out.staging,
+            build,
             null_keys=config.null_keys,
             require_rating=config.require_rating,
         )
@@ -224,8 +225,9 @@ def interactions(
         f"cleaned: {report.rows_in} in, {report.null_key_rows} null-key rows and {report.duplicate_rows} duplicates "
         f"dropped, {report.rows_out} out"
     )
-    return out.output(
-        {
+    return dg.Output(
+        PublishedFolder(str(build), table="interactions"),
+        metadata={
             "dagster/row_count": report.rows_out,
             "rows_in": report.rows_in,
             "dropped_null_key_rows": report.null_key_rows,
@@ -237,7 +239,7 @@ def interactions(
             "users_with_holdout": summary.users_with_holdout,
             "user_attribute_cardinalities": dg.MetadataValue.json(summary.user_attribute_cardinalities),
             **table_metadata(preview),
-        }
+        },
     )
 
 
@@ -255,12 +257,13 @@ def interaction_splits(
     spark: SparkResource,
     state: StateResource,
 ) -> dg.Output[PublishedFolder]:
-    with state.output_folder(context) as out:
+    with state.build_folder(context) as build:
         counts, preview = stages.split(
-            spark.spark_session, interactions.path, out.staging, config.history_length, config.ranker_window
+            spark.spark_session, interactions.path, build, config.history_length, config.ranker_window
         )
-    return out.output(
-        {
+    return dg.Output(
+        PublishedFolder(str(build), table="splits"),
+        metadata={
             "history_length": config.history_length,
             "ranker_window": config.ranker_window,
             "rows_ranker_window": counts.get(S.RANKER_WINDOW, 0),
@@ -268,7 +271,7 @@ def interaction_splits(
             **{f"rows_{s}": counts.get(s, 0) for s in S.SPLITS},
             "dagster/row_count": sum(counts.get(s, 0) for s in S.SPLITS),
             **table_metadata(preview),
-        }
+        },
     )
 
 
@@ -289,12 +292,12 @@ def mds_splits(
     mds_remote = M.join_remote(config.remote_root, "mds_splits", context.run_id) if config.remote_root else None
     if mds_remote:
         M.streaming_remote(mds_remote)  # refuses an unsupported scheme before any Spark work
-    with state.output_folder(context) as out:
+    with state.build_folder(context) as build:
         meta, summaries = stages.build_mds_dataset(
             spark.spark_session,
             interactions.path,
             interaction_splits.path,
-            out.staging,
+            build,
             partitions=config.partitions,
             compression=config.compression,
             shard_size_limit=config.shard_size_limit,
@@ -313,7 +316,7 @@ def mds_splits(
             }
         )
     metadata["columns"] = dg.MetadataValue.json(summaries["train"]["columns"])
-    return out.output(metadata)
+    return dg.Output(PublishedFolder(str(build), table="splits"), metadata=metadata)
 
 
 data_assets = [raw_interactions, interactions, interaction_splits, mds_splits]

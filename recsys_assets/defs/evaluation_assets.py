@@ -80,9 +80,9 @@ def evaluation(
         mlflow.asset_run(
             context, two_tower_run_id=two_tower_model.mlflow_run_id, dlrm_run_id=report.dlrm_run_id
         ) as run,
-        state.output_folder(context) as out,
+        state.build_folder(context) as build,
     ):
-        chart = write_report(report, out.staging, warn=context.log.warning)
+        chart = write_report(report, build, warn=context.log.warning)
         run.log_metrics(flat)
         run.log_text(report.table, "evaluation.md")
         if chart is not None:
@@ -101,8 +101,8 @@ def evaluation(
     }
     if chart is not None:
         alt = f"HR@{TOP_K} and NDCG@{TOP_K}"
-        metadata["chart"] = dg.MetadataValue.md(image_markdown(out.path / chart.name, alt))
-    return out.output(metadata)
+        metadata["chart"] = dg.MetadataValue.md(image_markdown(build / chart.name, alt))
+    return dg.Output(PublishedFolder(str(build)), metadata=metadata)
 
 
 # ------------------------------------------------------------------------------------------------ gates

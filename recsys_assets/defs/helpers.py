@@ -104,8 +104,8 @@ def training_metadata(
 
 
 def curves_metadata(folder: Path, curves: dict[str, Path], model_name: str) -> dict[str, Any]:
-    """Training curves (name -> PNG, as written before publishing) inline, and the first one's path in the
-    published `folder`."""
+    """Training curves (name -> PNG, as written into the build `folder`) inline, and the first one's file name in
+    the asset's folder (its ``path`` once published)."""
     # imported here: evaluation imports torch, which the data assets (and `make demo`'s dagster.yaml step) skip
     from recsys_assets.evaluation.plots import image_markdown
 
@@ -117,7 +117,7 @@ def curves_metadata(folder: Path, curves: dict[str, Path], model_name: str) -> d
     )
     return {
         "training_curves": dg.MetadataValue.md(md),
-        "training_curves_path": dg.MetadataValue.path(str(next(iter(pngs.values())))),
+        "training_curves_file": next(iter(pngs.values())).name,
     }
 
 

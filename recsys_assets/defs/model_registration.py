@@ -12,7 +12,7 @@ import dagster as dg
 
 from recsys_assets.data.checks import CheckOutcome
 from recsys_assets.defs.constants import TOP_K
-from recsys_assets.defs.resources import MLflowRun, OutputFolder, root_run_id
+from recsys_assets.defs.resources import MLflowRun, StateResource, root_run_id
 
 DATA_VERSION_TAG = "dagster/data_version"
 
@@ -29,7 +29,7 @@ def register_model(
     model_info: Any,
     *,
     model: str,
-    out: OutputFolder,
+    build: Path,
     data: tuple[str, str, Mapping[str, tuple[Path, int]]],
     gate: CheckOutcome,
     score: Callable[[Path], float],
@@ -37,8 +37,8 @@ def register_model(
 ) -> tuple[str, dict]:
     """Logs the inputs (`data`: input asset, its published folder, {context: (path, rows)}), registers the model
     `model_info` of `run` as a version of serving.registry.REGISTERED_MODELS[model] and promotes it (`gate`: the
-    asset's own quality gate; `score(model folder)`: `metric` on the new validation data, for this model and the
-    champion). Returns (version, metadata)."""
+    asset's own quality gate; `score(model folder)`: `metric` on the new validation data, for this model (its
+    `build` folder) and the champion (its stored folder: `champion_folder`)). Returns (version, metadata)."""
     from recsys_assets.serving import registry as R
 
     asset, data_path, splits = data
@@ -59,7 +59,6 @@ def register_model(
         "dagster.asset_key": context.asset_key.to_user_string(),
         "data_path": data_path,
         "data_version": version or "",
-        R.MODEL_FOLDER_TAG: str(out.path),
         "gates_passed": gate.passed,
         R.METRIC_TAG: metric,
     }
@@ -68,8 +67,8 @@ def register_model(
         client,
         name,
         mv.version,
-        lambda: score(out.staging),
-        lambda champion: score(R.champion_folder(champion)),
+        lambda: score(build),
+        lambda champion: score(champion_folder(context.instance, champion, context.resources.state)),
         gate.passed,
         gate_reason=gate.description or "",
         metric=metric,
@@ -86,7 +85,7 @@ def register_model(
     }
 
 
-def register_two_tower(context, run: MLflowRun, model_info, out: OutputFolder, mds_root: str, meta) -> tuple[str, dict]:
+def register_two_tower(context, run: MLflowRun, model_info, build: Path, mds_root: str, meta) -> tuple[str, dict]:
     """`register_model` for the Two Tower: gate = validation NDCG@K beats MostPopular (the blocking check's
     code); champion comparison = the train-only fits' validation NDCG@K on the new mds_splits."""
     from recsys_assets.data import schema as S
@@ -99,16 +98,16 @@ def register_two_tower(context, run: MLflowRun, model_info, out: OutputFolder, m
         run,
         model_info,
         model="two_tower",
-        out=out,
+        build=build,
         data=("mds_splits", mds_root, {split: (paths.mds(split), rows) for split, rows in meta.rows.items()}),
-        gate=two_tower_beats_most_popular(out.staging, mds_root, k=TOP_K),
+        gate=two_tower_beats_most_popular(build, mds_root, k=TOP_K),
         score=lambda folder: two_tower_validation_score(folder, mds_root, TOP_K),
         metric=f"validation_ndcg@{TOP_K}",
     )
 
 
 def register_dlrm(
-    context, run: MLflowRun, model_info, out: OutputFolder, ranking_root: str, info: dict, gate_evidence: dict
+    context, run: MLflowRun, model_info, build: Path, ranking_root: str, info: dict, gate_evidence: dict
 ) -> tuple[str, dict]:
     """`register_model` for the DLRM: gate = the holdout-list gate (DLRM order >= Two Tower order + min gain);
     champion comparison = both DLRMs' NDCG@K over the new ranking_dataset's holdout lists."""
@@ -122,12 +121,32 @@ def register_dlrm(
         run,
         model_info,
         model="dlrm",
-        out=out,
+        build=build,
         data=("ranking_dataset", ranking_root, {k: (p, info["rows"].get(k, 0)) for k, p in files.items()}),
         gate=two_stage_at_least_two_tower(gate_evidence, k=TOP_K),
         score=lambda folder: dlrm_holdout_score(folder, ranking_root, TOP_K),
         metric=f"holdout_ndcg@{TOP_K}",
     )
+
+
+def champion_folder(instance: dg.DagsterInstance, champion, state: StateResource) -> Path:
+    """The stored folder of a champion ModelVersion: the materialization of its asset by its Dagster run (the
+    version's ``dagster.asset_key`` / ``dagster.run_id`` tags), as the I/O manager recorded it. ChampionDoesNotFit
+    when it cannot be found or read (never materialized, pruned, deleted)."""
+    from recsys_assets.defs.storage import stored_folder
+    from recsys_assets.serving.registry import ChampionDoesNotFit
+
+    tags = champion.tags or {}
+    asset, run_id = tags.get("dagster.asset_key"), tags.get("dagster.run_id")
+    if not asset or not run_id:
+        raise ChampionDoesNotFit("its version has no dagster.asset_key / dagster.run_id tags: its folder is missing")
+    try:
+        folder = stored_folder(instance, dg.AssetKey.from_user_string(asset), run_id, state)
+    except dg.Failure as exc:
+        raise ChampionDoesNotFit(f"its model folder is missing: {exc.description}") from exc
+    if folder is None:
+        raise ChampionDoesNotFit(f"its model folder is missing: run {run_id} stored no {asset} in this instance")
+    return folder
 
 
 def served_versions(mlflow, two_tower_run_id: str, dlrm_model) -> dict[str, Any]:

@@ -9,13 +9,7 @@ from typing import Any, Protocol
 import dagster as dg
 
 from recsys_assets.defs.helpers import record_search
-from recsys_assets.defs.resources import (
-    MLflowResource,
-    MLflowRun,
-    OutputFolder,
-    StateResource,
-    TorchDistributorResource,
-)
+from recsys_assets.defs.resources import MLflowResource, MLflowRun, StateResource, TorchDistributorResource
 from recsys_assets.defs.types import TrainedModel
 
 
@@ -30,7 +24,7 @@ class ModelRecipe(Protocol):
 
     def run_tags(self) -> dict[str, Any]: ...
 
-    def search(self, run: MLflowRun, out: OutputFolder) -> Any:
+    def search(self, run: MLflowRun, build: Path) -> Any:
         """The settings search (training.search.SearchResult); only called when config.search_trials > 0."""
 
     def with_settings(self, settings: dict[str, Any]) -> ModelRecipe:
@@ -38,7 +32,7 @@ class ModelRecipe(Protocol):
 
     def data_params(self) -> dict[str, Any]: ...
 
-    def fit(self, run: MLflowRun, out: OutputFolder, checkpoints: Path) -> Any: ...
+    def fit(self, run: MLflowRun, build: Path, checkpoints: Path) -> Any: ...
 
     def final_model(self, fit: Any) -> Any:
         """The module logged to MLflow (the served weights)."""
@@ -46,7 +40,7 @@ class ModelRecipe(Protocol):
     def log_results(self, run: MLflowRun, fit: Any) -> None:
         """Final metrics and curves into the run."""
 
-    def register(self, run: MLflowRun, model_info: Any, out: OutputFolder, fit: Any) -> tuple[str, dict]: ...
+    def register(self, run: MLflowRun, model_info: Any, build: Path, fit: Any) -> tuple[str, dict]: ...
 
     def metadata(self, fit: Any, folder: Path, checkpoints: Path) -> dict[str, Any]: ...
 
@@ -65,11 +59,11 @@ def train_model_asset(
     with (
         state.checkpoints(context) as checkpoints,
         mlflow.asset_run(context, model=recipe.model, checkpoint_dir=checkpoints, **recipe.run_tags()) as run,
-        state.output_folder(context) as out,
+        state.build_folder(context) as build,
     ):
         search = None
         if recipe.config.search_trials:
-            search = recipe.search(run, out)
+            search = recipe.search(run, build)
             recipe = recipe.with_settings(search.settings)  # the fit below trains the chosen settings
         run.log_params(
             {
@@ -79,10 +73,10 @@ def train_model_asset(
                 **recipe.data_params(),
             }
         )
-        fit = recipe.fit(run, out, checkpoints)
+        fit = recipe.fit(run, build, checkpoints)
         recipe.log_results(run, fit)
         model_info = run.log_model(recipe.final_model(fit))
-        version, registry = recipe.register(run, model_info, out, fit)
+        version, registry = recipe.register(run, model_info, build, fit)
         searched = record_search(run, search) if search is not None else {}
-    metadata = {**run.metadata(), **recipe.metadata(fit, out.path, checkpoints), **searched, **registry}
-    return out.output(metadata, TrainedModel(str(out.path), run.id, model_version=version))
+        metadata = {**run.metadata(), **recipe.metadata(fit, build, checkpoints), **searched, **registry}
+    return dg.Output(TrainedModel(str(build), run.id, model_version=version), metadata=metadata)

@@ -76,12 +76,12 @@ def ranking_dataset(
     from recsys_assets.data.ranking import DENSE_FEATURES, RankingDataSettings, build_ranking_dataset
 
     run_id = retrieval_candidates.two_tower_run_id
-    with state.output_folder(context) as out:
+    with state.build_folder(context) as build:
         info = build_ranking_dataset(
             spark.spark_session,
             mds_splits.path,
             retrieval_candidates.path,
-            out.staging,
+            build,
             RankingDataSettings(**config.model_dump()),
             {"two_tower_run_id": run_id},
         )
@@ -93,7 +93,8 @@ def ranking_dataset(
         metadata[f"{name}_pairs"] = int(rows)
         metadata[f"{name}_positives"] = int(info["positives"][name])
         metadata[f"{name}_lists"] = int(info["lists"][name])
-    return out.output(metadata, RankingData(str(out.path), run_id))
+    # the test lists: what `recommendations` serves from
+    return dg.Output(RankingData(str(build), run_id, table="test.parquet"), metadata=metadata)
 
 
 @dg.asset(
@@ -160,7 +161,7 @@ class DLRMRecipe:
     def run_tags(self) -> dict:
         return {"two_tower_run_id": self.ranking_dataset.two_tower_run_id}
 
-    def search(self, run, out):
+    def search(self, run, build: Path):
         from recsys_assets.training.search import MlflowTrialRuns, search_dlrm
 
         return search_dlrm(
@@ -168,7 +169,7 @@ class DLRMRecipe:
             lambda settings, **fields: self._train_config(self.config.model_copy(update=settings), **fields),
             search_budget(self.config),
             baseline=self.config.model_dump(),
-            work_dir=out.staging / "search",
+            work_dir=build / "search",
             trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
             log=self.context.log.info,
         )
@@ -179,13 +180,13 @@ class DLRMRecipe:
     def data_params(self) -> dict:
         return {"data": self.ranking_dataset.path, **{f"rows_{k}": v for k, v in self.info["rows"].items()}}
 
-    def fit(self, run, out, checkpoints: Path):
+    def fit(self, run, build: Path, checkpoints: Path):
         from recsys_assets.training.runs import fit_dlrm
 
         return fit_dlrm(
             launcher(self.context, self.torch_distributor, "dlrm"),
             lambda **fields: self._train_config(self.config, mlflow_run_id=run.id, **fields),
-            out.staging,
+            build,
             self.ranking_dataset.path,
             min_gain=self.config.gate_min_gain,
             k=TOP_K,
@@ -201,8 +202,8 @@ class DLRMRecipe:
         if fit.curves is not None:
             run.log_artifact(fit.curves, "plots")
 
-    def register(self, run, model_info, out, fit) -> tuple[str, dict]:
-        return register_dlrm(self.context, run, model_info, out, self.ranking_dataset.path, self.info, fit.gate)
+    def register(self, run, model_info, build: Path, fit) -> tuple[str, dict]:
+        return register_dlrm(self.context, run, model_info, build, self.ranking_dataset.path, self.info, fit.gate)
 
     def metadata(self, fit, folder: Path, checkpoints: Path) -> dict:
         layout = self.settings_of(self.config)[0]
@@ -250,18 +251,19 @@ def recommendations(
     run_ids = {"two_tower_run_id": ranking_dataset.two_tower_run_id, "dlrm_run_id": dlrm_model.mlflow_run_id}
     served, why = served_stage(json.loads((Path(dlrm_model.path) / "result.json").read_text())["gate"], TOP_K)
     context.log.info(why)
-    with state.output_folder(context) as out:
+    with state.build_folder(context) as build:
         top = recommend(
             dlrm_model,
             ranking_dataset.path,
-            out.staging,
+            build,
             dataset_root=mds_splits.path,
             top_k=config.top_k,
             served=served,
             **run_ids,
         )
-    return out.output(
-        {
+    return dg.Output(
+        PublishedFolder(str(build), table="recommendations.parquet"),
+        metadata={
             "served_stage": served,
             "served_stage_reason": why,
             "users": int(top["user"].nunique()),
@@ -272,7 +274,7 @@ def recommendations(
             **run_ids,
             **served_versions(mlflow, ranking_dataset.two_tower_run_id, dlrm_model),
             "preview": dg.MetadataValue.md(top.head(PREVIEW_ROWS).to_markdown(index=False) if len(top) else "(empty)"),
-        }
+        },
     )
 
 

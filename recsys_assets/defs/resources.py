@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,6 @@ from dagster import ConfigurableResource
 from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
 from pydantic import Field
-
-from recsys_assets.data.publish import publish_folder
-from recsys_assets.defs.types import PublishedFolder
 
 
 class SparkResource(LazyPySparkResource):
@@ -60,10 +58,12 @@ class SparkResource(LazyPySparkResource):
 
 
 class StateResource(ConfigurableResource):
-    """Where assets publish their files: versioned folders under ``<root>/assets/<asset>/<version>``.
+    """The project's local state folder: asset build folders (`build_folder`) and, by default, the published
+    versions ``<root>/assets/<asset>/<run id>`` (the I/O manager's root, defs/storage.py), training checkpoints,
+    MLflow's SQLite store and the cache of folders read from object storage.
 
     Default root: $RECSYS_STATE_DIR, else ``.recsys_state`` in the working directory (read when used, not at
-    import). Could be any mounted path; MDS can also go to object storage (see mds remote settings)."""
+    import)."""
 
     root: str | None = None
 
@@ -79,9 +79,6 @@ class StateResource(ConfigurableResource):
         root = self.root or os.environ.get("RECSYS_STATE_DIR") or str(Path.cwd() / ".recsys_state")
         return Path(root).expanduser().resolve()
 
-    def asset_dir(self, asset_name: str, version: str) -> Path:
-        return self.resolved_root() / "assets" / asset_name / version
-
     def checkpoint_dir(self, context) -> Path:
         """Training checkpoints of this asset, keyed by the root run: a retry of a failed run resumes from them."""
         return self.resolved_root() / "checkpoints" / context.asset_key.to_user_string() / root_run_id(context)
@@ -95,26 +92,18 @@ class StateResource(ConfigurableResource):
         shutil.rmtree(path, ignore_errors=True)
 
     @contextlib.contextmanager
-    def output_folder(self, context) -> Iterator["OutputFolder"]:
-        """This materialization's version folder ``<root>/assets/<asset>/<run id>``: the block writes into
-        `.staging`; leaving it publishes that atomically at `.path` (data.publish); an exception publishes nothing."""
-        dest = self.asset_dir(context.asset_key.to_user_string(), context.run_id)
-        with publish_folder(dest) as staging:
-            yield OutputFolder(path=dest, staging=staging)
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputFolder:
-    """An asset's output folder (`StateResource.output_folder`): written in `staging`, published at `path`."""
-
-    path: Path
-    staging: Path
-
-    def output(self, metadata: Mapping[str, Any], value: Any = None) -> dg.Output:
-        """The asset's Output: `value` (default: PublishedFolder of `path`) with `metadata` and published_path
-        (not "path": the IO manager adds its own "path", the pickled output, which would replace it)."""
-        value = PublishedFolder(str(self.path)) if value is None else value
-        return dg.Output(value, metadata={"published_path": dg.MetadataValue.path(str(self.path)), **metadata})
+    def build_folder(self, context) -> Iterator[Path]:
+        """A fresh, hidden folder for this materialization's files, next to where the I/O manager publishes them
+        (defs/storage.py; one rename then): removed when the block raises, so a failed asset leaves nothing; on
+        success the asset returns it as its value's ``path`` and the I/O manager publishes it."""
+        asset = context.asset_key.to_user_string()
+        build = self.resolved_root() / "assets" / asset / f".{context.run_id}.tmp-{uuid.uuid4().hex[:8]}"
+        build.mkdir(parents=True)
+        try:
+            yield build
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
 
 
 def root_run_id(context) -> str:
@@ -337,6 +326,8 @@ class TorchDistributorResource(ConfigurableResource):
 def default_resources() -> dict:
     """Embedded defaults: local Spark, CPU/gloo TorchDistributor with 2 processes, MLflow on a SQLite file and
     files under $RECSYS_STATE_DIR (else ./.recsys_state). Scale out by configuring these, not by code."""
+    from recsys_assets.defs.storage import AssetFolderIOManager  # it depends on StateResource, defined here
+
     # configured at launch, so run config under `resources: spark:` / `state:` also reaches the resources that
     # depend on them
     spark, state = SparkResource.configure_at_launch(), StateResource.configure_at_launch()
@@ -345,6 +336,7 @@ def default_resources() -> dict:
         "state": state,
         "torch_distributor": TorchDistributorResource(spark=spark),
         "mlflow": MLflowResource(state=state),
+        "io_manager": AssetFolderIOManager(state=state),
     }
 
 

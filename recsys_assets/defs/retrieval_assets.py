@@ -68,24 +68,23 @@ def item_index(
 ) -> dg.Output[PublishedFolder]:
     from recsys_assets.serving.candidates import build_item_index
 
-    with state.output_folder(context) as out:
-        info = build_item_index(
-            item_embeddings.path, two_tower_model, mds_splits.path, out.staging, **config.model_dump()
-        )
+    with state.build_folder(context) as build:
+        info = build_item_index(item_embeddings.path, two_tower_model, mds_splits.path, build, **config.model_dump())
     k, queries = info["k"], max(1, info["sample_queries"])
     recall = info[f"recall@{k}"]
     context.log.info(
         f"HNSW over {info['num_items']} items: recall@{k} {recall:.4f} vs exact on {info['sample_queries']} queries"
     )
-    return out.output(
-        {
+    return dg.Output(
+        PublishedFolder(str(build)),
+        metadata={
             "num_items": info["num_items"],
             "build_seconds": float(info["build_seconds"]),
             "index_bytes": int(info["index_bytes"]),
             f"hnsw_recall_at_{k}": float(recall),
             "exact_ms_per_query": float(1000 * info["exact_seconds"] / queries),
             "hnsw_ms_per_query": float(1000 * info["hnsw_seconds"] / queries),
-        }
+        },
     )
 
 
@@ -113,12 +112,12 @@ def retrieval_candidates(
     from recsys_assets.serving.candidates import generate_candidates
 
     run_id = two_tower_model.mlflow_run_id
-    with state.output_folder(context) as out:
+    with state.build_folder(context) as build:
         info = generate_candidates(
             two_tower_model,
             item_index.path,
             mds_splits.path,
-            out.staging,
+            build,
             two_tower_run_id=run_id,
             session=spark.spark_session if config.als_rank else None,
             log=context.log.info,
@@ -141,7 +140,7 @@ def retrieval_candidates(
         metadata["item_item_lambda"] = float(info["item_item_lambda"])
         metadata["item_item_share"] = float(info["item_item_share"])
         metadata["pool_order_validation_ndcg@10"] = dg.MetadataValue.json(info["pool_order_validation_ndcg@10"])
-    return out.output(metadata, CandidateSet(path=str(out.path), two_tower_run_id=run_id))
+    return dg.Output(CandidateSet(str(build), two_tower_run_id=run_id, table="candidates.parquet"), metadata=metadata)
 
 
 retrieval_assets = [item_index, retrieval_candidates]

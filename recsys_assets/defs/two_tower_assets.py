@@ -84,7 +84,7 @@ class TwoTowerRecipe:
         use_gpu = self.torch_distributor.use_gpu
         return _train_config(config, self.data_root, use_gpu=use_gpu, mlflow_tracking_uri=run.tracking_uri, **fields)
 
-    def search(self, run, out):
+    def search(self, run, build: Path):
         from recsys_assets.training.search import MlflowTrialRuns, search_two_tower
 
         return search_two_tower(
@@ -93,7 +93,7 @@ class TwoTowerRecipe:
             search_budget(self.config),
             baseline=self.config.model_dump(),
             history_length=self.meta.history_length,
-            work_dir=out.staging / "search",
+            work_dir=build / "search",
             trial_runs=MlflowTrialRuns(run.tracking_uri, run.id),
             log=self.context.log.info,
         )
@@ -106,13 +106,13 @@ class TwoTowerRecipe:
     def data_params(self) -> dict:
         return {"data": self.data_root, **{f"data_{k}": v for k, v in self.meta.rows.items()}}
 
-    def fit(self, run, out, checkpoints: Path):
+    def fit(self, run, build: Path, checkpoints: Path):
         from recsys_assets.training.runs import fit_two_tower
 
         return fit_two_tower(
             self.trained.reuse(launcher(self.context, self.torch_distributor, "two_tower")),
             lambda **phase: self._train_config(self.config, run, mlflow_run_id=run.id, **phase),
-            out.staging,
+            build,
             checkpoints,
             refit=self.config.refit_on_validation,
             ranker_phase=self.meta.ranker_queries > 0,
@@ -127,8 +127,8 @@ class TwoTowerRecipe:
             run.log_artifact(png, "plots")
         run.log_metrics({f"final_{phase}/{k}": v for phase, m in fit.phase_metrics().items() for k, v in m.items()})
 
-    def register(self, run, model_info, out, fit) -> tuple[str, dict]:
-        return register_two_tower(self.context, run, model_info, out, self.data_root, self.meta)
+    def register(self, run, model_info, build: Path, fit) -> tuple[str, dict]:
+        return register_two_tower(self.context, run, model_info, build, self.data_root, self.meta)
 
     def metadata(self, fit, folder: Path, checkpoints: Path) -> dict:
         return {**_fit_metadata(fit, folder), "checkpoint_dir": dg.MetadataValue.path(str(checkpoints))}
@@ -160,11 +160,14 @@ def item_embeddings(
     mds_splits: PublishedFolder,
     state: StateResource,
 ) -> dg.Output[PublishedFolder]:
-    from recsys_assets.serving.candidates import write_item_embeddings
+    from recsys_assets.serving.candidates import ITEMS_FILE, write_item_embeddings
 
-    with state.output_folder(context) as out:
-        stats = write_item_embeddings(two_tower_model, mds_splits.path, out.staging, two_tower_model.mlflow_run_id)
-    return out.output({**stats, "mlflow_run_id": two_tower_model.mlflow_run_id})
+    with state.build_folder(context) as build:
+        stats = write_item_embeddings(two_tower_model, mds_splits.path, build, two_tower_model.mlflow_run_id)
+    return dg.Output(
+        PublishedFolder(str(build), table=ITEMS_FILE),
+        metadata={**stats, "mlflow_run_id": two_tower_model.mlflow_run_id},
+    )
 
 
 two_tower_assets = [two_tower_model, item_embeddings]

@@ -1,5 +1,7 @@
-"""What assets hand each other (through the I/O manager): the published folder of a version, plus the MLflow run
-of the model that produced it where there is one."""
+"""What assets hand each other, through the I/O manager (defs/storage.py): the folder of a materialization, plus
+the MLflow run of the model that produced it where there is one. An asset returns one with ``path`` = its build
+folder; the I/O manager publishes that folder and hands downstream assets the value with ``path`` = the published
+(local) folder. ``table``: the folder's main Parquet table, whose row count and schema the I/O manager records."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ class PublishedFolder:
     """A data asset's output: the folder of the version it published."""
 
     path: str
+    table: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,7 @@ class CandidateSet:
 
     path: str
     two_tower_run_id: str
+    table: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,3 +40,8 @@ class RankingData:
 
     path: str
     two_tower_run_id: str
+    table: str | None = None
+
+
+# the types the I/O manager stores and rebuilds, by name
+VALUE_TYPES = {cls.__name__: cls for cls in (PublishedFolder, TrainedModel, CandidateSet, RankingData)}

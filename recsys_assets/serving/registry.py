@@ -20,7 +20,6 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 REGISTERED_MODELS = {"two_tower": "recsys_two_tower", "dlrm": "recsys_dlrm"}
 # model version tags
-MODEL_FOLDER_TAG = "model_folder"  # the published model folder: where a later run re-scores this version
 ALIAS_TAG = "registry_alias"
 REASON_TAG = "registry_reason"
 SCORE_TAG = "registry_score"  # the new version's score on the new validation data, when compared with a champion
@@ -134,15 +133,6 @@ def _compare(old: str, candidate_score, champion, champion_score_fn, metric: str
         return Decision(CHAMPION, reason, old, cand, champ)
     reason = f"{metric} {cand:.4f} < champion v{old}'s {champ:.4f} on the new validation data: v{old} stays champion"
     return Decision(CHALLENGER, reason, old, cand, champ)
-
-
-def champion_folder(champion) -> Path:
-    """The published model folder of a champion ModelVersion (its MODEL_FOLDER_TAG); ChampionDoesNotFit if the
-    tag or the folder is missing."""
-    folder = (champion.tags or {}).get(MODEL_FOLDER_TAG)
-    if not folder or not Path(folder).is_dir():
-        raise ChampionDoesNotFit(f"its model folder {folder!r} is missing")
-    return Path(folder)
 
 
 # ------------------------------------------------------------------------------------------------ scorers
