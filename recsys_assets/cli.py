@@ -92,9 +92,7 @@ def status(args: argparse.Namespace) -> int:
         shown = {
             k: v.value
             for k, v in md.items()
-            if isinstance(v.value, (int, float, str))
-            and not k.startswith("dagster/")
-            and len(str(v.value)) < 120
+            if isinstance(v.value, (int, float, str)) and not k.startswith("dagster/") and len(str(v.value)) < 120
         }
         print(f"== {name} (run {event.run_id[:8]})" if event.run_id else f"== {name}")
         for k, v in shown.items():

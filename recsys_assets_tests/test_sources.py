@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from pyspark.sql import functions as F
 
+from recsys_assets.data.errors import DataValidationError
 from recsys_assets.data.sources import (
     ML100K_GENRES,
     RAW_INTERACTION_SCHEMA,
@@ -243,6 +245,41 @@ def test_table_reader_csv_with_column_mapping(spark, tmp_path: Path):
         ("10", 4.0),
         ("11", 5.0),
     ]
+
+
+# ------------------------------------------------------------------------------------------------ any delimited file
+def test_a_file_with_a_byte_order_mark_loads(spark, tmp_path: Path):
+    """Spreadsheet programs save UTF-8 CSV with a byte-order mark: it is not part of the first column's name."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("user,item,ts\r\nu1,10,1000\r\nu2,11,1001\r\n".encode("utf-8-sig"))
+    raw = read_table(spark, str(path), ColumnMapping(timestamp="ts"))
+    assert sorted(tuple(r) for r in raw.interactions.collect()) == [("u1", "10", 1000, None), ("u2", "11", 1001, None)]
+
+
+def test_a_headerless_space_separated_file_loads_with_named_columns(spark, tmp_path: Path):
+    """SASRec- / RecBole-style `user item` lines: no header; fields split on runs of spaces or tabs (a BOM too)."""
+    path = tmp_path / "ml-1m.txt"
+    path.write_bytes("\ufeff1 10\n1  11\n2\t10 \n\n3 12\n".encode())
+    mapping = ColumnMapping(timestamp=None, order="row", header=False, columns=("user", "item"), separator="whitespace")
+    raw = read_table(spark, str(path), mapping)
+    rows = raw.interactions.orderBy("user", "timestamp").collect()  # "row" order: positions within each user
+    assert [(r.user, r.item) for r in rows] == [("1", "10"), ("1", "11"), ("2", "10"), ("3", "12")]
+    # without a separator, a headerless line with spaces is read as whitespace-separated
+    guessed = ColumnMapping(timestamp=None, order="row", header=False, columns=("user", "item"))
+    assert read_table(spark, str(path), guessed).interactions.count() == 4
+    # a header line is then data: a file read with header false does not lose its first line
+    with pytest.raises(DataValidationError, match="columns must be named"):
+        read_table(spark, str(path), ColumnMapping(timestamp=None, order="row", header=False))
+
+
+def test_rfc_4180_quotes_and_doubled_quotes_are_unescaped(spark, tmp_path: Path):
+    path = tmp_path / "titles.csv"
+    path.write_text(
+        'user,item,ts,"the title"\nu1,10,1000,"A ""quoted"" name"\nu1,11,1001,"comma, inside"\nu2,12,1002,plain\n'
+    )
+    raw = read_table(spark, str(path), ColumnMapping(timestamp="ts", item_name="the title"))
+    titles = {r.item: r.title for r in raw.items.collect()}
+    assert titles == {"10": 'A "quoted" name', "11": "comma, inside", "12": "plain"}
 
 
 # ------------------------------------------------------------------------------------------------ no time

@@ -212,7 +212,7 @@ def _genres_from_pipe(df: DataFrame, item_col: str, genres_col: str, title_col: 
 
 
 # ----------------------------------------------------------------------------------------------- text tables
-TEXT_SUFFIXES = {".csv", ".tsv", ".dat", ".txt"}
+TEXT_SUFFIXES = {".csv", ".tsv", ".dat", ".txt", ".inter"}  # .inter: RecBole
 
 
 @dataclasses.dataclass
@@ -223,9 +223,21 @@ class TextRead:
     bad_examples: list[str]
 
 
+BOM = "\ufeff"  # a UTF-8 byte-order mark, as spreadsheet programs write it: not part of the first field
+WHITESPACE = "whitespace"  # the separator of files whose fields are split by runs of spaces or tabs
+
+
 def _first_line(file: str) -> str:
     with open(file, encoding="utf-8", errors="replace") as f:
-        return f.readline().rstrip("\r\n")
+        return f.readline().rstrip("\r\n").removeprefix(BOM)
+
+
+def _header_names(first: str, sep: str) -> list[str]:
+    if sep == ",":
+        return [c.strip() for c in next(csv.reader([first]))]  # RFC 4180: quotes, "" inside quotes
+    if sep == WHITESPACE:
+        return first.split()
+    return [c.strip().strip('"') for c in first.split(sep)]
 
 
 def read_delimited(
@@ -245,17 +257,22 @@ def read_delimited(
     """A delimited text file (or a folder of them), every line numbered and checked before use.
 
     `sep`: the field separator; by default a tab when the header line has one, else a comma (a comma file may
-    quote fields, CSV style; other separators split exactly). `header`: the first line of each file names the
-    columns, else `names` does. A line is malformed when it has more fields than columns, or a column of
+    quote fields as RFC 4180 does, a doubled quote inside quotes standing for one; `WHITESPACE` splits on runs of
+    spaces and tabs; other separators split exactly). `header`: the first line of each file names the columns,
+    else `names` does. A UTF-8 byte-order mark at the start of a file is dropped. A line is malformed when it has more fields than columns, or a column of
     `required` / `integer` is empty, or a value of `integer` is not an integer, of `numeric` not a number, of
     `times` neither epoch seconds nor a date / time. Blank lines are skipped."""
     files = input_files(path, what)
     first = _first_line(files[0])
     if header:
         sep = sep or ("\t" if "\t" in first else ",")
-        names = [c.strip().strip('"') for c in (first.split(sep) if sep != "," else next(csv.reader([first])))]
-    elif not names or not sep:
-        raise DataValidationError(f"{what}: a file without a header needs its separator and column names")
+        names = _header_names(first, sep)
+    elif not names:
+        raise DataValidationError(f"{what}: a file without a header line needs its column names (columns: [...])")
+    else:
+        sep = sep or ("\t" if "\t" in first else WHITESPACE if " " in first.strip() else ",")
+    if len(set(names)) != len(names):
+        raise DataValidationError(f"{path}: repeated column names in {names}")
     names = list(names)
     n = len(names)
     at = {c: i for i, c in enumerate(names)}
@@ -266,11 +283,14 @@ def read_delimited(
         )
 
     def fields(value: Column) -> list[Column]:
-        line = F.regexp_replace(value, "\r$", "")  # CRLF files
+        line = F.regexp_replace(F.regexp_replace(value, "\r$", ""), f"^{BOM}", "")  # CRLF files; a BOM
         if sep == ",":
             schema = ", ".join(f"`c{i}` STRING" for i in range(n + 1))
-            parsed = F.from_csv(line, schema, {"sep": ","})
+            parsed = F.from_csv(line, schema, {"sep": ",", "quote": '"', "escape": '"'})  # RFC 4180's ""
             cols = [parsed.getField(f"c{i}") for i in range(n + 1)]
+        elif sep == WHITESPACE:
+            parts = F.split(F.trim(F.regexp_replace(line, "\t", " ")), " +", -1)
+            cols = [F.get(parts, i) for i in range(n + 1)]
         else:
             parts = F.split(line, _regex_escape(sep), -1)
             cols = [F.get(parts, i) for i in range(n + 1)]
@@ -333,10 +353,20 @@ class ColumnMapping:
     order: str = "timestamp"  # ORDERS: "timestamp" needs the timestamp column; "random" / "row" need none
     order_seed: int = 0  # the seed of the "random" order
     integer_ids: bool = False  # ids must be integers: a line whose id is not is malformed
-    separator: str | None = None  # text files: None = a tab when the header has one, else a comma
+    separator: str | None = None  # text files: None = a tab when the header has one, else a comma; or WHITESPACE
+    header: bool = True  # text files: the first line names the columns; False: `columns` does
+    columns: tuple[str, ...] = ()  # text files without a header line: their column names, in order
     item_tables: tuple[ItemTable, ...] = ()
 
     def validate(self) -> None:
+        if not self.header and not self.columns:
+            raise DataValidationError(
+                "table source: header is false, so the file's columns must be named: columns: [user, item, ...]"
+            )
+        if self.header and self.columns:
+            raise DataValidationError(
+                f"table source: columns {list(self.columns)} are for a file without a header line; set header: false"
+            )
         if self.order not in ORDERS:
             raise DataValidationError(f"table source: order must be one of {ORDERS}, got {self.order!r}")
         if self.timestamp is None and self.order == "timestamp":
@@ -359,13 +389,17 @@ def _table_format(path: str, fmt: str) -> str:
     return "csv" if suffixes & TEXT_SUFFIXES and ".parquet" not in suffixes else "parquet"
 
 
-def _read_any(spark, path: str, fmt: str, what: str, sep: str | None, bad_lines: str, **checks) -> TextRead:
+def _read_any(
+    spark, path: str, fmt: str, what: str, sep: str | None, bad_lines: str, *, header=True, names=None, **checks
+) -> TextRead:
     p = Path(path.removeprefix("file://"))
     if "://" not in path and not p.exists():
         raise DataValidationError(f"{what}: path {path!r} does not exist")
     fmt = _table_format(path, fmt)
     if fmt == "csv":
-        return read_delimited(spark, path, what=what, sep=sep, bad_lines=bad_lines, **checks)
+        return read_delimited(
+            spark, path, what=what, sep=sep, header=header, names=names, bad_lines=bad_lines, **checks
+        )
     if fmt == "parquet":
         df = spark.read.parquet(path)
         return TextRead(df.withColumn(ROW_INDEX, F.monotonically_increasing_id()), -1, 0, [])
@@ -385,6 +419,8 @@ def read_table(
         "table source",
         mapping.separator,
         bad_lines,
+        header=mapping.header,
+        names=mapping.columns or None,
         required=ids,
         integer=ids if mapping.integer_ids else (),
         numeric=[mapping.rating] if mapping.rating else (),

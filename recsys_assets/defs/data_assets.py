@@ -45,10 +45,19 @@ class ItemTableConfig(dg.Config):
 
 class TableSourceConfig(dg.Config):
     path: str = Field(
-        description="A Parquet file or folder, or a delimited text file with a header line (.csv/.tsv/.dat/.txt)."
+        description="A Parquet file or folder, or a delimited text file (.csv/.tsv/.dat/.txt/.inter; a header "
+        "line, or header: false and columns)."
     )
     format: Literal["auto", "csv", "parquet"] = Field("auto", description="'csv' stands for any delimited text.")
-    separator: str | None = Field(None, description="Text files: None = a tab when the header has one, else ','.")
+    separator: str | None = Field(
+        None,
+        description="Text files: None = a tab when the first line has one, else ',' (or, without a header, "
+        "'whitespace' when it has spaces); 'whitespace' = runs of spaces / tabs; any other string splits exactly.",
+    )
+    header: bool = Field(True, description="Text files: the first line names the columns. False: `columns` does.")
+    columns: list[str] = Field(
+        [], description="Text files without a header line (header: false): the column names, in the file's order."
+    )
     user_column: str = "user"
     item_column: str = "item"
     timestamp_column: str | None = Field(
@@ -151,6 +160,8 @@ def _read_source(spark, config: RawInteractionsConfig) -> sources.RawTables:
         order_seed=t.order_seed,
         integer_ids=t.integer_ids,
         separator=t.separator,
+        header=t.header,
+        columns=tuple(t.columns),
         item_tables=tuple(
             sources.ItemTable(
                 x.path, x.item_column, x.category_column, x.category_separator, x.name_column, x.max_categories
