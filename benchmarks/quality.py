@@ -5,6 +5,8 @@ Reproduce (one evaluator, test phase; ~8 min per seed on 2 cores for ml-latest-s
     $V/bin/python benchmarks/quality.py --dataset movielens --seeds 3 --sasrec --search 4
     $V/bin/python benchmarks/quality.py --dataset lastfm --seeds 3 --search 4
     $V/bin/python benchmarks/quality.py --source-config my_table.yaml --seeds 3   # any table
+    # after a ranker change: rerun only the ranking stages on the data and Two Tower of the last run in --work
+    $V/bin/python benchmarks/quality.py --dataset movielens --stages ranking_dataset,dlrm_model,recommendations,evaluation
 
 Datasets: `movielens` (../shared/data/ml-latest-small, or --path to any MovieLens folder), `lastfm` (HetRec 2011
 Last.fm, ../shared/data/hetrec2011-lastfm-2k: play counts without time, so each user's rows are put in a seeded
@@ -170,6 +172,19 @@ def validation_report(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def earlier_evaluation(work: Path) -> Path | None:
+    """The folder of the latest `evaluation` the Dagster instance under `work` recorded (None: there is none)."""
+    import dagster as dg
+
+    from recsys_assets.defs.resources import StateResource
+    from recsys_assets.defs.storage import stored_folder
+
+    if not (work / "dagster_home").is_dir():
+        return None
+    instance = dg.DagsterInstance.local_temp(str(work / "dagster_home"))
+    return stored_folder(instance, dg.AssetKey("evaluation"), None, StateResource(root=str(work / "state")))
+
+
 def pinned_baselines(evaluation_folder: Path) -> dict:
     """The evaluation config that re-runs the baselines with the settings chosen on validation in run 1."""
     chosen = json.loads((evaluation_folder / "evaluation.json").read_text())["chosen"]
@@ -246,7 +261,17 @@ def main() -> int:
         help="Optuna trials of each model's settings search on validation, inside the graph (0: the defaults).",
     )
     ap.add_argument("--search-budget", type=float, default=300.0, help="Wall-clock seconds of each model's search.")
+    ap.add_argument(
+        "--stages",
+        default=None,
+        help=f"Comma-separated assets among {', '.join(MODEL_STAGES)} to rerun, for every seed, on what the last run "
+        "in the same --work materialized (its Dagster instance), with the baselines pinned to its choices: a "
+        "DLRM change need not retrain the Two Tower.",
+    )
     args = ap.parse_args()
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else None
+    if stages and not set(stages) <= set(MODEL_STAGES):
+        ap.error(f"--stages: {sorted(set(stages) - set(MODEL_STAGES))} are not among {list(MODEL_STAGES)}")
     import yaml
 
     if args.source_config:
@@ -271,9 +296,16 @@ def main() -> int:
         ops = _merge(ops, yaml.safe_load(Path(args.run_config).read_text()).get("ops", {}))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if stages:
+        earlier = earlier_evaluation(work)
+        if earlier is None:
+            print(f"--stages needs an earlier run in {work} that reached evaluation: run without --stages first")
+            return 1
+        ops = _merge(ops, {"evaluation": {"config": pinned_baselines(earlier)}})
     runs, served, seconds, validation = [], [], [], []
     for seed in range(args.seeds):
-        out = materialize(work, _merge(ops, _seeded(seed)), None if seed == 0 else MODEL_STAGES)
+        selection = stages or (None if seed == 0 else MODEL_STAGES)
+        out = materialize(work, _merge(ops, _seeded(seed)), selection)
         for check, (passed, why) in sorted(out["checks"].items()):
             if not passed:
                 print(f"seed {seed}: check {check} FAILED — {why}")
@@ -289,8 +321,8 @@ def main() -> int:
         validation.append(validation_lists(out["metadata"], seed))
         served.append(ev["served_stage"])
         seconds.append(out["seconds"])
-        if seed == 0:
-            pins = pinned_baselines(Path(ev["path"]))
+        if seed == 0:  # the baselines' settings of this run, and SASRec's row, serve the later seeds
+            pins = {} if stages else pinned_baselines(Path(ev["path"]))
             ops = _merge(ops, {"evaluation": {"config": {**pins, "sasrec": False}}})
     text = report(name, runs, served, seconds) + "\n" + validation_report(validation)
     print(text)
