@@ -105,6 +105,7 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
         StateResource(root=str(work / "state")),
     )
     (work / "dagster_home").mkdir(parents=True, exist_ok=True)
+    instance = dg.DagsterInstance.local_temp(str(work / "dagster_home"))
     t0 = time.time()
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
@@ -123,14 +124,18 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
         run_config={"ops": {k: v for k, v in ops.items() if not selection or k in selection}},
         raise_on_error=False,
         # persistent: a later run of the model stages loads the data assets the first run recorded
-        instance=dg.DagsterInstance.local_temp(str(work / "dagster_home")),
+        instance=instance,
     )
-    md = {
-        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
-        for e in result.get_asset_materialization_events()
-    }
+    seconds = time.time() - t0
+    # the assets this run did not materialize (--stages): the materializations it read
+    events = [
+        instance.get_latest_materialization_event(key) for key in defs.resolve_asset_graph().materializable_asset_keys
+    ]
+    md = {e.asset_materialization.asset_key.to_user_string(): e.asset_materialization for e in events if e}
+    md |= {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
+    md = {asset: {k: v.value for k, v in m.metadata.items()} for asset, m in md.items()}
     checks = {e.check_name: (e.passed, e.description) for e in result.get_asset_check_evaluations()}
-    return {"success": result.success, "metadata": md, "checks": checks, "seconds": time.time() - t0}
+    return {"success": result.success, "metadata": md, "checks": checks, "seconds": seconds}
 
 
 def validation_lists(md: dict, seed: int, holdout_fraction: float = 0.2) -> dict[str, float]:
