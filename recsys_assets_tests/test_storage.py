@@ -5,6 +5,7 @@ folder, object-storage roots through UPath, and processes killed while publishin
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,8 +118,6 @@ def test_a_champion_folder_is_found_through_the_instance(tmp_path: Path):
     unknown = SimpleNamespace(tags={"dagster.asset_key": "thing", "dagster.run_id": "not-a-run"})
     with pytest.raises(ChampionDoesNotFit, match="missing"):
         champion_folder(instance, unknown, resource)
-    import shutil
-
     shutil.rmtree(state / "assets" / "thing" / result.run_id)  # pruned or deleted
     with pytest.raises(ChampionDoesNotFit, match="missing"):
         champion_folder(instance, version, resource)

@@ -259,9 +259,10 @@ def read_delimited(
     `sep`: the field separator; by default a tab when the header line has one, else a comma (a comma file may
     quote fields as RFC 4180 does, a doubled quote inside quotes standing for one; `WHITESPACE` splits on runs of
     spaces and tabs; other separators split exactly). `header`: the first line of each file names the columns,
-    else `names` does. A UTF-8 byte-order mark at the start of a file is dropped. A line is malformed when it has more fields than columns, or a column of
-    `required` / `integer` is empty, or a value of `integer` is not an integer, of `numeric` not a number, of
-    `times` neither epoch seconds nor a date / time. Blank lines are skipped."""
+    else `names` does. A UTF-8 byte-order mark at the start of a file is dropped. A line is malformed when it has
+    more fields than columns, or a column of `required` / `integer` is empty, or a value of `integer` is not an
+    integer, of `numeric` not a number, of `times` neither epoch seconds nor a date / time. Blank lines are
+    skipped."""
     files = input_files(path, what)
     first = _first_line(files[0])
     if header:

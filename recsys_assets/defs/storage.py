@@ -46,7 +46,7 @@ class AssetFolderIOManager(dg.ConfigurableIOManager):
         built = _built_folder(context, obj)
         location = self.location(context.asset_key, context.run_id)
         try:
-            metadata = table_metadata(built, getattr(obj, "table", None), already=context.output_metadata)
+            metadata = parquet_footer_metadata(built, getattr(obj, "table", None), already=context.output_metadata)
             (built / MARKER).write_text(json.dumps(_describe(obj), indent=2))
             if isinstance(location, Path):
                 publish_built_folder(built, location, keep_versions=self.keep_versions)
@@ -147,7 +147,7 @@ def _describe(obj: Any) -> dict[str, Any]:
     return {"type": type(obj).__name__, "fields": fields}
 
 
-def table_metadata(folder: Path, table: str | None, *, already: Any = ()) -> dict[str, Any]:
+def parquet_footer_metadata(folder: Path, table: str | None, *, already: Any = ()) -> dict[str, Any]:
     """``dagster/row_count`` and ``dagster/column_schema`` of the Parquet table `folder/table` (a file or a folder
     of part files), from the footers only; keys in `already` (the asset's own) are left out."""
     if not table or not (folder / table).exists():
