@@ -3,9 +3,8 @@
 #   make test   runs the test suite
 #   make test-fast  the tests without multi-process training, UI servers or a Spark cluster (~2 minutes)
 #   make lint       ruff lint + format check (part of make test)
-# Both create (or reuse) the virtual environment via scripts/bootstrap.sh; it is cached outside the clone
-# (~/.cache/recsys_assets/venv-<variant>-<hash of the dependency spec>). RECSYS_VARIANT=cuda selects the
-# CUDA fbgemm kernels for GPU machines.
+# Both create (or update) this clone's .venv from uv.lock via scripts/bootstrap.sh (uv sync --locked: a stale
+# lock fails). RECSYS_VARIANT=cuda selects the CUDA fbgemm kernels for GPU machines.
 SHELL := /bin/bash
 .ONESHELL:
 .SHELLFLAGS := -eu -o pipefail -c

@@ -113,9 +113,7 @@ def materialize(work: Path, ops: dict, selection: tuple[str, ...] | None) -> dic
         resources={
             "spark": spark,
             "state": state,
-            "torch_distributor": TorchDistributorResource(
-                spark=spark, num_processes=2, local_mode=True, timeout_seconds=3600
-            ),
+            "torch_distributor": TorchDistributorResource(spark=spark, local_mode=True, timeout_seconds=3600),
             "mlflow": MLflowResource(
                 state=state, tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_location=(work / "artifacts").as_uri()
             ),

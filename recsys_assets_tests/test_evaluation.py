@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,22 +239,39 @@ def _random_splits(n_users: int, n_items: int, per_user: int, seed: int) -> pd.D
     return leave_last_out_splits(pd.DataFrame(rows, columns=["user", "item", "timestamp"]))
 
 
-def test_ease_solvers_agree_and_big_catalogues_are_refused() -> None:
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 2e-5)])
+def test_ease_solvers_agree_and_big_catalogues_are_refused(dtype: torch.dtype, tol: float) -> None:
     splits = _random_splits(n_users=30, n_items=80, per_user=12, seed=2)
     task = EvalTask.from_splits(splits, "test", num_users=30, num_items=80)
     users = np.arange(30)
-    gram = EASE(lam=5.0, solver="gram").fit(task)
-    wood = EASE(lam=5.0, solver="woodbury").fit(task)
-    torch.testing.assert_close(wood.B_, gram.B_, rtol=1e-9, atol=1e-9)
+    gram = EASE(lam=5.0, solver="gram", dtype=dtype).fit(task)  # in place: LAPACK potrf / potri
+    wood = EASE(lam=5.0, solver="woodbury", dtype=dtype).fit(task)
+    assert gram.B_.dtype == dtype and EASE().dtype == torch.float32  # float32 unless asked
+    torch.testing.assert_close(wood.B_, gram.B_, rtol=tol, atol=tol)
     assert torch.all(gram.B_.diagonal() == 0)
     # B = I - P diag(1/diag(P)) with P = (X^T X + lam I)^-1, checked against a plain numpy inverse
     x = np.zeros((30, 80))
     x[task.fit["user"], task.fit["item"]] = 1.0
     p = np.linalg.inv(x.T @ x + 5.0 * np.eye(80))
     b = np.eye(80) - p / np.diag(p)[None, :]
-    np.testing.assert_allclose(gram.score(users).numpy(), x @ b, atol=1e-9)
-    with pytest.raises(ValueError, match="max_items"):
+    np.testing.assert_allclose(gram.score(users).numpy(), x @ b, atol=tol)
+    with pytest.raises(ValueError, match="max_items=50"):
         EASE(max_items=50).fit(task)
+
+
+def test_ease_steps_aside_when_the_memory_cannot_hold_its_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no fixed cap, the limit is what the available memory holds; the refusal names the need."""
+    from recsys_assets.evaluation import memory
+
+    splits = _random_splits(n_users=30, n_items=80, per_user=12, seed=2)
+    task = EvalTask.from_splits(splits, "test", num_users=30, num_items=80)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * 80 * 80)  # room for 40% of one matrix
+    assert memory.dense_item_limit() == 50
+    with pytest.raises(ValueError, match=r"EASE set aside: 80 items need a .* GiB float32 .*holds 50 items"):
+        EASE().fit(task)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**30)
+    assert memory.dense_item_refusal(80, None, "EASE") is None
+    assert memory.dense_item_limit() == int((0.4 * 2**30 / 4) ** 0.5)
 
 
 def test_tune_picks_the_best_validation_setting_then_refits(small_splits: pd.DataFrame) -> None:
@@ -333,3 +352,34 @@ def test_spark_als_tiny(spark) -> None:
     result = evaluate(model.score, task)
     # user 5: its target (item 8) scores -inf, the 8 items with factors score 0 and outrank it
     assert result.n_users == 1 and result.ranks.tolist() == [8]
+
+
+EASE_PEAK_PROBE = """
+import sys, numpy as np, pandas as pd
+from pathlib import Path
+from recsys_assets.evaluation.baselines import EASE, EASEGram
+from recsys_assets.evaluation.protocol import EvalTask, leave_last_out_splits
+
+def vm_hwm_kib():
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+
+rng = np.random.default_rng(0)
+n_users, n_items = 7000, 5000
+rows = pd.DataFrame({"user": np.repeat(np.arange(n_users), 8), "item": rng.integers(0, n_items, 8 * n_users)})
+rows = rows.drop_duplicates().assign(timestamp=lambda d: np.arange(len(d)))
+task = EvalTask.from_splits(leave_last_out_splits(rows), "test", num_users=n_users, num_items=n_items)
+gram = EASEGram(task, solver="gram")
+Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
+before = vm_hwm_kib()
+b = gram.weights(50.0)
+print((vm_hwm_kib() - before) * 1024 / b.numel() / b.element_size())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_ease_holds_one_items_matrix_per_lambda() -> None:
+    """The Gram solver factorises, inverts and scales in place: fitting a λ raises the peak RSS by about one
+    items × items matrix (the old path held the Gram, its shifted copy, the factor and the inverse)."""
+    out = subprocess.run([sys.executable, "-c", EASE_PEAK_PROBE], capture_output=True, text=True, check=True)
+    matrices = float(out.stdout.strip().splitlines()[-1])
+    assert 0.9 <= matrices < 1.6, f"peak rose by {matrices:.2f} items × items matrices"

@@ -123,3 +123,37 @@ def test_spark_resource_settings_reach_the_session():
         "spark.sql.shuffle.partitions": "5",  # spark_config overrides the typed field (3)
         "spark.sql.session.timeZone": "UTC",
     }
+
+
+def test_the_default_process_count_is_what_the_hardware_calls_for(monkeypatch):
+    """CPU: one process (its threads use the cores); CUDA: one per GPU; an explicit count wins; use_gpu without a
+    GPU is refused before anything starts."""
+    import torch
+
+    spark = SparkResource(master="local[2]")
+    assert TorchDistributorResource(spark=spark).process_count() == 1
+    assert TorchDistributorResource(spark=spark, num_processes=2).process_count() == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert TorchDistributorResource(spark=spark, use_gpu=True).process_count() == 4
+    assert TorchDistributorResource(spark=spark, use_gpu=True, num_processes=8).process_count() == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="use_gpu=True but torch sees no CUDA device"):
+        TorchDistributorResource(spark=spark, use_gpu=True).process_count()
+
+
+@pytest.mark.multiprocess
+def test_the_default_launch_is_one_process_using_the_cores_and_the_override_two(spark):
+    """What TorchDistributor really starts: by default one rank whose torch threads are this machine's default
+    (every core); with num_processes=2, two ranks of one thread each (torchrun's OMP_NUM_THREADS=1)."""
+    import torch
+
+    from recsys_assets.training.launch import rank_environment
+
+    quiet = {"on_progress": lambda record: None}
+    default = TorchDistributorResource(spark=SparkResource(master="local[2]"), timeout_seconds=300)
+    one = default.run(None, rank_environment, **quiet)
+    assert one["world_size"] == 1 and one["torch_threads"] == torch.get_num_threads()
+    two = TorchDistributorResource(spark=SparkResource(master="local[2]"), num_processes=2, timeout_seconds=300)
+    pair = two.run(None, rank_environment, **quiet)
+    assert pair["world_size"] == 2 and pair["torch_threads"] == 1

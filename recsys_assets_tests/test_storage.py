@@ -55,6 +55,16 @@ def test_each_materialization_is_one_published_folder_with_standard_metadata(tmp
     assert "dagster/row_count" not in _md(result, "reader")
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_each_step_records_its_own_peak_memory(tmp_path: Path):
+    """thing touches 400 MiB; reader, after it in the same process, starts its count afresh."""
+    result = SA.materialize([SA.thing, SA.reader], tmp_path / "state", _instance(tmp_path), allocate_mb=400)
+    assert result.success
+    big, small = _md(result, "thing"), _md(result, "reader")
+    assert big["peak_rss_mb"] - small["peak_rss_mb"] > 300, (big, small)
+    assert small["peak_rss_mb"] > 0 and "peak_child_rss_mb" in small
+
+
 def test_downstream_reads_the_exact_upstream_materialization_not_the_latest(tmp_path: Path):
     state, instance = tmp_path / "state", _instance(tmp_path)
     first = SA.materialize([SA.thing], state, instance, text="first")

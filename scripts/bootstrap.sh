@@ -1,56 +1,107 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project's virtual environment and prints its path on the last line.
+# Creates (or updates) this clone's virtual environment, .venv, from uv.lock and prints its path on the last line.
 #
-# The environment lives OUTSIDE the clone, keyed by a hash of the dependency spec, so a fresh clone
-# (CI) reuses gigabytes already installed:  $RECSYS_ENV_ROOT/venv-<variant>-<hash>
+# Each clone has its own .venv, so two clones never run each other's code. uv's cache (~/.cache/uv) makes a
+# second clone's environment a matter of seconds: packages are linked from it, not downloaded again.
 #
 #   RECSYS_VARIANT=cpu   (default) fbgemm-gpu-cpu kernels; runs anywhere
 #   RECSYS_VARIANT=cuda  fbgemm-gpu (CUDA) kernels for machines with an NVIDIA driver
-#   RECSYS_ENV_ROOT      where environments are cached (default ~/.cache/recsys_assets)
+#   RECSYS_ENV_ROOT      where the pinned uv is installed when none is on PATH (default ~/.cache/recsys_assets)
 #   PYTHON               interpreter to build the venv from (default python3.11 or python3)
+#   bootstrap.sh --lock         re-resolves uv.lock after a change to pyproject.toml (commit it)
+#   bootstrap.sh --check-lock   only checks that uv.lock matches pyproject.toml (exit 1 when stale)
+#
+# This machine's pip settings (pip.conf / PIP_* variables: index-url, extra-index-url, find-links, constraint)
+# are handed to uv, which does not read them, so both resolve from the same places.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+uv_version="0.13.9"
 variant="${RECSYS_VARIANT:-cpu}"
 case "$variant" in
-  cpu)  extra="torchrec-cpu" ;;
-  cuda) extra="torchrec-cuda" ;;
+  cpu|cuda) ;;
   *) echo "bootstrap: RECSYS_VARIANT must be 'cpu' or 'cuda', got '$variant'" >&2; exit 2 ;;
 esac
 py="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 root="${RECSYS_ENV_ROOT:-$HOME/.cache/recsys_assets}"
-# Hash only what decides the installed packages (dependency lists + this script), so editing
-# pytest or dagster settings in pyproject.toml does not trigger a reinstall.
-spec_hash="$({ "$py" -c 'import sys,tomllib,json;p=tomllib.load(open(sys.argv[1],"rb"))["project"];print(json.dumps([p["dependencies"],p["optional-dependencies"]],sort_keys=True))' "$here/pyproject.toml"; cat "$here/scripts/bootstrap.sh"; } | sha256sum | cut -c1-12)"
-venv="$root/venv-$variant-$spec_hash"
 
-if [ ! -f "$venv/.complete" ]; then
-  echo "bootstrap: creating $venv (first run installs several GB; later runs reuse it)" >&2
-  rm -rf "$venv"
-  mkdir -p "$root"
-  "$py" -m venv "$venv"
-  pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
-  "${pip[@]}" --upgrade pip setuptools wheel >&2
-  # Read the pins from pyproject.toml, so they are written down once.
-  mapfile -t kernel_pins < <("$venv/bin/python" - "$here/pyproject.toml" "$extra" <<'PY'
-import sys, tomllib
-spec = tomllib.load(open(sys.argv[1], "rb"))
-for req in spec["project"]["optional-dependencies"][sys.argv[2]]:
-    print(req)
+# The pinned uv: the one on PATH when it is that version, else a private install from the package index.
+uv="$(command -v uv || true)"
+if [ -z "$uv" ] || [ "$("$uv" --version | cut -d' ' -f2)" != "$uv_version" ]; then
+  uv="$root/uv-$uv_version/bin/uv"
+  if [ ! -x "$uv" ]; then
+    echo "bootstrap: installing uv $uv_version into $root/uv-$uv_version" >&2
+    rm -rf "$root/uv-$uv_version"
+    "$py" -m venv "$root/uv-$uv_version"
+    "$root/uv-$uv_version/bin/python" -m pip install --disable-pip-version-check -q "uv==$uv_version" >&2
+  fi
+fi
+
+# pip's effective settings, as uv environment variables (lines of NAME=VALUE).
+pip_settings="$("$py" - <<'PY' 2>/dev/null || true
+import subprocess, sys
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+settings = {}
+for line in out.splitlines():  # e.g. global.find-links='/opt/wheels'  or  :env:.find-links='/opt/wheels'
+    key, _, value = line.partition("=")
+    scope, _, name = key.rpartition(".")
+    if scope == ":env:" or name not in settings:  # environment variables override the files
+        settings[name] = value.strip("'\"")
+uv_names = {"index-url": "UV_DEFAULT_INDEX", "extra-index-url": "UV_INDEX", "find-links": "UV_FIND_LINKS",
+            "constraint": "UV_CONSTRAINT"}
+for name, uv_name in uv_names.items():
+    if settings.get(name):
+        print(f"{uv_name}={' '.join(settings[name].split())}")
+if settings.get("extra-index-url") or settings.get("find-links"):
+    print("UV_INDEX_STRATEGY=unsafe-best-match")  # pip picks the best match across all indexes
 PY
-)
-  fbgemm_pin="${kernel_pins[0]}"; torchrec_pin="${kernel_pins[1]}"
-  # 1. torch + the fbgemm kernels of the chosen variant.
-  "${pip[@]}" "torch==2.14.1" "$fbgemm_pin" >&2
-  # 2. torchrec without its declared fbgemm-gpu dependency.
-  "${pip[@]}" --no-deps "$torchrec_pin" >&2
-  # 3. everything else, plus test tools.
-  "${pip[@]}" -e "$here[test]" >&2
-  "$venv/bin/python" -c "import torchrec, fbgemm_gpu, streaming, pyspark, dagster, mlflow" >&2
-  touch "$venv/.complete"
+)"
+while IFS= read -r setting; do
+  [ -n "$setting" ] && export "${setting?}"
+done <<<"$pip_settings"
+export UV_PYTHON="$py" UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT="$here/.venv"
+
+case "${1:-}" in
+  --lock) exec "$uv" lock --project "$here" ;;
+  --check-lock) exec "$uv" lock --check --project "$here" -q ;;
+esac
+
+# --locked: a uv.lock that no longer matches pyproject.toml is an error (run `uv lock`), never a silent re-resolve.
+if ! "$uv" sync --locked --project "$here" --extra "torchrec-$variant" --extra test -q >&2; then
+  echo "bootstrap: 'uv sync --locked' failed. If pyproject.toml changed, update the lock with" >&2
+  echo "  bash scripts/bootstrap.sh --lock   and commit uv.lock" >&2
+  exit 1
 fi
 
-# The venv is shared between clones: make sure the editable install points at THIS checkout.
-if [ "$("$venv/bin/python" -c 'import recsys_assets,os;print(os.path.dirname(os.path.dirname(os.path.abspath(recsys_assets.__file__))))' 2>/dev/null)" != "$here" ]; then
-  "$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$here" >&2
+# uv sync does not take pip's constraint files: check that the locked versions satisfy this machine's.
+if [ -n "${UV_CONSTRAINT:-}" ]; then
+  "$here/.venv/bin/python" - $UV_CONSTRAINT <<'PY' >&2
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+problems = []
+for path in sys.argv[1:]:
+    for number, line in enumerate(open(path), 1):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        try:
+            installed = version(req.name)
+        except PackageNotFoundError:
+            continue
+        if not req.specifier.contains(installed, prereleases=True):
+            problems.append(f"{path}:{number}: '{line}' excludes the locked {req.name} {installed}")
+if problems:
+    sys.exit("bootstrap: uv.lock breaks this machine's pip constraints:\n  " + "\n  ".join(problems))
+PY
 fi
-echo "$venv"
+# uv links files from its cache without compiling them. Where PYTHONDONTWRITEBYTECODE is set, every process
+# would then recompile torch, torchrec and dagster on import (~35 s): compile what the project imports, once.
+marker="$here/.venv/.bytecode-$(sha256sum "$here/uv.lock" | cut -c1-12)"
+if [ ! -f "$marker" ]; then
+  warm() { env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/python" -c "import $1" >/dev/null 2>&1; }
+  warm torch & warm "dagster, dagster_pyspark, mlflow, pyspark, optuna, pandas, pyarrow" & wait
+  warm "torchrec, fbgemm_gpu" & warm "streaming, faiss, recsys_assets.definitions" & wait
+  rm -f "$here"/.venv/.bytecode-* && touch "$marker"
+fi
+echo "$here/.venv"

@@ -19,8 +19,11 @@ from recsys_assets.evaluation.plots import image_markdown
 
 class EvaluationConfig(dg.Config):
     ease_lambdas: list[float] = Field([50.0, 200.0, 500.0, 1000.0], description="EASE λ grid (chosen on validation).")
-    ease_max_items: int = Field(
-        20_000, description="EASE is closed form (items × items): skipped above this catalog size."
+    ease_max_items: int | None = Field(
+        None,
+        ge=1,
+        description="EASE is closed form (a float32 items × items matrix): it steps aside above this catalog size. "
+        "Unset: the size whose matrix fits in 40% of the memory available when the step starts.",
     )
     als: bool = Field(True, description="Spark ALS (implicit), tuned on validation.")
     als_ranks: list[int] = Field(

@@ -68,7 +68,7 @@ def train_model_asset(
         run.log_params(
             {
                 **recipe.config.model_dump(),
-                "num_processes": torch_distributor.num_processes,
+                "num_processes": torch_distributor.process_count(),
                 "use_gpu": torch_distributor.use_gpu,
                 **recipe.data_params(),
             }

@@ -96,6 +96,9 @@ class StateResource(ConfigurableResource):
         """A fresh, hidden folder for this materialization's files, next to where the I/O manager publishes them
         (defs/storage.py; one rename then): removed when the block raises, so a failed asset leaves nothing; on
         success the asset returns it as its value's ``path`` and the I/O manager publishes it."""
+        from recsys_assets.defs.storage import reset_peak_rss
+
+        reset_peak_rss()  # the I/O manager records the step's peak memory from here
         asset = context.asset_key.to_user_string()
         build = self.resolved_root() / "assets" / asset / f".{context.run_id}.tmp-{uuid.uuid4().hex[:8]}"
         build.mkdir(parents=True)
@@ -274,7 +277,12 @@ class TorchDistributorResource(ConfigurableResource):
     TorchDistributor launches from (a nested resource: pass the instance given as "spark")."""
 
     spark: SparkResource
-    num_processes: int = Field(2, ge=1)
+    num_processes: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes. Unset: what is fastest for the hardware (training.launch."
+        "default_process_count): one per GPU with use_gpu, else 1 process using every CPU core as threads.",
+    )
     use_gpu: bool = False
     local_mode: bool = True
     timeout_seconds: int = Field(3600, ge=1, description="A run longer than this is killed and fails.")
@@ -284,12 +292,18 @@ class TorchDistributorResource(ConfigurableResource):
         "LOCAL_WORLD_SIZE/LOCAL_RANK (each Spark task's torchrun otherwise reports 1/0).",
     )
 
+    def process_count(self) -> int:
+        """`num_processes`, else the hardware's default (one per GPU with use_gpu; 1 on CPU)."""
+        from recsys_assets.training.launch import default_process_count
+
+        return self.num_processes or default_process_count(self.use_gpu)
+
     def validate(self) -> None:
         if self.local_mode and not self.use_gpu:
             cores = os.cpu_count() or 1
-            if self.num_processes > cores:
+            if self.process_count() > cores:
                 raise ValueError(
-                    f"TorchDistributorResource: num_processes={self.num_processes} is larger than the "
+                    f"TorchDistributorResource: num_processes={self.process_count()} is larger than the "
                     f"{cores} CPU cores available in local mode"
                 )
 
@@ -313,7 +327,7 @@ class TorchDistributorResource(ConfigurableResource):
             fn,
             *args,
             session=self.spark.spark_session,
-            num_processes=self.num_processes,
+            num_processes=self.process_count(),
             local_mode=self.local_mode,
             use_gpu=self.use_gpu,
             timeout_seconds=limit,
@@ -324,7 +338,7 @@ class TorchDistributorResource(ConfigurableResource):
 
 
 def default_resources() -> dict:
-    """Embedded defaults: local Spark, CPU/gloo TorchDistributor with 2 processes, MLflow on a SQLite file and
+    """Embedded defaults: local Spark, TorchDistributor with the hardware's process count (1 on CPU), MLflow on a SQLite file and
     files under $RECSYS_STATE_DIR (else ./.recsys_state). Scale out by configuring these, not by code."""
     from recsys_assets.defs.storage import AssetFolderIOManager  # it depends on StateResource, defined here
 

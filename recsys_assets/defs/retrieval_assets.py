@@ -31,8 +31,11 @@ class RetrievalConfig(dg.Config):
         description="The collaborative candidate source: EASE's top-k merged with the Two Tower's (interleaved by "
         "rank), with EASE scores and ranks as ranker features; λ chosen on validation from this grid. [] = off.",
     )
-    item_item_max_items: int = Field(
-        20_000, ge=1, description="EASE is dense items × items: the item-item source is off above this catalog."
+    item_item_max_items: int | None = Field(
+        None,
+        ge=1,
+        description="EASE is a dense float32 items × items matrix: the item-item source is off above this catalog "
+        "size. Unset: the size whose matrix fits in 40% of the memory available when the step starts.",
     )
     item_item_shares: list[float] = Field(
         [0.0, 0.25, 0.5, 0.75, 1.0],

@@ -10,6 +10,7 @@ fields, and `load_input` rebuilds it from the exact folder of the upstream mater
 
 import dataclasses
 import json
+import resource
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ class AssetFolderIOManager(dg.ConfigurableIOManager):
     ``abfs://``, ``file://``), read through UPath; remote folders are read through a local copy under the state
     root's ``cache/``. ``keep_versions``: published versions kept per asset on a local root (object stores: their
     lifecycle rules). Metadata: ``path``, plus ``dagster/row_count`` and ``dagster/column_schema`` of the value's
-    main table (its ``table``) where the asset did not record them itself."""
+    main table (its ``table``) where the asset did not record them itself, and the step's peak memory
+    (`peak_memory_metadata`)."""
 
     state: StateResource
     root: str | None = None
@@ -54,7 +56,9 @@ class AssetFolderIOManager(dg.ConfigurableIOManager):
                 _upload(built, location)
         finally:  # published (moved or uploaded), or failed: the build folder is not kept either way
             shutil.rmtree(built, ignore_errors=True)
-        context.add_output_metadata({"path": dg.MetadataValue.path(str(location)), **metadata})
+        context.add_output_metadata(
+            {"path": dg.MetadataValue.path(str(location)), **metadata, **peak_memory_metadata(context.output_metadata)}
+        )
 
     # ---------------------------------------------------------------------------------------------- input
     def load_input(self, context: dg.InputContext) -> Any:
@@ -185,3 +189,35 @@ def _download(location: Any, into: Path) -> None:
         target = into / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         location.fs.get_file(remote, str(target))
+
+
+# ------------------------------------------------------------------------------------------------ peak memory
+def reset_peak_rss() -> None:
+    """Restarts this process's peak-RSS count (Linux's VmHWM), so the peak read at the end is the step's own
+    (`StateResource.build_folder` calls it as a step starts). Elsewhere the count is the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_metadata(already: dict | None = None) -> dict[str, float]:
+    """``peak_rss_mb``: this step's process since the step started (VmHWM; without /proc, since the process
+    started). ``peak_child_rss_mb``: its largest finished child process (a training rank, torchrun), over the
+    process's life: per step under the multiprocess executor, cumulative in one process."""
+    own = _vm_hwm_mb()
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out = {"peak_rss_mb": round(own, 1), "peak_child_rss_mb": round(child, 1)}
+    return {k: v for k, v in out.items() if k not in (already or {})}
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from recsys_assets.data.schema import ITEM, USER
+from recsys_assets.evaluation.memory import dense_item_refusal
 from recsys_assets.evaluation.protocol import (
     DEFAULT_KS,
     EvalResult,
@@ -144,10 +145,12 @@ def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, n_cols:
 
 
 class EASEGram:
-    """What every λ of one EASE fit matrix X (binary users × items) shares, built once per fit task: X as
-    sparse rows, and G = XᵀX, or with few users (Woodbury) X dense and K = XXᵀ. Each λ then costs one
-    Cholesky factorisation. (A shared eigendecomposition of G was slower: on CPU eigh costs ~7 Cholesky
-    inverses, and V diag(1/(w+λ)) Vᵀ per λ as much as one.)
+    """What every λ of one EASE fit matrix X (binary users × items) shares, built once per fit task: X as sparse
+    rows, and with few users (Woodbury) X dense and K = XXᵀ. Each λ then costs one Cholesky factorisation.
+
+    Memory: each λ holds ONE dense items × items matrix, G + λI, factorised, inverted and turned into EASE's B in
+    place (LAPACK potrf / potri on CPU), rather than the Gram, its copy, the factor and the inverse side by side;
+    G is rebuilt from the sparse X per λ (nnz·n multiply-adds, small next to the n³/3 of the factorisation).
 
     `solver`: "gram" factorises G + λI (O(n^3)); "woodbury" factorises K + λI (O(U^3 + nnz n)); "auto" takes
     woodbury when 2 U <= n."""
@@ -158,48 +161,44 @@ class EASEGram:
         *,
         solver: str = "auto",
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if solver not in ("auto", "gram", "woodbury"):
             raise ValueError(f"solver must be 'auto', 'gram' or 'woodbury', got {solver!r}")
         self.task, self.n = task, task.num_items
         self.settings = (solver, torch.device(device), dtype)
         self.woodbury = solver == "woodbury" or (solver == "auto" and 2 * task.num_users <= self.n)
-        like = torch.empty(0, dtype=dtype, device=device)
+        self._like = torch.empty(0, dtype=dtype, device=device)
         indptr, items = task.user_items_indptr, task.user_items_indices
         users = np.repeat(np.arange(task.num_users, dtype=np.int64), np.diff(indptr))
         order = np.argsort(items, kind="stable")  # Xᵀ's rows: the users of each item
         self._item_indptr = np.zeros(self.n + 1, dtype=np.int64)
         np.cumsum(np.bincount(items, minlength=self.n), out=self._item_indptr[1:])
         self._item_users = users[order]
-        self.xt = self._item_rows(np.arange(self.n), like)  # sparse [n, U]
+        self.xt = self._item_rows(np.arange(self.n), self._like)  # sparse [n, U]
         if self.woodbury:
             self.x_dense = self.xt.to_dense().T.contiguous()  # [U, n]
             self.kernel = self.x_dense @ self.x_dense.T  # K = X Xᵀ [U, U]
-        else:
-            self.kernel = self._gram(like)
 
     def _item_rows(self, items: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         return _csr_rows(self._item_indptr, self._item_users, items, self.task.num_users, like)
 
-    def _gram(self, like: torch.Tensor) -> torch.Tensor:
+    def _gram(self) -> torch.Tensor:
         """G = XᵀX by column blocks, sparse times dense: nnz·n multiply-adds where the dense product costs U·n²."""
-        n = self.n
+        n, like = self.n, self._like
         gram = torch.empty((n, n), dtype=like.dtype, device=like.device)
-        chunk = max(1, (1 << 25) // max(self.task.num_users, 1))  # items per dense block (~32M entries)
+        chunk = max(1, (1 << 21) // max(self.task.num_users, 1))  # items per dense block (~2M entries)
         for start in range(0, n, chunk):
             cols = np.arange(start, min(start + chunk, n))
             gram[:, cols[0] : cols[-1] + 1] = self.xt @ self._item_rows(cols, like).to_dense().T
         return gram
 
     def inverse(self, lam: float) -> torch.Tensor:
-        """P = (G + λI)⁻¹, dense [n, n]."""
+        """P = (G + λI)⁻¹, dense [n, n]: the only n × n matrix this call allocates."""
         if not self.woodbury:
-            shifted = self.kernel.clone()
+            shifted = self._gram()
             shifted.diagonal().add_(lam)
-            chol = torch.linalg.cholesky(shifted)
-            del shifted
-            return torch.cholesky_inverse(chol)
+            return _spd_inverse_in_place(shifted)
         # Woodbury: P = (I - Xᵀ (λ I_U + X Xᵀ)^-1 X) / λ
         shifted = self.kernel.clone()
         shifted.diagonal().add_(lam)
@@ -209,11 +208,42 @@ class EASEGram:
         return p.div_(lam)
 
     def weights(self, lam: float) -> torch.Tensor:
-        """EASE's B = I - P diagMat(1 / diag(P)) (zero diagonal), dense [n, n]."""
+        """EASE's B = I - P diagMat(1 / diag(P)) (zero diagonal), dense [n, n], in P's memory."""
         p = self.inverse(lam)
         p.div_(-p.diagonal().clone().unsqueeze(0))  # B_ij = -P_ij / P_jj
         p.diagonal().zero_()
         return p
+
+
+def _spd_inverse_in_place(a: torch.Tensor) -> torch.Tensor:
+    """The inverse of the symmetric positive definite `a`, written over it. On CPU, LAPACK's potrf and potri work
+    in place (torch's cholesky / cholesky_inverse each allocate another n × n); elsewhere torch's ops."""
+    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
+        return torch.cholesky_inverse(torch.linalg.cholesky(a))
+    from scipy.linalg import lapack
+
+    potrf, potri = (lapack.spotrf, lapack.spotri) if a.dtype == torch.float32 else (lapack.dpotrf, lapack.dpotri)
+    fortran = a.numpy().T  # the same memory, column-major; `a` is symmetric, so it is the same matrix
+    _, info = potrf(fortran, lower=True, overwrite_a=True, clean=False)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE: G + λI is not positive definite (LAPACK potrf info {info})")
+    _, info = potri(fortran, lower=True, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE: G + λI is singular (LAPACK potri info {info})")
+    _mirror_upper_to_lower(a)  # potri wrote the lower triangle of the column-major view: a's upper triangle
+    return a
+
+
+def _mirror_upper_to_lower(a: torch.Tensor, block: int = 1024) -> None:
+    """a[i, j] = a[j, i] for i > j, by row blocks (a block's copy is block × n, not n × n)."""
+    n = a.shape[0]
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        a[start:stop, :stop] = torch.where(
+            torch.arange(start, stop).unsqueeze(1) > torch.arange(stop).unsqueeze(0),
+            a[:stop, start:stop].T,
+            a[start:stop, :stop],
+        )
 
 
 class SharedGram:
@@ -233,7 +263,8 @@ class SharedGram:
 
 class EASE:
     """EASE (Steck 2019), closed form: B = I - P diagMat(1 / diag(P)), P = (X^T X + lambda I)^-1, with X the
-    binary user x item matrix of the fit data; scores = X_u B. Dense item x item: refuses above `max_items`.
+    binary user x item matrix of the fit data; scores = X_u B. Dense item x item, float32: refuses above
+    `max_items` (None: as many items as the memory available at fit time holds, evaluation.memory).
 
     `solver`: see EASEGram. `shared`: a SharedGram that the models of one λ grid pass around (`ease_grid`)."""
 
@@ -241,9 +272,9 @@ class EASE:
         self,
         lam: float = 500.0,
         *,
-        max_items: int = 20_000,
+        max_items: int | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = torch.float32,
         solver: str = "auto",
         shared: SharedGram | None = None,
     ) -> None:
@@ -260,12 +291,9 @@ class EASE:
         self.B_: torch.Tensor | None = None
 
     def fit(self, task: EvalTask) -> EASE:
-        n = task.num_items
-        if n > self.max_items:
-            raise ValueError(
-                f"EASE needs a dense {n} x {n} item-item matrix; refusing above max_items={self.max_items} "
-                f"items (raise max_items if you have the memory: ~{3 * n * n * 8 / 2**30:.1f} GiB in float64)"
-            )
+        refusal = dense_item_refusal(task.num_items, self.max_items, "EASE")
+        if refusal:
+            raise ValueError(refusal)
         self.B_ = None
         settings = {"solver": self.solver, "device": self.device, "dtype": self.dtype}
         gram = self.shared.get(task, **settings) if self.shared is not None else EASEGram(task, **settings)

@@ -64,7 +64,7 @@ def evaluate_funnel(
     top_k: int,
     session,
     ease_lambdas: Sequence[float],
-    ease_max_items: int,
+    ease_max_items: int | None,
     als: bool,
     als_ranks: Sequence[int],
     als_reg_params: Sequence[float],
@@ -76,11 +76,13 @@ def evaluate_funnel(
     log: Callable[[str], None] = print,
 ) -> EvaluationReport:
     """Test phase, full ranking with train and validation items excluded. `session`: a SparkSession for ALS
-    (unused when `als` is off). EASE is skipped above `ease_max_items` items. The ALS grid runs in order and
-    skips its remaining points past `als_budget_seconds`. SASRec (off by default: minutes of training) has its
-    epochs chosen from `sasrec_epochs` on validation. `log` gets a line per stage and per grid point."""
+        (unused when `als` is off). EASE steps aside above `ease_max_items` items (None: what the memory available
+    now holds, evaluation.memory), with the reason logged, before allocating. The ALS grid runs in order and
+        skips its remaining points past `als_budget_seconds`. SASRec (off by default: minutes of training) has its
+        epochs chosen from `sasrec_epochs` on validation. `log` gets a line per stage and per grid point."""
     from recsys_assets.data.splits import load_query_splits
     from recsys_assets.evaluation.baselines import LastItemMarkov, MostPopular, SparkALS, ease_grid
+    from recsys_assets.evaluation.memory import dense_item_refusal
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
 
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
@@ -105,11 +107,12 @@ def evaluate_funnel(
     rows["MostPopular"] = timed("MostPopular", lambda: evaluate(MostPopular().fit(task).score, task).as_dict())
     rows["LastItemMarkov"] = timed("LastItemMarkov", lambda: evaluate(LastItemMarkov().fit(task).score, task).as_dict())
     tune_on = {"splits": frame, "num_users": n_users, "num_items": n_items}
-    if n_items <= ease_max_items:
+    refusal = dense_item_refusal(n_items, ease_max_items, "EASE baseline")
+    if refusal is None:
         tuned = stages.tuned("EASE", ease_grid(max_items=ease_max_items), {"lam": list(ease_lambdas)}, **tune_on)
         rows[f"EASE (λ={tuned.params['lam']:g})"] = tuned.test.as_dict()
     else:
-        log(f"EASE skipped: {n_items} items > ease_max_items={ease_max_items}")
+        log(refusal)
     if als:
         grid = {"rank": list(als_ranks), "reg_param": list(als_reg_params), "alpha": list(als_alphas)}
         als_factory = lambda **p: SparkALS(session, max_iter=als_max_iter, seed=0, **p)  # noqa: E731

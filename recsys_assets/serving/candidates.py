@@ -195,7 +195,7 @@ def generate_candidates(
     seed: int,
     two_tower_run_id: str,
     item_item_lambdas: Sequence[float] = (),
-    item_item_max_items: int = 20_000,
+    item_item_max_items: int | None = None,
     item_item_shares: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     als_rank: int = 0,
     als_reg_param: float = 0.1,
@@ -213,13 +213,15 @@ def generate_candidates(
     pool rank (the retrieval order). Writes candidates / training_pool / queries Parquet, fit_positions.npz
     (each phase's last fitted position per user, for the leakage check) and info.json; returns k, per-phase
     stats (queries, with_target, hr@k of the pool and of each source, seconds) and candidate_rows."""
+    from recsys_assets.evaluation.memory import dense_item_refusal
     from recsys_assets.serving.item_item import choose_lambda
 
     splits = load_query_splits(dataset_root)
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
-    use_item_item = bool(item_item_lambdas) and meta.num_items <= item_item_max_items
-    if item_item_lambdas and not use_item_item:
-        log(f"item-item source off: {meta.num_items} items > item_item_max_items={item_item_max_items}")
+    refusal = dense_item_refusal(meta.num_items, item_item_max_items, "item-item (EASE) source")
+    use_item_item = bool(item_item_lambdas) and refusal is None
+    if item_item_lambdas and refusal:
+        log(refusal)  # before anything items × items is allocated; the Two Tower's pool (and ALS) remain
     sizes = dict(num_users=meta.num_users, num_items=meta.num_items)
     evaluator_frame = splits[[S.USER, S.ITEM, S.TIMESTAMP, S.SPLIT]]
     lam, lam_trials = (

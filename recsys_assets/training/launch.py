@@ -9,6 +9,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,6 +25,19 @@ POLL_SECONDS = 1.0
 KILL_GRACE_SECONDS = 30
 # Lines of TorchDistributor's (long) error output kept when no rank left an error file.
 FAILURE_LINES = 25
+
+
+def default_process_count(use_gpu: bool) -> int:
+    """What trains fastest here: one process per visible GPU with `use_gpu`; on CPU, one process whose torch
+    threads use every core. Two gloo processes on 2 cores pay an all-to-all and an all-reduce per step and train
+    the Two Tower 2.5x slower than one process with 2 threads (benchmarks/train_two_tower.py)."""
+    if use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("TorchDistributorResource: use_gpu=True but torch sees no CUDA device")
+        return torch.cuda.device_count()
+    return 1
 
 
 def run_distributed(
@@ -165,6 +179,21 @@ def run_with_consistent_local_ranks(
             tail = "".join(traceback.format_exception(exc)[-6:])
             Path(error_dir, f"rank{rank}.txt").write_text(f"rank {rank}: {type(exc).__name__}: {exc}\n{tail}")
         raise
+
+
+def rank_environment() -> dict[str, Any]:
+    """What a rank runs with: world size, torch threads, its interpreter and the recsys_assets code it imported.
+    Run through `run_distributed`, it shows what a launch really started (each clone's own code, the threads)."""
+    import torch
+
+    import recsys_assets
+
+    return {
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.executable,
+        "package": str(Path(recsys_assets.__file__).resolve().parent),
+    }
 
 
 def process_table() -> list[tuple[int, int, str]]:
