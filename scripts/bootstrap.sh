@@ -96,12 +96,40 @@ if problems:
 PY
 fi
 # uv links files from its cache without compiling them. Where PYTHONDONTWRITEBYTECODE is set, every process
-# would then recompile torch, torchrec and dagster on import (~35 s): compile what the project imports, once.
-marker="$here/.venv/.bytecode-$(sha256sum "$here/uv.lock" | cut -c1-12)"
+# would then recompile torch, torchrec and dagster on import (~35 s): compile what the project imports, once per
+# lock. The compiled files are kept beside uv's cache and linked into the next clone's .venv: its sources are
+# links to the same cached files (same size and mtime), so the bytecode is valid there too.
+lock_hash="$(sha256sum "$here/uv.lock" | cut -c1-12)"
+marker="$here/.venv/.bytecode-$lock_hash"
 if [ ! -f "$marker" ]; then
-  warm() { env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/python" -c "import $1" >/dev/null 2>&1; }
-  warm torch & warm "dagster, dagster_pyspark, mlflow, pyspark, optuna, pandas, pyarrow" & wait
-  warm "torchrec, fbgemm_gpu" & warm "streaming, faiss, recsys_assets.definitions" & wait
+  seed="$root/bytecode-$variant-$lock_hash"
+  link_bytecode() {  # every __pycache__/*.pyc under site-packages of $1, hard-linked (else copied) into $2
+    "$here/.venv/bin/python" - "$1" "$2" <<'PY'
+import os, shutil, sys
+src, dst = sys.argv[1:]
+for folder, _, files in os.walk(src):
+    if os.path.basename(folder) != "__pycache__":
+        continue
+    target = os.path.join(dst, os.path.relpath(folder, src))
+    os.makedirs(target, exist_ok=True)
+    for name in files:
+        if name.endswith(".pyc") and not os.path.exists(os.path.join(target, name)):
+            try:
+                os.link(os.path.join(folder, name), os.path.join(target, name))
+            except OSError:
+                shutil.copy2(os.path.join(folder, name), os.path.join(target, name))
+PY
+  }
+  site="$("$here/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  if [ -f "$seed/.complete" ]; then
+    link_bytecode "$seed" "$site"
+  else
+    warm() { env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/python" -c "import $1" >/dev/null 2>&1; }
+    warm torch & warm "dagster, dagster_pyspark, mlflow, pyspark, optuna, pandas, pyarrow" & wait
+    warm "torchrec, fbgemm_gpu" & warm "streaming, faiss" & wait
+    rm -rf "$seed" && link_bytecode "$site" "$seed" && touch "$seed/.complete"
+  fi
+  env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/python" -m compileall -q "$here/recsys_assets" >/dev/null || true
   rm -f "$here"/.venv/.bytecode-* && touch "$marker"
 fi
 echo "$here/.venv"
