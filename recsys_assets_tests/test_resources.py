@@ -3,6 +3,9 @@ or at launch, never under a fresh default one; TorchDistributor launches from th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -146,14 +149,22 @@ def test_the_default_process_count_is_what_the_hardware_calls_for(monkeypatch):
 def test_the_default_launch_is_one_process_using_the_cores_and_the_override_two(spark):
     """What TorchDistributor really starts: by default one rank whose torch threads are this machine's default
     (every core); with num_processes=2, two ranks of one thread each (torchrun's OMP_NUM_THREADS=1)."""
-    import torch
-
     from recsys_assets.training.launch import rank_environment
 
+    # torch's default for a fresh process; this pytest process's own count may have been lowered by a test that
+    # trained in-process with num_threads=1
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+    )
+    machine_default = int(fresh.stdout.strip())
     quiet = {"on_progress": lambda record: None}
     default = TorchDistributorResource(spark=SparkResource(master="local[2]"), timeout_seconds=300)
     one = default.run(None, rank_environment, **quiet)
-    assert one["world_size"] == 1 and one["torch_threads"] == torch.get_num_threads()
+    assert one["world_size"] == 1 and one["torch_threads"] == machine_default
     two = TorchDistributorResource(spark=SparkResource(master="local[2]"), num_processes=2, timeout_seconds=300)
     pair = two.run(None, rank_environment, **quiet)
     assert pair["world_size"] == 2 and pair["torch_threads"] == 1

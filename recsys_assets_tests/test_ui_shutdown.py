@@ -42,7 +42,7 @@ def _alive(pids: set[int]) -> set[int]:
     for pid in pids:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone between listing and reading (ESRCH mid-exit)
             continue
         if "State:\tZ" not in status:  # a zombie has ended; its parent only has not reaped it yet
             alive.add(pid)
@@ -92,5 +92,8 @@ def test_make_ui_stops_both_servers_and_every_helper(tmp_path, how):
         assert took <= STOP_BOUND_S, f"stopping took {took:.1f} s"
     finally:
         for pid in _alive(descendants(make.pid) | {make.pid}):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         make.wait(timeout=30)
