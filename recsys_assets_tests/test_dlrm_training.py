@@ -160,6 +160,24 @@ def test_the_test_set_is_never_scored_between_epochs(pairs):
     assert set(result.final_metrics) == {"validation", "test"} and set(result.eval_scores) == {"validation", "test"}
 
 
+def test_a_trial_without_final_sets_scored_afterwards_equals_the_fit_that_scores_them(pairs):
+    """What lets the dlrm_model fit reuse its search trial: the same settings trained without the test set, then
+    scored on it by `score_final_sets`, give the fit's weights, metrics and test scores."""
+    from recsys_assets.training.dlrm import score_final_sets, train_dlrm
+
+    final = {"test": str(pairs / "validation.parquet")}
+    fit = train_dlrm(_config(pairs, epochs=2, final_sets=final))
+    trial = train_dlrm(_config(pairs, epochs=2))
+    assert set(trial.final_metrics) == {"validation"}
+    completed = score_final_sets(trial, _config(pairs, epochs=2, final_sets=final))
+    assert [h["loss"] for h in completed.history] == [h["loss"] for h in fit.history]
+    assert set(completed.final_metrics) == {"validation", "test"}
+    np.testing.assert_allclose(completed.eval_scores["test"], fit.eval_scores["test"], rtol=1e-4, atol=1e-4)
+    for metric, value in fit.final_metrics["test"].items():
+        assert completed.final_metrics["test"][metric] == pytest.approx(value, abs=1e-4), metric
+    assert completed.config["final_sets"] == final
+
+
 def test_training_pairs_in_another_layout_are_refused_before_training(pairs):
     """dense_in_features=4 against blocks of 3-wide dense vectors: refused before any model is built, naming
     the folder and both widths."""

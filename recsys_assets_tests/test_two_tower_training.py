@@ -513,3 +513,25 @@ def test_the_ranker_phase_fits_the_rows_before_the_window_and_ranks_nothing(tmp_
     assert r.final_metrics == {}
     with pytest.raises(ValueError, match="early stopping selects on 'validation' only"):
         TwoTowerTrainConfig(data_root=str(ds.root), eval_phase="ranker", early_stopping=True)
+
+
+def test_phases_in_one_launch_train_what_separate_launches_train(tmp_path):
+    """`train_two_tower_phases` (the refit and the ranker phase in one launch): each phase gets the result a call
+    of its own gives (same losses, metrics and weights), and the process group it made is gone afterwards."""
+    import torch.distributed as dist
+
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_two_tower, train_two_tower_phases
+
+    ds = write_synthetic_dataset(tmp_path / "ds", num_users=60, num_items=50, ranker_window=3)
+    common = dict(data_root=str(ds.root), epochs=2, batch_size=64, embedding_dim=8, num_threads=1)
+    configs = [TwoTowerTrainConfig(eval_phase="test", **common), TwoTowerTrainConfig(eval_phase="ranker", **common)]
+    together = train_two_tower_phases(configs)
+    assert not dist.is_initialized()
+    alone = [train_two_tower(config) for config in configs]
+    assert [r.fit_folders for r in together] == [("train", "validation"), ("ranker_fit",)]
+    for joint, single in zip(together, alone):
+        assert [h["loss"] for h in joint.history] == [h["loss"] for h in single.history]
+        assert joint.final_metrics == single.final_metrics
+        for name, tensor in single.state_dict.items():
+            torch.testing.assert_close(joint.state_dict[name], tensor, msg=name)
+    assert train_two_tower_phases([]) == []

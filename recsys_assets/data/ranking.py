@@ -369,11 +369,15 @@ def build_ranking_dataset(
         recent_fraction=settings.recent_fraction,
     )
     (out_dir / FEATURES_FOLDER).mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "_raw"
     phase_tables = {}
     for phase in [p for p in PHASES if p in present]:
-        phase_tables[phase], state = phase_pairs(session, splits, queries, pairs, item_features, phase, **kw)
+        featured, state = phase_pairs(session, splits, queries, pairs, item_features, phase, **kw)
         state.save(out_dir / FEATURES_FOLDER / f"{phase}.npz")
-    raw = out_dir / "_raw"
+        # written once: the ranker lists join a phase's pairs with themselves (later train items, lists with a
+        # hit), and each read of the plan would run the Python feature UDF over every pair again
+        featured.write.parquet(str(raw / "phases" / phase))
+        phase_tables[phase] = session.read.parquet(str(raw / "phases" / phase))
     lists = ranker_lists(phase_tables, settings, splits)
     # materialize the sampled training pairs once: the sample must not be recomputed per read
     sample_training_pairs(lists["train"], settings.num_hard_negatives, settings.seed).write.parquet(str(raw / "train"))

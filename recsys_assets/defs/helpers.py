@@ -50,19 +50,23 @@ REPORTING_FIELDS = ("mlflow_run_id", "mlflow_prefix", "progress_file", "checkpoi
 
 
 class TrainedOnce:
-    """Launch results by what they trained (the config less REPORTING_FIELDS). A settings search's trial trains
-    exactly what the fit's validation phase trains when the fit keeps its settings (trial 0: the configured ones),
-    so the fit takes the trial's result instead of a second launch (~10 s start-up plus the epochs)."""
+    """Launch results by what they trained (the config less REPORTING_FIELDS and `unscored`). A settings search's
+    trial trains exactly what the fit trains when the fit keeps its settings (trial 0: the configured ones), so
+    the fit takes the trial's result instead of a second launch (~10 s start-up plus the epochs).
 
-    def __init__(self, log) -> None:
+    `unscored`: config fields a trial leaves out that do not change the training (the DLRM's final_sets: a trial
+    never scores test); `complete(result, config)` then adds what they produce to the reused result."""
+
+    def __init__(self, log, *, unscored: tuple[str, ...] = (), complete=None) -> None:
         self.log, self.results = log, {}
+        self.unscored, self.complete = unscored, complete
 
     def record(self, launch):
         """`launch`, remembering each result."""
 
         def run(fn, config, **kwargs):
             result = launch(fn, config, **kwargs)
-            self.results[_trained_key(config)] = result
+            self.results[self._key(config)] = result
             return result
 
         return run
@@ -71,18 +75,20 @@ class TrainedOnce:
         """`launch`, except that a config already trained through `record` returns that result."""
 
         def run(fn, config, **kwargs):
-            result = self.results.get(_trained_key(config))
+            # a launch of several configs (training.two_tower.train_two_tower_phases) is never a search trial
+            result = self.results.get(self._key(config)) if dataclasses.is_dataclass(config) else None
             if result is None:
                 return launch(fn, config, **kwargs)
-            self.log(f"{config.eval_phase} phase: the search trial with these settings is reused, not retrained")
-            return result
+            phase = getattr(config, "eval_phase", None) or getattr(config, "selection_set", None) or "fit"
+            self.log(f"{phase} phase: the search trial with these settings is reused, not retrained")
+            return self.complete(result, config) if self.complete else result
 
         return run
 
-
-def _trained_key(config) -> str:
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in REPORTING_FIELDS}
-    return json.dumps(values, sort_keys=True, default=str)
+    def _key(self, config) -> str:
+        ignored = (*REPORTING_FIELDS, *self.unscored)
+        values = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
+        return json.dumps(values, sort_keys=True, default=str)
 
 
 def training_metadata(

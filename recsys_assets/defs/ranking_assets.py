@@ -10,7 +10,7 @@ from pydantic import Field
 
 from recsys_assets.defs.configs import DLRMConfig, search_budget, train_config
 from recsys_assets.defs.constants import RANKING_GROUP, TOP_K, TRAINING_POOL
-from recsys_assets.defs.helpers import curves_metadata, launcher, training_metadata
+from recsys_assets.defs.helpers import TrainedOnce, curves_metadata, launcher, training_metadata
 from recsys_assets.defs.model_registration import register_dlrm, served_versions
 from recsys_assets.defs.model_training import train_model_asset
 from recsys_assets.defs.resources import MLflowResource, SparkResource, StateResource, TorchDistributorResource
@@ -121,7 +121,11 @@ def dlrm_model(
         mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
         checkpoint_dir=str(state.checkpoint_dir(context)),  # a retry resumes after its last finished epoch
     )
-    recipe = DLRMRecipe(context, config, ranking_dataset, info, torch_distributor, run_settings)
+    from recsys_assets.training.dlrm import score_final_sets
+
+    # the fit reuses a search trial of its own settings and scores the test pairs on its weights
+    trained = TrainedOnce(context.log.info, unscored=("final_sets",), complete=score_final_sets)
+    recipe = DLRMRecipe(context, config, ranking_dataset, info, torch_distributor, run_settings, trained)
     return train_model_asset(context, recipe, torch_distributor, mlflow, state)
 
 
@@ -136,6 +140,7 @@ class DLRMRecipe:
     info: dict
     torch_distributor: TorchDistributorResource
     run_settings: dict
+    trained: TrainedOnce
     model: str = "dlrm"
 
     def settings_of(self, config: DLRMConfig) -> tuple[list, dict]:
@@ -165,7 +170,7 @@ class DLRMRecipe:
         from recsys_assets.training.search import MlflowTrialRuns, search_dlrm
 
         return search_dlrm(
-            launcher(self.context, self.torch_distributor, "dlrm search"),
+            self.trained.record(launcher(self.context, self.torch_distributor, "dlrm search")),
             lambda settings, **fields: self._train_config(self.config.model_copy(update=settings), **fields),
             search_budget(self.config),
             baseline=self.config.model_dump(),
@@ -184,7 +189,7 @@ class DLRMRecipe:
         from recsys_assets.training.runs import fit_dlrm
 
         return fit_dlrm(
-            launcher(self.context, self.torch_distributor, "dlrm"),
+            self.trained.reuse(launcher(self.context, self.torch_distributor, "dlrm")),
             lambda **fields: self._train_config(self.config, mlflow_run_id=run.id, **fields),
             build,
             self.ranking_dataset.path,

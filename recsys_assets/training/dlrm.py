@@ -195,6 +195,24 @@ def sharded_logits(dlrm, layout, config, data: PairSet, env: DistEnv, batch_size
     return distributed.all_gather_variable(local.to(env.device), env).cpu().numpy()
 
 
+def score_final_sets(result: DLRMTrainResult, config: DLRMTrainConfig | Mapping[str, Any]) -> DLRMTrainResult:
+    """`result`, trained without `config.final_sets` (a settings-search trial of the same settings), with those
+    sets scored once by its returned weights, in this process: what a fit adds to the same training at its end."""
+    from recsys_assets.models.dlrm import DLRMModelConfig, DLRMScorer
+
+    if not isinstance(config, DLRMTrainConfig):
+        config = DLRMTrainConfig.from_dict(config)
+    layout, size = config.sparse_layout(), config.eval_batch_size
+    scorer = DLRMScorer(result.load_model(), layout, DLRMModelConfig.from_dict(result.model_config)).eval()
+    metrics, scores = dict(result.final_metrics), dict(result.eval_scores)
+    for name, path in config.final_sets.items():
+        pairs = load_pair_set(path, layout, config.dense_in_features)
+        parts = [scorer(pairs.rows(lo, min(lo + size, pairs.n))) for lo in range(0, pairs.n, size)]
+        scores[name] = torch.cat(parts).float().numpy() if parts else np.zeros(0, np.float32)
+        metrics[name] = pair_metrics(pairs.labels, scores[name], pairs.query_ids, config.ks)
+    return dataclasses.replace(result, final_metrics=metrics, eval_scores=scores, config=config.to_dict())
+
+
 # --------------------------------------------------------------------------------------------------- train
 def train_block_columns(config: DLRMTrainConfig) -> list:
     """The MDS block columns the DLRM reads: label, the dense vector and each sparse feature's ids."""

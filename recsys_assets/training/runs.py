@@ -59,24 +59,28 @@ def fit_two_tower(
     (training.model_files), plan.txt, result.json and the training curves into `out_dir`; checkpoints per phase
     under `checkpoints`."""
     from recsys_assets.training.model_files import save_two_tower
-    from recsys_assets.training.two_tower import train_two_tower
+    from recsys_assets.training.two_tower import train_two_tower, train_two_tower_phases
 
     progress = out_dir / PROGRESS_FILE
     t0 = time.time()
 
-    def run(phase: str, **settings):
-        config = make_config(
+    def config_of(phase: str, **settings):
+        return make_config(
             eval_phase=phase, progress_file=str(progress), checkpoint_dir=str(checkpoints / phase), **settings
         )
-        return launch(train_two_tower, config, progress_file=progress)
 
-    selection = run("validation")
+    selection = launch(train_two_tower, config_of("validation"), progress_file=progress)
     if selection.resumed_from_step is not None:
         log(f"validation phase resumed from step {selection.resumed_from_step} ({selection.resumed_from})")
     log(f"validation phase: best epoch {selection.best_epoch}, {selection.final_metrics}")
     epochs = selection.best_epoch + 1  # the fixed-epoch fits below: same settings, no selection
-    final = run("test", mlflow_prefix="refit_", epochs=epochs) if refit else selection
-    ranker = run("ranker", mlflow_prefix="ranker_", epochs=epochs) if ranker_phase else None
+    later = {"test": "refit_"} if refit else {}
+    if ranker_phase:
+        later["ranker"] = "ranker_"
+    # both fixed-epoch fits in one launch: one process start instead of two
+    configs = [config_of(phase, mlflow_prefix=prefix, epochs=epochs) for phase, prefix in later.items()]
+    fitted = dict(zip(later, launch(train_two_tower_phases, configs, progress_file=progress))) if configs else {}
+    final, ranker = fitted.get("test", selection), fitted.get("ranker")
     fit = TwoTowerFit(selection, final, time.time() - t0, {}, ranker)
     save_two_tower(out_dir, final, "test")
     save_two_tower(out_dir, selection, "validation")

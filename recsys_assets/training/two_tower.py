@@ -511,6 +511,20 @@ def train_two_tower(
     return trainer_config.run_trainer(config, TwoTowerTrainConfig, functools.partial(_train, callbacks=callbacks))
 
 
+def train_two_tower_phases(configs: Sequence[TwoTowerTrainConfig | Mapping[str, Any]]) -> list[TwoTowerTrainResult]:
+    """`train_two_tower` of each config in turn, in one launch: fits that follow each other (the refit and the
+    ranker phase) share one process start, one import of torch / TorchRec / Streaming and one process group
+    instead of paying them per phase (about 10 s a launch on 2 cores). Returns the results in `configs`' order."""
+    configs = [c if isinstance(c, TwoTowerTrainConfig) else TwoTowerTrainConfig.from_dict(c) for c in configs]
+    if not configs:
+        return []
+    env = distributed.init_distributed(configs[0].use_gpu, single_node=configs[0].single_node)
+    try:  # each fit joins this process group, so none destroys it before the next
+        return [train_two_tower(config) for config in configs]
+    finally:
+        distributed.shutdown_distributed(env)
+
+
 class TwoTowerHooks(loop.TrainerHooks):
     """The Two Tower's part of the loop: in-batch (+ uniform) negatives with logQ correction; full-ranking
     evaluation of `eval_phase` on the sharded model."""
