@@ -142,6 +142,35 @@ def test_spark_features_equal_a_direct_call_of_the_registry(window3, spark):
         assert got["recent_cooccurrence"].gt(0).any() and got["category_overlap"].gt(0).any()  # not all zero
 
 
+def test_sampled_pairs_get_the_features_of_their_whole_list(window3, spark):
+    """build_ranking_dataset samples the training negatives before computing features: each kept pair's features
+    equal those computed on its query's whole pool, also where the sample dropped the query's best retrieved
+    candidate (the score-gap features measure against the pool's best)."""
+    from recsys_assets.data.ranker_features import DENSE_FEATURES
+    from recsys_assets.data.ranking import phase_candidates, sample_training_pairs, with_features
+
+    dataset, candidates, _, _ = window3
+    splits = spark.read.parquet(str(Path(dataset) / "splits"))
+    queries = spark.read.parquet(str(candidates / "queries.parquet"))
+    pairs = spark.read.parquet(str(candidates / "candidates.parquet")).unionByName(
+        spark.read.parquet(str(candidates / "training_pool.parquet"))
+    )
+    items = spark.read.parquet(str(Path(dataset) / "item_features"))
+    kw = dict(num_users=30, num_items=40, window=3, recent_fraction=0.2)
+    whole, state = phase_candidates(splits, queries, pairs, items, "ranker", **kw)
+    full = with_features(spark, whole, state, items, "ranker").toPandas()
+    kept = with_features(spark, sample_training_pairs(whole, 1, seed=0), state, items, "ranker").toPandas()
+    assert 0 < len(kept) < len(full)
+    retrieved = full[full["source"] == "retrieved"]
+    best = retrieved.loc[retrieved.groupby("query_id")["retrieval_score"].idxmax(), ["query_id", "item"]]
+    dropped_best = best.merge(kept[["query_id", "item"]], how="left", indicator=True)["_merge"] == "left_only"
+    assert dropped_best.any()  # else the sample would not test the pool's best
+    both = kept.merge(full, on=["query_id", "item"], suffixes=("", "_whole"))
+    assert len(both) == len(kept)
+    for name in DENSE_FEATURES:
+        np.testing.assert_allclose(both[name], both[f"{name}_whole"], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
 def test_the_leakage_checks_pass_and_fail_on_planted_leakage(window3, tmp_path):
     from recsys_assets.data.ranker_features import FeatureState
     from recsys_assets.evaluation.gates import queries_see_only_earlier_rows, ranking_data_has_no_test_period

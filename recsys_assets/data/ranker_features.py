@@ -41,6 +41,10 @@ PAIR_INPUTS = (
     ALS_RANK,
     SOURCE,
 )
+# Optional pair columns: the query's best retrieved candidate's score under each source, given by a caller that
+# scores only part of a query's pairs (data.ranking samples the training negatives first); without them, the best
+# is taken over the pairs passed.
+BEST_SCORE_COLUMNS = {score: f"best_{score}" for score in (RETRIEVAL_SCORE, ITEM_ITEM_SCORE, ALS_SCORE)}
 
 
 # --------------------------------------------------------------------------------------------- the state
@@ -137,15 +141,17 @@ class PairBatch:
 
     @classmethod
     def of(cls, pairs: pd.DataFrame) -> PairBatch:
-        """From PAIR_INPUTS columns; every query's pairs must be in `pairs` (the best scores are per query)."""
+        """From PAIR_INPUTS columns; every query's pairs must be in `pairs` (the best scores are per query),
+        unless BEST_SCORE_COLUMNS give each query's best."""
         qid = pairs[S.QUERY_ID]
-        best = (
-            pairs[pairs[SOURCE] == RETRIEVED].groupby(S.QUERY_ID)[[RETRIEVAL_SCORE, ITEM_ITEM_SCORE, ALS_SCORE]].max()
-        )
+        missing = [c for c, b in BEST_SCORE_COLUMNS.items() if b not in pairs.columns]
+        best = pairs[pairs[SOURCE] == RETRIEVED].groupby(S.QUERY_ID)[missing].max() if missing else None
 
         def best_of(column: str) -> np.ndarray:  # the query's best retrieved candidate's; its own where none
             own = pairs[column].astype(np.float32)
-            return qid.map(best[column]).fillna(own).to_numpy(np.float32)
+            given = BEST_SCORE_COLUMNS[column]
+            found = pairs[given] if given in pairs.columns else qid.map(best[column])
+            return found.astype(np.float32).fillna(own).to_numpy(np.float32)
 
         return cls(
             user=pairs[S.USER].to_numpy(np.int64),

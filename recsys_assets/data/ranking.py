@@ -32,6 +32,7 @@ from recsys_assets.data.phases import PHASES
 from recsys_assets.data.ranker_features import (
     ALS_RANK,
     ALS_SCORE,
+    BEST_SCORE_COLUMNS,
     DENSE_FEATURES,
     ITEM_ITEM_RANK,
     ITEM_ITEM_SCORE,
@@ -39,6 +40,7 @@ from recsys_assets.data.ranker_features import (
     QUERY_TIMESTAMP,
     RETRIEVAL_RANK,
     RETRIEVAL_SCORE,
+    RETRIEVED,
     SOURCE,
     FeatureState,
     SparseCounts,
@@ -191,9 +193,26 @@ def phase_pairs(
     **state_settings: Any,
 ) -> tuple[DataFrame, FeatureState]:
     """Labelled pairs of one phase with every raw (unstandardized) dense feature as its own column, and the
-    phase's FeatureState (`state_settings`: `feature_state`'s keywords). queries: QUERY_COLUMNS; pairs: PAIR_COLUMNS; item_features: item, categories. Output
-    columns: phase, query_id, user, item, label, query_timestamp, query_position, source, retrieval_rank,
-    pool_rank, categories, history, retrieval_score + DENSE_FEATURES."""
+    phase's FeatureState (`state_settings`: `feature_state`'s keywords): `phase_candidates`, then `with_features`.
+    queries: QUERY_COLUMNS; pairs: PAIR_COLUMNS; item_features: item, categories. Output columns: phase, query_id,
+    user, item, label, query_timestamp, query_position, source, retrieval_rank, pool_rank, categories, history,
+    retrieval_score + DENSE_FEATURES."""
+    candidates, state = phase_candidates(splits, queries, pairs, item_features, phase, **state_settings)
+    return with_features(session, candidates, state, item_features, phase), state
+
+
+def phase_candidates(
+    splits: DataFrame,
+    queries: DataFrame,
+    pairs: DataFrame,
+    item_features: DataFrame,
+    phase: str,
+    **state_settings: Any,
+) -> tuple[DataFrame, FeatureState]:
+    """One phase's labelled pairs before their features (PAIR_COLUMNS, the query's target, time, history and
+    position, LABEL) with each query's best retrieved score under every source over its whole pool
+    (ranker_features.BEST_SCORE_COLUMNS): the features of any subset of a query's pairs, a sample of its
+    negatives, are then those the whole list gives. And the phase's FeatureState."""
     from pyspark.sql import functions as F
 
     if phase not in PHASES:
@@ -209,16 +228,30 @@ def phase_pairs(
         F.col(S.POSITION).alias(QUERY_POSITION),
     )
     p = pairs.filter(F.col(PHASE) == phase).select(*PAIR_COLUMNS).join(q, QUERY_ID, "inner")
+    retrieved = F.col(SOURCE) == RETRIEVED
+    # NaN is no score (pandas' max skips it, Spark's would return it)
+    best = p.groupBy(QUERY_ID).agg(
+        *[F.max(F.when(retrieved & ~F.isnan(c), F.col(c))).alias(b) for c, b in BEST_SCORE_COLUMNS.items()]
+    )
+    labelled = p.join(best, QUERY_ID, "left").withColumn(LABEL, (F.col(S.ITEM) == F.col("target")).cast("float"))
+    return labelled, state
+
+
+def with_features(session, candidates: DataFrame, state: FeatureState, item_features: DataFrame, phase: str):
+    """`phase_candidates`' pairs (or a subset of them) with DENSE_FEATURES and the item's categories, in the
+    columns `phase_pairs` documents."""
+    from pyspark.sql import functions as F
+
     cats = item_features.select(S.ITEM, F.coalesce(S.CATEGORIES, F.array().cast("array<int>")).alias(S.CATEGORIES))
-    out = (
-        spark_features(session, p, state)
+    return (
+        spark_features(session, candidates, state)
         .join(cats, S.ITEM, "left")
         .select(
             F.lit(phase).alias(PHASE),
             F.col(QUERY_ID).cast("long"),
             F.col(S.USER).cast("int"),
             F.col(S.ITEM).cast("int"),
-            (F.col(S.ITEM) == F.col("target")).cast("float").alias(LABEL),
+            F.col(LABEL).cast("float"),
             F.col(QUERY_TIMESTAMP),
             F.col(QUERY_POSITION).cast("int"),
             F.col(SOURCE),
@@ -230,7 +263,6 @@ def phase_pairs(
             *[F.col(f) for f in DENSE_FEATURES],
         )
     )
-    return out, state
 
 
 def feature_stats(pairs: DataFrame) -> dict[str, tuple[float, float]]:
@@ -370,19 +402,18 @@ def build_ranking_dataset(
     )
     (out_dir / FEATURES_FOLDER).mkdir(parents=True, exist_ok=True)
     raw = out_dir / "_raw"
-    phase_tables = {}
+    phase_tables, states = {}, {}
     for phase in [p for p in PHASES if p in present]:
-        featured, state = phase_pairs(session, splits, queries, pairs, item_features, phase, **kw)
-        state.save(out_dir / FEATURES_FOLDER / f"{phase}.npz")
-        # written once: the ranker lists join a phase's pairs with themselves (later train items, lists with a
-        # hit), and each read of the plan would run the Python feature UDF over every pair again
-        featured.write.parquet(str(raw / "phases" / phase))
-        phase_tables[phase] = session.read.parquet(str(raw / "phases" / phase))
+        phase_tables[phase], states[phase] = phase_candidates(splits, queries, pairs, item_features, phase, **kw)
+        states[phase].save(out_dir / FEATURES_FOLDER / f"{phase}.npz")
     lists = ranker_lists(phase_tables, settings, splits)
-    # materialize the sampled training pairs once: the sample must not be recomputed per read
-    sample_training_pairs(lists["train"], settings.num_hard_negatives, settings.seed).write.parquet(str(raw / "train"))
-    lists["holdout"].write.parquet(str(raw / "holdout"))
-    lists["test"].write.parquet(str(raw / "test"))
+    # The training sample is drawn before the features, so the Python feature UDF runs on the pairs kept (a quarter
+    # of the window's candidates), not on every one; written once, as the UDF reads its input twice (count, rows).
+    sample = sample_training_pairs(lists["train"], settings.num_hard_negatives, settings.seed)
+    sample.write.parquet(str(raw / "train_candidates"))
+    lists["train"] = session.read.parquet(str(raw / "train_candidates"))
+    for name, phase in zip(PAIR_TABLES, _table_phases(present)):
+        with_features(session, lists[name], states[phase], item_features, phase).write.parquet(str(raw / name))
     train_raw = session.read.parquet(str(raw / "train"))
     if train_raw.filter(F.col(LABEL) > 0.5).count() == 0:
         raise DataValidationError("ranking_dataset: no positive training pairs (no ranker queries with a target?)")
