@@ -110,27 +110,37 @@ def test_the_window_trains_on_many_lists_per_user_and_every_validation_list_choo
     assert sorted(p.name for p in (ranking / "features").iterdir()) == ["ranker.npz", "test.npz", "validation.npz"]
 
 
+def _spark_inputs(spark, dataset, candidates: Path):
+    """The inputs of `phase_labelled_pairs`: splits, queries, candidate pairs, item features."""
+    pairs = spark.read.parquet(str(candidates / "candidates.parquet")).unionByName(
+        spark.read.parquet(str(candidates / "training_pool.parquet"))
+    )
+    read = spark.read.parquet
+    return (
+        read(str(Path(dataset) / "splits")),
+        read(str(candidates / "queries.parquet")),
+        pairs,
+        read(str(Path(dataset) / "item_features")),
+    )
+
+
 def test_spark_features_equal_a_direct_call_of_the_registry(window3, spark):
     """For every phase: the features Spark computed per task equal `compute_features` called on each query's
     pairs alone (one query per call, as an online scorer would), from the saved feature state."""
     from recsys_assets.data.ranker_features import DENSE_FEATURES, FeatureState, compute_features
-    from recsys_assets.data.ranking import phase_pairs
+    from recsys_assets.data.ranking import phase_labelled_pairs, with_features
 
     dataset, candidates, ranking, _ = window3
-    splits = spark.read.parquet(str(Path(dataset) / "splits"))
-    queries = spark.read.parquet(str(candidates / "queries.parquet"))
-    pairs = spark.read.parquet(str(candidates / "candidates.parquet")).unionByName(
-        spark.read.parquet(str(candidates / "training_pool.parquet"))
-    )
-    items = spark.read.parquet(str(Path(dataset) / "item_features"))
+    splits, queries, pairs, items = _spark_inputs(spark, dataset, candidates)
     q = pd.read_parquet(candidates / "queries.parquet").rename(columns={"timestamp": "query_timestamp"})
     p = pd.concat(
         [pd.read_parquet(candidates / "candidates.parquet"), pd.read_parquet(candidates / "training_pool.parquet")]
     )
     for phase in ("ranker", "validation", "test"):
-        spark_out, _ = phase_pairs(
-            spark, splits, queries, pairs, items, phase, num_users=30, num_items=40, window=3, recent_fraction=0.2
+        candidate_pairs, spark_state = phase_labelled_pairs(
+            splits, queries, pairs, items, phase, num_users=30, num_items=40, window=3, recent_fraction=0.2
         )
+        spark_out = with_features(spark, candidate_pairs, spark_state, items, phase)
         got = spark_out.toPandas().sort_values(["query_id", "item"]).reset_index(drop=True)
         state = FeatureState.load(ranking / "features" / f"{phase}.npz")
         joined = p[p["phase"] == phase].merge(q.drop(columns="user"), on=["phase", "query_id"])
@@ -147,17 +157,12 @@ def test_sampled_pairs_get_the_features_of_their_whole_list(window3, spark):
     equal those computed on its query's whole pool, also where the sample dropped the query's best retrieved
     candidate (the score-gap features measure against the pool's best)."""
     from recsys_assets.data.ranker_features import DENSE_FEATURES
-    from recsys_assets.data.ranking import phase_candidates, sample_training_pairs, with_features
+    from recsys_assets.data.ranking import phase_labelled_pairs, sample_training_pairs, with_features
 
     dataset, candidates, _, _ = window3
-    splits = spark.read.parquet(str(Path(dataset) / "splits"))
-    queries = spark.read.parquet(str(candidates / "queries.parquet"))
-    pairs = spark.read.parquet(str(candidates / "candidates.parquet")).unionByName(
-        spark.read.parquet(str(candidates / "training_pool.parquet"))
-    )
-    items = spark.read.parquet(str(Path(dataset) / "item_features"))
+    splits, queries, pairs, items = _spark_inputs(spark, dataset, candidates)
     kw = dict(num_users=30, num_items=40, window=3, recent_fraction=0.2)
-    whole, state = phase_candidates(splits, queries, pairs, items, "ranker", **kw)
+    whole, state = phase_labelled_pairs(splits, queries, pairs, items, "ranker", **kw)
     full = with_features(spark, whole, state, items, "ranker").toPandas()
     kept = with_features(spark, sample_training_pairs(whole, 1, seed=0), state, items, "ranker").toPandas()
     assert 0 < len(kept) < len(full)

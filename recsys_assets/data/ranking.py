@@ -183,25 +183,7 @@ def spark_features(session, pairs: DataFrame, state: FeatureState) -> DataFrame:
     return pairs.groupBy(task).applyInPandas(features, schema)
 
 
-def phase_pairs(
-    session,
-    splits: DataFrame,
-    queries: DataFrame,
-    pairs: DataFrame,
-    item_features: DataFrame,
-    phase: str,
-    **state_settings: Any,
-) -> tuple[DataFrame, FeatureState]:
-    """Labelled pairs of one phase with every raw (unstandardized) dense feature as its own column, and the
-    phase's FeatureState (`state_settings`: `feature_state`'s keywords): `phase_candidates`, then `with_features`.
-    queries: QUERY_COLUMNS; pairs: PAIR_COLUMNS; item_features: item, categories. Output columns: phase, query_id,
-    user, item, label, query_timestamp, query_position, source, retrieval_rank, pool_rank, categories, history,
-    retrieval_score + DENSE_FEATURES."""
-    candidates, state = phase_candidates(splits, queries, pairs, item_features, phase, **state_settings)
-    return with_features(session, candidates, state, item_features, phase), state
-
-
-def phase_candidates(
+def phase_labelled_pairs(
     splits: DataFrame,
     queries: DataFrame,
     pairs: DataFrame,
@@ -212,7 +194,8 @@ def phase_candidates(
     """One phase's labelled pairs before their features (PAIR_COLUMNS, the query's target, time, history and
     position, LABEL) with each query's best retrieved score under every source over its whole pool
     (ranker_features.BEST_SCORE_COLUMNS): the features of any subset of a query's pairs, a sample of its
-    negatives, are then those the whole list gives. And the phase's FeatureState."""
+    negatives, are then those the whole list gives. And the phase's FeatureState (`state_settings`:
+    `feature_state`'s keywords). queries: QUERY_COLUMNS; pairs: PAIR_COLUMNS; item_features: item, categories."""
     from pyspark.sql import functions as F
 
     if phase not in PHASES:
@@ -238,8 +221,9 @@ def phase_candidates(
 
 
 def with_features(session, candidates: DataFrame, state: FeatureState, item_features: DataFrame, phase: str):
-    """`phase_candidates`' pairs (or a subset of them) with DENSE_FEATURES and the item's categories, in the
-    columns `phase_pairs` documents."""
+    """`phase_labelled_pairs`' pairs (or a subset of them) with every raw (unstandardized) dense feature as its own
+    column. Columns: phase, query_id, user, item, label, query_timestamp, query_position, source, retrieval_rank,
+    pool_rank, categories, history, retrieval_score + DENSE_FEATURES."""
     from pyspark.sql import functions as F
 
     cats = item_features.select(S.ITEM, F.coalesce(S.CATEGORIES, F.array().cast("array<int>")).alias(S.CATEGORIES))
@@ -404,7 +388,7 @@ def build_ranking_dataset(
     raw = out_dir / "_raw"
     phase_tables, states = {}, {}
     for phase in [p for p in PHASES if p in present]:
-        phase_tables[phase], states[phase] = phase_candidates(splits, queries, pairs, item_features, phase, **kw)
+        phase_tables[phase], states[phase] = phase_labelled_pairs(splits, queries, pairs, item_features, phase, **kw)
         states[phase].save(out_dir / FEATURES_FOLDER / f"{phase}.npz")
     lists = ranker_lists(phase_tables, settings, splits)
     # The training sample is drawn before the features, so the Python feature UDF runs on the pairs kept (a quarter
