@@ -13,7 +13,7 @@ Last.fm, ../shared/data/hetrec2011-lastfm-2k: play counts without time, so each 
 random order; artist names and tags through side tables), or `--source-config` (the `raw_interactions` config
 block as YAML/JSON: a table path and its column mapping).
 
-What it does: materializes the whole Dagster graph (real Spark, TorchDistributor with 2 gloo processes, MLflow on
+What it does: materializes the whole Dagster graph (real Spark, TorchDistributor with its default process count, MLflow on
 SQLite under --work) for seed 0; for each further seed it materializes the model stages again (two_tower_model
 → … → evaluation) on the same data assets with every model seed changed. Baselines are deterministic: their
 settings are chosen on validation in the first run and pinned afterwards (same numbers, less time); SASRec,

@@ -207,6 +207,9 @@ def write_blocks(
 ) -> int:
     """Rows (name -> array) as MDS blocks in `out` (index.json + LAYOUT_FILE), without Spark; blocks of at most
     `layout.block_rows` rows (`block_rows_for`). Returns the number of blocks."""
+    from recsys_assets.data.streaming_import import import_streaming
+
+    import_streaming()
     from streaming import MDSWriter
 
     Path(out).mkdir(parents=True, exist_ok=True)

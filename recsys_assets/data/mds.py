@@ -15,6 +15,7 @@ import numpy as np
 
 from recsys_assets.data import blocks as B
 from recsys_assets.data import schema as S
+from recsys_assets.data.streaming_import import import_streaming
 
 if TYPE_CHECKING:  # Spark / the converter are imported where used: training validates MDS without Spark
     from pyspark.sql import DataFrame
@@ -73,6 +74,8 @@ def write_blocks_with_spark(
     (rows, blocks, shards, bytes, columns); LAYOUT_FILE records the layout and every block's rows in that
     order (their total is checked against `rows`)."""
     from pyspark.sql import functions as F
+
+    import_streaming()
     from streaming.base.util import merge_index
 
     layout = dataclasses.replace(layout, block_rows=B.block_rows_for(rows, layout.block_rows, min_blocks))
@@ -106,6 +109,7 @@ def write_blocks_with_spark(
     sizes = [n for p in parts for n in B.partition_block_sizes(int(p["rows"]), layout.block_rows)]
     B.write_layout(local, layout, block_sizes=sizes)
     if target_remote:  # remote readers (summaries, tools) find the layout next to the index too
+        import_streaming()
         from streaming.base.storage.upload import CloudUploader
 
         CloudUploader.get((local, target_remote), keep_local=True, exist_ok=True).upload_file(B.LAYOUT_FILE)
@@ -117,6 +121,8 @@ def _write_partition(batches, *, layout: dict, local: str, remote: str | None, w
     ``<remote>/<task id>/``); yields the partition's index.json and row count."""
     import pandas as pd
     from pyspark import TaskContext
+
+    import_streaming()
     from streaming import MDSWriter
 
     lay = B.BlockLayout.from_dict(layout)
@@ -243,6 +249,7 @@ def validate_mds(path: str | Path, *, columns: Mapping[str, str] | None = None, 
                 )
             hashes = data.get("hashes") or {}
             if check_hashes and hashes:
+                import_streaming()
                 from streaming.base.hashing import get_hash
 
                 blob = file.read_bytes()

@@ -44,6 +44,9 @@ def block_dataset(folders: Sequence[str | Path], remotes: Sequence[str] | None =
     """A StreamingDataset over MDS block folders (one Stream each; `folders` are local caches when `remotes`
     are given: each remote's layout file is fetched into its cache first). Only its random access is used:
     the loader orders and partitions the blocks itself."""
+    from recsys_assets.data.streaming_import import import_streaming
+
+    import_streaming()
     from streaming import Stream, StreamingDataset
 
     folders = [str(f) for f in folders]
@@ -107,6 +110,9 @@ def epoch_order(block_sizes: np.ndarray, shard_sizes: np.ndarray, seed: int, epo
     n = int(len(block_sizes))
     if not shuffle or n == 0:
         return np.arange(n)
+    from recsys_assets.data.streaming_import import import_streaming
+
+    import_streaming()
     from streaming.base.shuffle import get_shuffle
 
     return get_shuffle(SHUFFLE_ALGO, shard_sizes, 1, seed, epoch, SHUFFLE_WINDOW_BLOCKS)

@@ -65,6 +65,9 @@ def default_mds_cache_dir(remote: str) -> Path:
 
 def prepare_streaming() -> None:
     """Collective (barrier inside): remove Streaming shared memory left by dead processes."""
+    from recsys_assets.data.streaming_import import import_streaming
+
+    import_streaming()
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
