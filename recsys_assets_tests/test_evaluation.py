@@ -369,6 +369,9 @@ rows = pd.DataFrame({"user": np.repeat(np.arange(n_users), 8), "item": rng.integ
 rows = rows.drop_duplicates().assign(timestamp=lambda d: np.arange(len(d)))
 task = EvalTask.from_splits(leave_last_out_splits(rows), "test", num_users=n_users, num_items=n_items)
 gram = EASEGram(task, solver="gram")
+# a small fit first: the libraries it loads and BLAS's thread buffers are not items × items matrices
+small = EvalTask.from_splits(leave_last_out_splits(rows[rows["item"] < 300]), "test", num_users=n_users, num_items=300)
+EASEGram(small, solver="gram").weights(50.0)
 Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
 before = vm_hwm_kib()
 b = gram.weights(50.0)
@@ -382,4 +385,6 @@ def test_ease_holds_one_items_matrix_per_lambda() -> None:
     items × items matrix (the old path held the Gram, its shifted copy, the factor and the inverse)."""
     out = subprocess.run([sys.executable, "-c", EASE_PEAK_PROBE], capture_output=True, text=True, check=True)
     matrices = float(out.stdout.strip().splitlines()[-1])
-    assert 0.9 <= matrices < 1.6, f"peak rose by {matrices:.2f} items × items matrices"
+    # one matrix plus block temporaries (the mirror's row block, the Gram's column blocks, allocator slack):
+    # 1.3 to 1.66 in repeated runs; a second items × items matrix alive at once would make it 2 or more
+    assert 0.9 <= matrices < 1.9, f"peak rose by {matrices:.2f} items × items matrices"
