@@ -221,26 +221,38 @@ def exact_top_k(
     return items, scores
 
 
+# queries × catalogue entries per block of `item_ranks` (its int64 positions: 128 MB)
+RANK_BLOCK_ENTRIES = 1 << 24
+
+
 @torch.no_grad()
 def item_ranks(
-    qv: torch.Tensor, item_vectors: torch.Tensor, states: QueryStates, items: np.ndarray, batch_size: int = 1024
+    qv: torch.Tensor, item_vectors: torch.Tensor, states: QueryStates, items: np.ndarray, batch_size: int | None = None
 ) -> np.ndarray:
     """int64 [Q, m]: the rank of each given item in its query's full ranking (number of non-excluded items
-    with a strictly higher score: the evaluator's convention); -1 where the item is -1."""
+    with a strictly higher score: the evaluator's convention); -1 where the item is -1.
+
+    Each catalogue score is placed among the query's m given scores (a binary search in m sorted values) and
+    counted, instead of sorting the catalogue per query: n log m, not n log n, and no n-wide index tensor."""
     q, m = items.shape
     out = np.full((q, m), -1, dtype=np.int64)
     iv = item_vectors.to(qv.device)
-    for s in range(0, q, batch_size):
-        e = min(s + batch_size, q)
+    batch = batch_size or max(1, RANK_BLOCK_ENTRIES // max(int(iv.shape[0]), 1))
+    for s in range(0, q, batch):
+        e = min(s + batch, q)
         sc = qv[s:e] @ iv.T
         it = torch.as_tensor(np.maximum(items[s:e], 0), device=sc.device)
         # the item's own score taken from the same product (a separately computed dot product can differ in the
         # last bit and count the item as beating itself); kept even if the item is excluded, like the evaluator
         own = sc.gather(1, it)
         sc = _mask_excluded(sc, states.exclude_indptr[s : e + 1], states.exclude_indices)
-        # higher scores than s = lower values than -s in the ascending negated row: a binary search per item
-        negated = torch.sort(sc.neg_(), dim=1).values
-        ranks = torch.searchsorted(negated, own.neg().contiguous(), side="left")
+        own_sorted, order = torch.sort(own, dim=1)
+        below = torch.searchsorted(own_sorted, sc, side="left")  # per catalogue item: given scores strictly below
+        counts = torch.zeros((e - s, m + 1), dtype=torch.int64, device=sc.device)
+        counts.scatter_add_(1, below, torch.ones_like(below))
+        # the j-th smallest given score is beaten by every catalogue item with more than j given scores below it
+        beaten = counts.flip(1).cumsum(1).flip(1)[:, 1:]
+        ranks = torch.empty_like(beaten).scatter_(1, order, beaten)
         out[s:e] = np.where(items[s:e] >= 0, ranks.cpu().numpy(), -1)
     return out
 
