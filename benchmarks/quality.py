@@ -234,18 +234,30 @@ def report(name: str, runs: list[dict], served: list[str], seconds: list[float])
         ref = stats[f"{best}_{metric}"][0]
         lines.append(
             f"| served {metric.upper()} vs best classical ({best}) | {served_v:.4f} | {ref:.4f} | "
-            f"{served_v / ref:.2f}x |"
+            f"{_ratio(served_v, ref)} |"
         )
         if f"sasrec_{metric}" in stats:
             sas = stats[f"sasrec_{metric}"][0]
-            lines.append(f"| served {metric.upper()} vs SASRec | {served_v:.4f} | {sas:.4f} | {served_v / sas:.2f}x |")
+            lines.append(
+                f"| served {metric.upper()} vs SASRec | {served_v:.4f} | {sas:.4f} | {_ratio(served_v, sas)} |"
+            )
     pool = stats.get(f"two_stage_retrieval_hr@{k100}", (float("nan"),))[0]
     best_hr = max(classical, key=lambda m: stats.get(f"{m}_hr@{k100}", (0.0,))[0])
     ref = stats.get(f"{best_hr}_hr@{k100}", (float("nan"),))[0]
     lines.append(
-        f"| retrieval pool HR@{k100} vs best baseline ({best_hr}) | {pool:.4f} | {ref:.4f} | {pool / ref:.2f}x |"
+        f"| retrieval pool HR@{k100} vs best baseline ({best_hr}) | {pool:.4f} | {ref:.4f} | {_ratio(pool, ref)} |"
     )
     return "\n".join(lines)
+
+
+def peak_step_rss(metadata: dict) -> tuple[float, str]:
+    """(MB, asset): the largest `peak_rss_mb` among the run's steps (the graph's own process, not its children)."""
+    return max(((float(m.get("peak_rss_mb", 0.0)), asset) for asset, m in metadata.items()), default=(0.0, "-"))
+
+
+def _ratio(value: float, reference: float) -> str:
+    """value / reference, or n/a where the reference is 0 (a table no baseline ranks a hit on)."""
+    return f"{value / reference:.2f}x" if reference else "n/a (reference 0)"
 
 
 def main() -> int:
@@ -305,7 +317,7 @@ def main() -> int:
             print(f"--stages needs an earlier run in {work} that reached evaluation: run without --stages first")
             return 1
         ops = _merge(ops, {"evaluation": {"config": pinned_baselines(earlier)}})
-    runs, served, seconds, validation = [], [], [], []
+    runs, served, seconds, validation, peaks = [], [], [], [], []
     for seed in range(args.seeds):
         selection = stages or (None if seed == 0 else MODEL_STAGES)
         out = materialize(work, _merge(ops, _seeded(seed)), selection)
@@ -316,6 +328,7 @@ def main() -> int:
         if not ev:
             print(f"seed {seed}: no evaluation (the graph stopped before it; see the checks above)")
             return 1
+        peaks.append(peak_step_rss(out["metadata"]))
         print(f"seed {seed}: {out['seconds']:.0f} s, served {ev['served_stage']}\n{ev['metrics']}", flush=True)
         metrics = {k: v for k, v in ev.items() if isinstance(v, float)}
         if seed > 0 and args.sasrec:  # deterministic (seeded by itself): computed once, in run 1
@@ -328,9 +341,13 @@ def main() -> int:
             pins = {} if stages else pinned_baselines(Path(ev["path"]))
             ops = _merge(ops, {"evaluation": {"config": {**pins, "sasrec": False}}})
     text = report(name, runs, served, seconds) + "\n" + validation_report(validation)
+    # each step restarts the process's peak-RSS count (its metadata), so /usr/bin/time sees the last step's only
+    text += "\npeak RSS of the graph's process, its largest step, per seed: " + ", ".join(
+        f"{mb:.0f} MB ({asset})" for mb, asset in peaks
+    )
     print(text)
     (work / "quality.md").write_text(text + "\n")
-    summary = {"runs": runs, "served": served, "seconds": seconds, "validation": validation}
+    summary = {"runs": runs, "served": served, "seconds": seconds, "validation": validation, "peak_step_rss": peaks}
     (work / "quality.json").write_text(json.dumps(summary, indent=2))
     return 0
 

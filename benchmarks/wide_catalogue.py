@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=5_000)
     ap.add_argument("--per-item", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default="/tmp/recsys-wide-catalogue")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
