@@ -21,6 +21,7 @@ import torch
 
 TESTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS_DIR))
+from elastic import elastic_run  # noqa: E402
 from fault_injection import train_two_tower_exiting  # noqa: E402
 from synthetic_mds import write_synthetic_dataset  # noqa: E402
 
@@ -54,24 +55,10 @@ def _config(dataset, checkpoint_dir, **overrides):
 
 
 def _elastic(config, nproc: int, tmp: Path):
-    """`train_two_tower` in `nproc` spawned processes (torch's elastic launcher, file rendezvous)."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
+    """`train_two_tower` in `nproc` spawned processes; rank 0's result."""
     from recsys_assets.training.two_tower import train_two_tower
 
-    lc = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint=str(tmp / f"rdzv-{uuid.uuid4().hex[:8]}"),
-        rdzv_configs={"store_type": "file"},
-        start_method="spawn",
-        monitor_interval=1,
-        max_restarts=0,
-    )
-    return elastic_launch(config=lc, entrypoint=train_two_tower)(config)[0]
+    return elastic_run(train_two_tower, config, nproc, tmp)[0]
 
 
 def _steps_per_epoch(dataset, world_size: int, batch_size: int = 128) -> int:

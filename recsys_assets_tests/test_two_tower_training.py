@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from recsys_assets.data.schema import HISTORY, HISTORY_LEN, ITEM, USER
 from recsys_assets.evaluation.protocol import metrics_from_ranks, ranks_from_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elastic import elastic_run  # noqa: E402
 from synthetic_mds import write_synthetic_dataset  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
@@ -57,28 +57,14 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory):
     """A real 2-process run of `train_two_tower` under torch's elastic launcher; {rank: result}."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_two_tower
 
     tmp = tmp_path_factory.mktemp("two_tower_run")
     config = TwoTowerTrainConfig(
         data_root=str(dataset.root), progress_file=str(tmp / "progress.jsonl"), **TRAIN_SETTINGS
     )
-    lc = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=2,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint=str(tmp / "rdzv"),
-        rdzv_configs={"store_type": "file"},
-        start_method="spawn",
-        monitor_interval=1,
-        max_restarts=0,
-    )
     t0 = time.time()
-    results = elastic_launch(config=lc, entrypoint=train_two_tower)(config)
+    results = elastic_run(train_two_tower, config, 2, tmp)
     seconds = time.time() - t0
     r = results[0]
     print(

@@ -22,12 +22,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from recsys_assets.evaluation.protocol import EvalTask
+from recsys_assets.models.attention import CausalSequenceEncoder
 
 PAD = 0  # sequences hold item id + 1, so 0 is free for padding
 
 
 class SASRecNet(nn.Module):
-    """Item + learned positional embeddings, `blocks` pre-LN causal self-attention blocks, a final LayerNorm.
+    """Item embeddings + the shared causal self-attention encoder (`models.attention.CausalSequenceEncoder`:
+    learned positions, `blocks` pre-LN blocks, a final LayerNorm).
 
     Input: [B, L] shifted item ids (item + 1), left-padded with `PAD`, L <= max_len. Positions count from the
     end, so the most recent item always has the same position whatever the padding.
@@ -36,23 +38,19 @@ class SASRecNet(nn.Module):
     def __init__(self, num_items: int, *, hidden: int, blocks: int, heads: int, max_len: int, dropout: float):
         super().__init__()
         self.hidden = hidden
-        self.heads = heads
-        self.max_len = max_len
         self.item_embedding = nn.Embedding(num_items + 1, hidden, padding_idx=PAD)
-        self.position_embedding = nn.Embedding(max_len, hidden)
-        self.embedding_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                hidden, heads, dim_feedforward=hidden, dropout=dropout, batch_first=True, norm_first=True
-            )
-            for _ in range(blocks)
+        self.encoder = CausalSequenceEncoder(
+            hidden=hidden, blocks=blocks, heads=heads, max_len=max_len, dropout=dropout
         )
-        self.final_norm = nn.LayerNorm(hidden)
         # small embeddings (the paper's Xavier init): N(0, 1) would make the tied output logits huge
         nn.init.xavier_normal_(self.item_embedding.weight)
-        nn.init.xavier_normal_(self.position_embedding.weight)
+        nn.init.xavier_normal_(self.encoder.position_embedding.weight)
         with torch.no_grad():
             self.item_embedding.weight[PAD].zero_()
+
+    @property
+    def max_len(self) -> int:
+        return self.encoder.max_len
 
     @property
     def output_embeddings(self) -> torch.Tensor:
@@ -61,20 +59,7 @@ class SASRecNet(nn.Module):
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
         """[B, L] -> hidden states [B, L, hidden]."""
-        length = sequences.shape[1]
-        is_pad = sequences == PAD
-        positions = torch.arange(self.max_len - length, self.max_len, device=sequences.device)
-        x = self.item_embedding(sequences) * self.hidden**0.5 + self.position_embedding(positions)
-        x = self.embedding_dropout(x) * ~is_pad.unsqueeze(-1)
-        # blocked[b, i, j]: query i may not see key j. Causal, and padding is invisible except to itself (a
-        # padded query left with no key at all would turn its softmax into NaN, which then spreads)
-        steps = torch.arange(length, device=sequences.device)
-        future = steps[None, :] > steps[:, None]
-        blocked = future[None] | (is_pad[:, None, :] & ~torch.eye(length, dtype=torch.bool, device=x.device))
-        blocked = blocked.repeat_interleave(self.heads, dim=0)  # [B * heads, L, L], as the layers want
-        for block in self.blocks:
-            x = block(x, src_mask=blocked)
-        return self.final_norm(x)
+        return self.encoder(self.item_embedding(sequences) * self.hidden**0.5, sequences == PAD)
 
 
 class SASRec:

@@ -46,6 +46,7 @@ HISTORY_ITEMS = "history"
 RECENT_ITEMS = "recent_items"
 ITEM_ID = "item_id"
 ITEM_CATEGORIES = "item_categories"
+QUERY_ENCODERS = ("bag", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,16 @@ class FeatureSpec:
     recent_items: int = 0
     recent_slots: bool = False
     use_user_id: bool = True  # the query tower reads the user-id table
+    # "bag": the history is mean pooled (EmbeddingBagCollection); "sequence": it is read item by item, in order
+    # (EmbeddingCollection, unpooled) by causal self-attention. The sequence sees the latest items itself, so
+    # it has no recent-item features (recent_items is 0).
+    query_encoder: str = "bag"
+
+    def __post_init__(self) -> None:
+        if self.query_encoder not in QUERY_ENCODERS:
+            raise ValueError(f"query_encoder must be one of {QUERY_ENCODERS}, got {self.query_encoder!r}")
+        if self.query_encoder == "sequence" and self.recent_items:
+            raise ValueError("the sequence query encoder reads the recent items in order: recent_items must be 0")
 
     @classmethod
     def from_meta(
@@ -73,6 +84,7 @@ class FeatureSpec:
         recent_items: int = 0,
         recent_slots: bool = False,
         use_user_id: bool = True,
+        query_encoder: str = "bag",
     ) -> FeatureSpec:
         attrs = attribute_columns(meta.user_attribute_cardinalities)
         h = int(meta.history_length)
@@ -90,6 +102,7 @@ class FeatureSpec:
             recent_items=int(recent_items),
             recent_slots=bool(recent_slots),
             use_user_id=bool(use_user_id),
+            query_encoder=str(query_encoder),
         )
 
     @property
@@ -113,8 +126,17 @@ class FeatureSpec:
         return [ITEM_ID, ITEM_CATEGORIES]
 
     @property
+    def sequence_keys(self) -> list[str]:
+        """The features read unpooled, through the EmbeddingCollection: the history and the candidate item
+        (they share the item table). Empty for the bag encoder."""
+        return [HISTORY_ITEMS, ITEM_ID] if self.query_encoder == "sequence" else []
+
+    @property
     def keys(self) -> list[str]:
-        return self.query_keys + self.candidate_keys
+        """Every feature of a KJT, in its order: the EmbeddingBagCollection's features, then the
+        EmbeddingCollection's (so that one `split` hands each module its own)."""
+        pooled = [k for k in self.query_keys + self.candidate_keys if k not in self.sequence_keys]
+        return pooled + self.sequence_keys
 
 
 class FeatureStore:
@@ -286,58 +308,47 @@ def build_kjt(
     include it), candidate features fill the first ``len(items)`` rows; every other bag is empty.
     """
     device = store.user_attrs.device
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    values: list[torch.Tensor] = []
-    lengths: list[torch.Tensor] = []
+    bags: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def add(v: torch.Tensor, ln: torch.Tensor) -> None:
+    def add(key: str, v: torch.Tensor, ln: torch.Tensor) -> None:
         n = ln.numel()
         if n > stride:
             raise ValueError(f"{n} rows do not fit in stride {stride}")
-        values.append(v.long())
-        lengths.append(torch.cat([ln.long(), torch.zeros(stride - n, dtype=torch.long, device=device)]))
+        bags[key] = (v.long(), torch.cat([ln.long(), torch.zeros(stride - n, dtype=torch.long, device=device)]))
 
     if users is not None:
         users = users.long().reshape(-1).to(device)
         ones = torch.ones_like(users)
-        no_rows = torch.zeros(users.numel(), dtype=torch.long, device=device)
         if spec.use_user_id:
-            add(users, ones)
+            add(USER_ID, users, ones)
         if history is not None:
             history = history.to(device)
             history_len = None if history_len is None else history_len.to(device)
             hv, hl = history_bags(history, history_len, spec.max_history)
             if hl.numel() != users.numel():
                 raise ValueError("history and users have different row counts")
-            add(hv, hl)
+            add(HISTORY_ITEMS, hv, hl)
             if spec.recent_items > 0 and spec.recent_slots:
-                for rv, rl in recent_slots(history, history_len, spec.recent_items):
-                    add(rv, rl)
+                for key, (rv, rl) in zip(spec.recent_keys, recent_slots(history, history_len, spec.recent_items)):
+                    add(key, rv, rl)
             elif spec.recent_items > 0:
-                add(*history_bags(history, history_len, spec.recent_items))
-        else:
-            for _ in range(1 + len(spec.recent_keys)):
-                add(empty, no_rows)
+                add(RECENT_ITEMS, *history_bags(history, history_len, spec.recent_items))
         attrs = store.user_attrs[users]
-        for j in range(len(spec.user_attributes)):
-            add(attrs[:, j], ones)
-    else:
-        for _ in spec.query_keys:
-            add(empty, empty)
+        for j, key in enumerate(spec.attribute_keys):
+            add(key, attrs[:, j], ones)
 
     if items is not None:
         items = items.long().reshape(-1).to(device)
-        add(items, torch.ones_like(items))
-        cv, cl = store.item_categories(items)
-        add(cv, cl)
-    else:
-        for _ in spec.candidate_keys:
-            add(empty, empty)
+        add(ITEM_ID, items, torch.ones_like(items))
+        add(ITEM_CATEGORIES, *store.item_categories(items))
 
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    no_rows = torch.zeros(stride, dtype=torch.long, device=device)
+    ordered = [bags.get(key, (empty, no_rows)) for key in spec.keys]
     return KeyedJaggedTensor.from_lengths_sync(
         keys=spec.keys,
-        values=torch.cat(values),
-        lengths=torch.cat(lengths),
+        values=torch.cat([v for v, _ in ordered]),
+        lengths=torch.cat([ln for _, ln in ordered]),
     )
 
 

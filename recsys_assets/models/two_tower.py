@@ -1,12 +1,18 @@
 """The Two Tower retrieval model (pure torch / TorchRec), in the shape of TorchRec's examples/retrieval:
 
-- `TwoTower`: one EmbeddingBagCollection shared by both towers + a query MLP and a candidate MLP.
-  Query tower: [user id] + the user's history (bag of item ids, MEAN pooled) + the last k history items
-  (``recent_items``: their own bag, or one feature per position) + user attributes. The recency feature keeps
-  the latest item visible to the MLP: in a mean over H items it weighs 1/H, yet it drives the next choice most.
+- `TwoTower`: embedding tables shared by both towers + a query MLP and a candidate MLP.
+  Query tower: [user id] + the user's history + user attributes. The history is read by one of two encoders
+  (`FeatureSpec.query_encoder`):
+  - ``bag``: the history's item ids MEAN pooled, + the last k history items (``recent_items``: their own bag, or
+    one feature per position). The recency feature keeps the latest item visible to the MLP: in a mean over H
+    items it weighs 1/H, yet it drives the next choice most. A bag cannot tell "A then B" from "B then A".
+  - ``sequence``: the last ``max_history`` items unpooled (TorchRec EmbeddingCollection), in order, through
+    causal self-attention (`attention.CausalSequenceEncoder`, shared with the SASRec reference); the state at
+    the most recent item, beside the user features, feeds the query MLP.
   Candidate tower: item id + the item's categories (multi-valued bag, MEAN pooled).
   The item-id table is ONE table read by the history, the recency feature(s) and ``item_id``, so the past items
-  and the candidates live in the same embedding space.
+  and the candidates live in the same embedding space (for ``sequence`` it lives in the EmbeddingCollection,
+  the other tables in the EmbeddingBagCollection).
 - `TwoTowerTrainTask`: in-batch sampled softmax with log-Q correction and optional extra uniform negatives.
 - `QueryEncoder` / `ItemEncoder`: inference on an unsharded model loaded from a plain state dict.
 
@@ -23,10 +29,11 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from recsys_assets.models.attention import CausalSequenceEncoder, left_padded
 from recsys_assets.models.features import (
     HISTORY_ITEMS,
     ITEM_CATEGORIES,
@@ -55,6 +62,10 @@ class TwoTowerModelConfig:
     normalize: bool = True
     temperature: float = 0.05
     learn_temperature: bool = False
+    # the sequence query encoder (FeatureSpec.query_encoder == "sequence"); unused by the bag encoder
+    sequence_blocks: int = 2
+    sequence_heads: int = 1
+    sequence_dropout: float = 0.2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_sizes", tuple(int(s) for s in self.layer_sizes))
@@ -74,49 +85,50 @@ class TwoTowerModelConfig:
 
 
 def embedding_bag_configs(spec: FeatureSpec, embedding_dim: int) -> list[EmbeddingBagConfig]:
-    """The tables, sized on the dataset meta. Cardinalities of 0 get one (unused) row.
+    """The pooled tables, sized on the dataset meta. Cardinalities of 0 get one (unused) row.
 
     The item table is read by ``history``, the recent-item feature(s) and ``item_id``: the user's past items and
-    the candidates share one embedding space. The user-id table exists only when `spec.use_user_id`.
+    the candidates share one embedding space. It is here for the bag encoder; the sequence encoder reads it
+    unpooled (`embedding_configs`). The user-id table exists only when `spec.use_user_id`.
     """
     tables = []
     if spec.use_user_id:
+        tables.append(_bag_table(USER_TABLE, spec.num_users, [USER_ID], PoolingType.SUM, embedding_dim))
+    if not spec.sequence_keys:
         tables.append(
-            EmbeddingBagConfig(
-                name=USER_TABLE,
-                embedding_dim=embedding_dim,
-                num_embeddings=max(1, spec.num_users),
-                feature_names=[USER_ID],
-                pooling=PoolingType.SUM,
+            _bag_table(
+                ITEM_TABLE, spec.num_items, [HISTORY_ITEMS, *spec.recent_keys, ITEM_ID], PoolingType.MEAN, embedding_dim
             )
         )
-    tables += [
-        EmbeddingBagConfig(
+    tables.append(_bag_table(CATEGORY_TABLE, spec.num_categories, [ITEM_CATEGORIES], PoolingType.MEAN, embedding_dim))
+    for col, card in spec.user_attributes:
+        tables.append(_bag_table(ATTR_TABLE_PREFIX + col, card, [col], PoolingType.SUM, embedding_dim))
+    return tables
+
+
+def _bag_table(name: str, rows: int, features: list[str], pooling: PoolingType, dim: int) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(
+        name=name, embedding_dim=dim, num_embeddings=max(1, rows), feature_names=features, pooling=pooling
+    )
+
+
+def embedding_configs(spec: FeatureSpec, embedding_dim: int) -> list[EmbeddingConfig]:
+    """The unpooled tables: the item table of the sequence encoder (history and candidate item), else none."""
+    if not spec.sequence_keys:
+        return []
+    return [
+        EmbeddingConfig(
             name=ITEM_TABLE,
             embedding_dim=embedding_dim,
             num_embeddings=max(1, spec.num_items),
-            feature_names=[HISTORY_ITEMS, *spec.recent_keys, ITEM_ID],
-            pooling=PoolingType.MEAN,
-        ),
-        EmbeddingBagConfig(
-            name=CATEGORY_TABLE,
-            embedding_dim=embedding_dim,
-            num_embeddings=max(1, spec.num_categories),
-            feature_names=[ITEM_CATEGORIES],
-            pooling=PoolingType.MEAN,
-        ),
-    ]
-    for col, card in spec.user_attributes:
-        tables.append(
-            EmbeddingBagConfig(
-                name=ATTR_TABLE_PREFIX + col,
-                embedding_dim=embedding_dim,
-                num_embeddings=max(1, card),
-                feature_names=[col],
-                pooling=PoolingType.SUM,
-            )
+            feature_names=list(spec.sequence_keys),
         )
-    return tables
+    ]
+
+
+def table_configs(spec: FeatureSpec, embedding_dim: int) -> list[EmbeddingBagConfig | EmbeddingConfig]:
+    """Every table of the model (what the sharding planner plans)."""
+    return [*embedding_bag_configs(spec, embedding_dim), *embedding_configs(spec, embedding_dim)]
 
 
 def feature_to_table(spec: FeatureSpec) -> dict[str, str]:
@@ -142,13 +154,15 @@ def mlp(in_size: int, layer_sizes: Sequence[int], device: torch.device | None = 
 
 
 class TwoTower(nn.Module):
-    """Query and candidate towers over one EmbeddingBagCollection.
+    """Query and candidate towers over one EmbeddingBagCollection (+ one EmbeddingCollection for the sequence
+    encoder).
 
     Args:
         embedding_bag_collection: built from `embedding_bag_configs(spec, ...)` (any device, incl. meta).
         spec: feature names / cardinalities.
         config: model hyper-parameters.
-        device: device of the dense (MLP) parameters.
+        device: device of the dense (MLP, attention) parameters.
+        embedding_collection: built from `embedding_configs(spec, ...)`; required iff spec's encoder is sequence.
     """
 
     def __init__(
@@ -157,15 +171,26 @@ class TwoTower(nn.Module):
         spec: FeatureSpec,
         config: TwoTowerModelConfig,
         device: torch.device | None = None,
+        embedding_collection: EmbeddingCollection | None = None,
     ) -> None:
         super().__init__()
+        if (embedding_collection is None) != (not spec.sequence_keys):
+            raise ValueError(f"query_encoder {spec.query_encoder!r}: an EmbeddingCollection is needed iff 'sequence'")
         self.ebc = embedding_bag_collection
+        self.ec = embedding_collection
         self.spec = spec
         self.config = config
-        dims = {}
-        for t in embedding_bag_collection.embedding_bag_configs():
-            for f in t.feature_names:
-                dims[f] = t.embedding_dim
+        dims = {f: t.embedding_dim for t in embedding_bag_collection.embedding_bag_configs() for f in t.feature_names}
+        self.sequence_encoder = None
+        if embedding_collection is not None:
+            dims.update({f: t.embedding_dim for t in embedding_collection.embedding_configs() for f in t.feature_names})
+            self.sequence_encoder = CausalSequenceEncoder(
+                hidden=dims[HISTORY_ITEMS],
+                blocks=config.sequence_blocks,
+                heads=config.sequence_heads,
+                max_len=max(1, spec.max_history),
+                dropout=config.sequence_dropout,
+            ).to(device)
         self._query_features = list(spec.query_keys)
         self._candidate_features = list(spec.candidate_keys)
         self.query_proj = mlp(sum(dims[f] for f in self._query_features), config.layer_sizes, device)
@@ -189,11 +214,38 @@ class TwoTower(nn.Module):
         return F.normalize(out, dim=1) if self.config.normalize else out
 
     def pooled(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """{feature: [stride, dim]} pooled embeddings (a sharded EBC returns an awaitable: waited here)."""
-        out = self.ebc(kjt)
-        if hasattr(out, "wait"):
-            out = out.wait()
-        return out.to_dict()
+        """{feature: [stride, dim]}: the pooled embeddings; with the sequence encoder also the candidate item's
+        row and the history's state at its most recent item (zeros for an empty history)."""
+        if self.ec is None:
+            return _waited(self.ebc(kjt)).to_dict()
+        bags, sequences = self._split(kjt)
+        out = _waited(self.ebc(bags)).to_dict()
+        unpooled = _waited(self.ec(sequences))
+        out[ITEM_ID] = _single_rows(unpooled[ITEM_ID], kjt.stride())
+        states, is_pad = self.history_states(unpooled[HISTORY_ITEMS])
+        out[HISTORY_ITEMS] = states[:, -1] * (~is_pad[:, -1]).unsqueeze(-1)
+        return out
+
+    def sequence_states(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence encoder's state at every history position of `kjt`'s rows (see `history_states`)."""
+        if self.ec is None:
+            raise ValueError("the bag query encoder has no per-position states")
+        return self.history_states(_waited(self.ec(self._split(kjt)[1]))[HISTORY_ITEMS])
+
+    def _split(self, kjt: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+        """(the EmbeddingBagCollection's features, the EmbeddingCollection's): `FeatureSpec.keys` puts them last."""
+        n_sequence = len(self.spec.sequence_keys)
+        bags, sequences = kjt.split([len(kjt.keys()) - n_sequence, n_sequence])
+        return bags, sequences
+
+    def history_states(self, history: JaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence encoder over the unpooled history rows (most recent first): (states [B, L, d], is_pad
+        [B, L]), oldest first, the most recent item in the last column; L = the longest row of the batch."""
+        lengths = history.lengths()
+        width = max(1, int(lengths.max())) if lengths.numel() else 1
+        items, is_pad = left_padded(history.values(), lengths, width)
+        # the SASRec scaling: the positions are added to item vectors of about unit scale
+        return self.sequence_encoder(items * items.shape[-1] ** 0.5, is_pad), is_pad
 
     def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers for every row of `kjt` (rows with empty bags give meaningless vectors; callers slice)."""
@@ -210,6 +262,19 @@ class TwoTower(nn.Module):
         return self._project(self.pooled(kjt), self._candidate_features, self.candidate_proj)
 
 
+def _waited(out):
+    """A sharded module returns an awaitable: waited here."""
+    return out.wait() if hasattr(out, "wait") else out
+
+
+def _single_rows(feature: JaggedTensor, stride: int) -> torch.Tensor:
+    """[stride, d] of a feature with 0 or 1 id per row (zeros where a row has none)."""
+    values = feature.values()
+    out = values.new_zeros(stride, values.shape[-1])
+    out[feature.lengths().bool()] = values
+    return out
+
+
 def build_two_tower(
     spec: FeatureSpec,
     config: TwoTowerModelConfig,
@@ -218,11 +283,11 @@ def build_two_tower(
 ) -> TwoTower:
     """A TwoTower; tables on `table_device` (default `device`; use "meta" before sharding)."""
     device = torch.device(device)
-    ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(spec, config.embedding_dim),
-        device=torch.device(table_device) if table_device is not None else device,
-    )
-    return TwoTower(ebc, spec, config, device=device)
+    table_device = torch.device(table_device) if table_device is not None else device
+    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(spec, config.embedding_dim), device=table_device)
+    unpooled = embedding_configs(spec, config.embedding_dim)
+    ec = EmbeddingCollection(tables=unpooled, device=table_device) if unpooled else None
+    return TwoTower(ebc, spec, config, device=device, embedding_collection=ec)
 
 
 def sampled_softmax_loss(

@@ -59,14 +59,16 @@ def shard_model(
     sharding_types: Sequence[str] | None = None,
     min_partition: int | None = None,
 ) -> ShardedModel:
-    """Collective. Fuse `sparse_optimizer` into the backward of `embedding_modules` (EmbeddingBagCollections,
-    tables on the meta device), plan, and wrap `model` in DistributedModelParallel with the plan.
+    """Collective. Fuse `sparse_optimizer` into the backward of `embedding_modules` (EmbeddingBagCollections and
+    EmbeddingCollections, tables on the meta device), plan, and wrap `model` in DistributedModelParallel with the
+    plan.
 
     sparse_optimizer: "row_wise_adagrad" | "adagrad" | "sgd" (the fused optimizers that run on CPU).
     sharding_types: allowed ShardingType values per table; default table_wise/column_wise on CPU (the only
         ones that run there), a broader set on GPU.
     """
     from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -85,7 +87,7 @@ def shard_model(
 
     if sharding_types is None:
         sharding_types = GPU_SHARDING_TYPES if env.device.type == "cuda" else CPU_SHARDING_TYPES
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     planner = EmbeddingShardingPlanner(
         topology=Topology(
             world_size=env.world_size,

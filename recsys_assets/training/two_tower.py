@@ -58,13 +58,24 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
     normalize: bool = True
     temperature: float = setting(0.05, "Softmax temperature over dot products of normalized vectors.")
     learn_temperature: bool = False
+    query_encoder: str = setting(
+        "bag",
+        "How the query tower reads the history: 'bag' (mean pooled, + the recent-item features) or 'sequence' "
+        "(causal self-attention over the last max_history items in order, through a TorchRec EmbeddingCollection).",
+    )
+    sequence_blocks: int = setting(2, "Self-attention blocks of the sequence encoder.")
+    sequence_heads: int = setting(1, "Attention heads of the sequence encoder (they divide embedding_dim).")
+    sequence_dropout: float = setting(0.2, "Dropout of the sequence encoder (embeddings, attention, blocks).")
     max_history: int | None = setting(
-        None, "Most recent history items in the mean-pooled history bag (<= the splits' history_length; None: all)."
+        None,
+        "Most recent history items the query tower reads: the mean-pooled bag or the attended sequence (<= the "
+        "splits' history_length; None: all).",
     )
     recent_items: int = setting(
         1,
-        "The last k history items as their own query feature on the shared item table (0 = off): the next "
-        "item depends most on the latest one, which a mean over the history dilutes.",
+        "The last k history items as their own query feature on the shared item table (0 = off; bag encoder "
+        "only, the sequence encoder reads them in order): the next item depends most on the latest one, which "
+        "a mean over the history dilutes.",
     )
     recent_slots: bool = False  # one feature per recent position (recent_items_0 = latest) instead of one bag
     use_user_id: bool = setting(
@@ -158,6 +169,14 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
             raise ValueError("num_uniform_negatives must be >= 0")
         if self.recent_items < 0 or (self.max_history is not None and self.max_history < 0):
             raise ValueError("recent_items and max_history must be >= 0")
+        if self.query_encoder not in ("bag", "sequence"):
+            raise ValueError(f"query_encoder must be 'bag' or 'sequence', got {self.query_encoder!r}")
+        if self.sequence_blocks < 1 or self.sequence_heads < 1 or not 0.0 <= self.sequence_dropout < 1.0:
+            raise ValueError("sequence_blocks and sequence_heads must be >= 1 and sequence_dropout in [0, 1)")
+        if self.query_encoder == "sequence" and self.embedding_dim % self.sequence_heads:
+            raise ValueError(f"sequence_heads={self.sequence_heads} must divide embedding_dim={self.embedding_dim}")
+        if self.query_encoder == "sequence" and self.max_history == 0:
+            raise ValueError("the sequence encoder needs max_history >= 1 (None: the whole history)")
         if self.resume not in (True, False, "auto"):
             raise ValueError(f"resume must be true, false or 'auto', got {self.resume!r}")
         if self.checkpoint_every_n_steps < 0 or self.checkpoint_keep < 1:
@@ -186,6 +205,9 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
             normalize=self.normalize,
             temperature=self.temperature,
             learn_temperature=self.learn_temperature,
+            sequence_blocks=self.sequence_blocks,
+            sequence_heads=self.sequence_heads,
+            sequence_dropout=self.sequence_dropout,
         )
 
     def check_dataset(self, meta: DatasetMeta) -> None:
@@ -204,12 +226,14 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
         from recsys_assets.models.features import FeatureSpec
 
         self.check_dataset(meta)
+        sequence = self.query_encoder == "sequence"
         return FeatureSpec.from_meta(
             meta,
             self.max_history,
-            recent_items=self.recent_items,
-            recent_slots=self.recent_slots,
+            recent_items=0 if sequence else self.recent_items,
+            recent_slots=self.recent_slots and not sequence,
             use_user_id=self.use_user_id,
+            query_encoder=self.query_encoder,
         )
 
 
@@ -391,9 +415,9 @@ def sharded_lookup_sample(
     """Collective. Rows of every table looked up through the (sharded) EBC for ids {0, n//2, n-1} ∪ extra_ids."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from recsys_assets.models.two_tower import embedding_bag_configs, feature_to_table
+    from recsys_assets.models.two_tower import feature_to_table, table_configs
 
-    tables = {t.name: t for t in embedding_bag_configs(spec, two_tower.config.embedding_dim)}
+    tables = {t.name: t for t in table_configs(spec, two_tower.config.embedding_dim)}
     feat_of = feature_to_table(spec)
     ids_of = {}
     for name, t in tables.items():
@@ -483,6 +507,9 @@ RESUME_KEYS = (
     "max_history",
     "recent_items",
     "recent_slots",
+    "query_encoder",
+    "sequence_blocks",
+    "sequence_heads",
     "use_user_id",
     "sparse_optimizer",
     "num_uniform_negatives",
@@ -580,7 +607,7 @@ class TwoTowerHooks(loop.TrainerHooks):
 def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta: DatasetMeta) -> TwoTowerHooks:
     """The features, the evaluation data, the sampling correction and the sharded model of a run."""
     from recsys_assets.models.features import FeatureStore
-    from recsys_assets.models.two_tower import TwoTowerTrainTask, build_two_tower, embedding_bag_configs
+    from recsys_assets.models.two_tower import TwoTowerTrainTask, build_two_tower, table_configs
 
     spec = config.feature_spec(meta)
     store = FeatureStore.load(paths.root, spec)
@@ -595,10 +622,10 @@ def _build(config: TwoTowerTrainConfig, env: DistEnv, paths: DatasetPaths, meta:
     model_config = config.model_config()
     # tables on the meta device (the plan places them), dense layers on the device
     two_tower = build_two_tower(spec, model_config, device=env.device, table_device="meta")
-    tables = embedding_bag_configs(spec, model_config.embedding_dim)
+    tables = table_configs(spec, model_config.embedding_dim)
     sharded, optimizer = sharding.shard_for_training(
         TwoTowerTrainTask(two_tower),
-        [two_tower.ebc],
+        [m for m in (two_tower.ebc, two_tower.ec) if m is not None],
         tables,
         env,
         config,

@@ -1,0 +1,74 @@
+"""Causal self-attention over item sequences: the one block stack shared by the Two Tower's sequence query
+encoder (`two_tower.TwoTower` with ``query_encoder="sequence"``) and the SASRec reference
+(`evaluation.sasrec.SASRecNet`). Pure torch.
+
+Inputs are left-padded, oldest first: the most recent item is always the last column, and positions are counted
+from it (the last column gets position ``max_len - 1`` whatever the padding), so a position means "k items ago".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CausalSequenceEncoder(nn.Module):
+    """Learned positions + `blocks` pre-LN causal self-attention blocks + a final LayerNorm.
+
+    forward(x [B, L, hidden] item embeddings, is_pad bool [B, L]) -> hidden states [B, L, hidden]; the state at
+    column t reads columns <= t only. Padding is invisible to real items.
+    """
+
+    def __init__(self, *, hidden: int, blocks: int, heads: int, max_len: int, dropout: float) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
+        if blocks < 1 or max_len < 1 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"blocks={blocks} and max_len={max_len} must be >= 1, dropout in [0, 1)")
+        self.hidden = hidden
+        self.heads = heads
+        self.max_len = max_len
+        self.position_embedding = nn.Embedding(max_len, hidden)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                hidden, heads, dim_feedforward=hidden, dropout=dropout, batch_first=True, norm_first=True
+            )
+            for _ in range(blocks)
+        )
+        self.final_norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} positions exceeds max_len={self.max_len}")
+        positions = torch.arange(self.max_len - length, self.max_len, device=x.device)
+        x = self.embedding_dropout(x + self.position_embedding(positions)) * ~is_pad.unsqueeze(-1)
+        for block in self.blocks:
+            x = block(x, src_mask=attention_mask(is_pad, self.heads))
+        return self.final_norm(x)
+
+
+def attention_mask(is_pad: torch.Tensor, heads: int) -> torch.Tensor:
+    """bool [B * heads, L, L]: True where query i may not see key j. Causal, and padding is invisible except to
+    itself (a padded query left with no key at all would turn its softmax into NaN, which then spreads)."""
+    length = is_pad.shape[1]
+    steps = torch.arange(length, device=is_pad.device)
+    future = steps[None, :] > steps[:, None]
+    own = torch.eye(length, dtype=torch.bool, device=is_pad.device)
+    blocked = future[None] | (is_pad[:, None, :] & ~own)
+    return blocked.repeat_interleave(heads, dim=0)
+
+
+def left_padded(values: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged rows, most recent first (``values`` [sum(lengths), d], ``lengths`` [B]) -> ([B, width, d] oldest
+    first, left-padded with zeros, the most recent in the last column; is_pad bool [B, width]). Rows longer than
+    `width` keep their `width` most recent entries."""
+    batch, dim = lengths.numel(), values.shape[-1]
+    lengths = lengths.long()
+    starts = torch.cumsum(lengths, 0) - lengths
+    ago = torch.arange(width, device=values.device)  # column k: the item k steps ago
+    real = ago[None, :] < lengths[:, None]
+    by_age = values.new_zeros(batch, width, dim)
+    by_age[real] = values[(starts[:, None] + ago[None, :])[real]]
+    return by_age.flip(1), (~real).flip(1)
