@@ -2,7 +2,7 @@
 
 Reproduce (prints the tables below):
     V=$(bash scripts/bootstrap.sh); PYSPARK_PYTHON=$V/bin/python $V/bin/python benchmarks/train_two_tower.py \
-        [--size 100k] [--movielens ../shared/data/ml-latest-small] [--skip-quality]
+        [--size 100k] [--movielens ../shared/data/ml-latest-small] [--encoders bag,sequence] [--skip-quality]
 
 Measured side by side in one run, on 2 CPU cores:
 1. Training throughput (samples/s, training only, evaluation excluded) with 1 process (the CPU default of
@@ -10,10 +10,12 @@ Measured side by side in one run, on 2 CPU cores:
    synthetic dataset, at the same global batch, and their ratio; peak RSS per process.
 2. The MDS block reader alone (rows/s, same batch size, KeyedJaggedTensors built) vs. what training
    consumes (samples/s): the ratio says how much headroom the loader has.
-3. On MovieLens (ml-latest-small, all ratings as implicit interactions), the protocol's test metrics of the
-   Two Tower (early-stopped on validation NDCG@10, refit on train+validation) next to MostPopular,
-   LastItemMarkov, EASE (λ tuned on validation) and Spark ALS (implicit; the reference setting), all from the
-   one evaluator.
+3. On MovieLens (ml-latest-small, all ratings as implicit interactions), each query encoder (`bag`: the mean
+   pooled history; `sequence`: causal self-attention over it) with the default process count: training
+   samples/s and seconds per epoch side by side, and their ratio to the bag's.
+4. The protocol's test metrics of the Two Tower with each encoder (early-stopped on validation NDCG@10, refit
+   on train+validation) next to MostPopular, LastItemMarkov, EASE (λ tuned on validation) and Spark ALS
+   (implicit; the reference setting), all from the one evaluator.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def torchrun(config: dict, nproc: int, work: Path) -> dict:
     return torch.load(out, weights_only=False)  # our own result object, written by this benchmark
 
 
-def quality(movielens: Path, work: Path, epochs: int) -> list[tuple[str, dict]]:
+def quality(movielens: Path, work: Path, epochs: int, encoders: list[str]) -> list[tuple[str, dict]]:
     import pandas as pd
 
     from recsys_assets.evaluation.baselines import EASE, LastItemMarkov, MostPopular, SparkALS, tune
@@ -89,13 +91,19 @@ def quality(movielens: Path, work: Path, epochs: int) -> list[tuple[str, dict]]:
 
     data_root = build_dataset({"source": "movielens", "movielens_path": str(movielens)}, work / "ml")
     base = {"data_root": str(data_root), "epochs": epochs}
-    selection = torchrun({**base, "eval_phase": "validation"}, 2, work)
-    refit = torchrun({**base, "eval_phase": "test", "epochs": selection.best_epoch + 1}, 2, work)
-    rows = [("Two Tower (val-selected epochs, refit train+val)", refit.final_metrics)]
-    print(
-        f"two tower: validation {selection.final_metrics} (best epoch {selection.best_epoch}); test {refit.final_metrics}",
-        flush=True,
-    )
+    rows, speed = [], []
+    for encoder in encoders:
+        settings = {**base, "query_encoder": encoder}
+        selection = torchrun({**settings, "eval_phase": "validation"}, 1, work)
+        refit = torchrun({**settings, "eval_phase": "test", "epochs": selection.best_epoch + 1}, 1, work)
+        rows.append((f"Two Tower, {encoder} (val-selected epochs, refit train+val)", refit.final_metrics))
+        speed.append((encoder, selection))
+        print(
+            f"two tower ({encoder}): validation {selection.final_metrics} (best epoch {selection.best_epoch}); "
+            f"test {refit.final_metrics}",
+            flush=True,
+        )
+    print_encoder_speed(movielens.name, speed)
 
     splits = pd.read_parquet(data_root / "splits", columns=["user", "item", "timestamp", "split"])
     test = EvalTask.from_splits(splits, "test")
@@ -111,6 +119,22 @@ def quality(movielens: Path, work: Path, epochs: int) -> list[tuple[str, dict]]:
     return rows
 
 
+def print_encoder_speed(dataset: str, runs: list[tuple[str, object]]) -> None:
+    """Samples/s and seconds per epoch of each encoder's validation fit (training only), against the first's."""
+    print(f"\n## query encoders on {dataset}: training speed (default process count, evaluation excluded)")
+    print("| encoder | processes | samples/s | s per epoch | epoch cost / first encoder's |")
+    print("|---|---|---|---|---|")
+
+    def per_epoch(r) -> float:
+        return sum(h["train_seconds"] for h in r.history) / max(1, len(r.history))
+
+    first_epoch = per_epoch(runs[0][1])
+    for encoder, r in runs:
+        print(
+            f"| {encoder} | {r.world_size} | {r.samples_per_second:,.0f} | {per_epoch(r):.2f} | {per_epoch(r) / first_epoch:.2f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="100k", help="synthetic size for the throughput part")
@@ -119,6 +143,7 @@ def main() -> None:
     ap.add_argument("--movielens", default=str(REPO.parent / "shared" / "data" / "ml-latest-small"))
     ap.add_argument("--quality-epochs", type=int, default=20)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--encoders", default="bag,sequence", help="query encoders compared on MovieLens")
     args = ap.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     work = Path(tempfile.mkdtemp(prefix="recsys-bench-tt-"))
@@ -159,7 +184,7 @@ def main() -> None:
         if not (ml / "ratings.csv").is_file():
             print(f"\n(quality part skipped: {ml} has no ratings.csv)")
             return
-        rows = quality(ml, work, args.quality_epochs)
+        rows = quality(ml, work, args.quality_epochs, args.encoders.split(","))
         print(f"\n## test metrics on {ml.name} (full ranking, leave-last-out, train+validation items excluded)")
         print("| model | HR@10 | NDCG@10 | HR@100 |")
         print("|---|---|---|---|")

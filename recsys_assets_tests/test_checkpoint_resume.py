@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(600)
 
 EVERY = 4  # checkpoint every 4 global steps (and at every epoch end)
 SETTINGS = dict(
+    query_encoder="bag",  # the sequence encoder's resume: test_sequence_tower.py
     eval_phase="validation",
     epochs=3,
     patience=5,

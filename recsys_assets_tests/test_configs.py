@@ -47,7 +47,11 @@ CHANGED_TOGETHER = {
         "top_layer_sizes": {"top_layer_sizes": [16, 1]},
         "early_stopping_metric": {"early_stopping_metric": "hr@10"},
     },
-    TwoTowerTrainConfig: {"layer_sizes": {"layer_sizes": [48, 32]}, "max_history": {"max_history": 5}},
+    TwoTowerTrainConfig: {
+        "layer_sizes": {"layer_sizes": [48, 32]},
+        "max_history": {"max_history": 5},
+        "query_encoder": {"query_encoder": "bag"},
+    },
 }
 
 
@@ -100,9 +104,13 @@ def test_history_settings_beyond_the_dataset_are_refused_not_clamped():
     cfg = train_config(TwoTowerTrainConfig, TwoTowerConfig(max_history=8), **TWO_TOWER_RUN)
     with pytest.raises(ValueError, match="max_history=8 exceeds the dataset's history_length=5"):
         cfg.feature_spec(meta)
-    ok = train_config(TwoTowerTrainConfig, TwoTowerConfig(max_history=5, recent_items=2), **TWO_TOWER_RUN)
-    spec = ok.feature_spec(meta)
+    bag = TwoTowerConfig(query_encoder="bag", max_history=5, recent_items=2)
+    spec = train_config(TwoTowerTrainConfig, bag, **TWO_TOWER_RUN).feature_spec(meta)
     assert (spec.max_history, spec.recent_items) == (5, 2)
+    # the sequence encoder reads the recent items in order: its spec has no recent-item feature
+    sequence = TwoTowerConfig(query_encoder="sequence", max_history=5, recent_items=2)
+    spec = train_config(TwoTowerTrainConfig, sequence, **TWO_TOWER_RUN).feature_spec(meta)
+    assert (spec.max_history, spec.recent_items, spec.query_encoder) == (5, 0, "sequence")
 
 
 def test_the_sparse_switches_are_declared_once():

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(600)
 # default features (user id + a recent_items bag of 1). This run takes the non-default feature paths: no user-id
 # table, and two position slots of recent items, all on the shared item table.
 TRAIN_SETTINGS = dict(
+    query_encoder="bag",  # the sequence encoder's run: test_sequence_tower.py
     use_user_id=False,
     recent_items=2,
     recent_slots=True,
@@ -176,12 +177,13 @@ def _histories(h: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_recent_items_carry_the_most_recent_history_item(dataset):
-    """The default recency feature: `recent_items` holds each row's most recent real history item (position
+    """The bag encoder's default recency feature: `recent_items` holds each row's most recent real history item (position
     0), id 0 included, independently of how many items the mean-pooled history bag keeps."""
     from recsys_assets.models.features import FeatureSpec, FeatureStore, build_kjt
     from recsys_assets.training.two_tower import TwoTowerTrainConfig
 
-    spec = TwoTowerTrainConfig(data_root=str(dataset.root), max_history=0).feature_spec(dataset.meta)
+    config = TwoTowerTrainConfig(data_root=str(dataset.root), query_encoder="bag", max_history=0)
+    spec = config.feature_spec(dataset.meta)
     assert (spec.recent_items, spec.recent_slots, spec.use_user_id, spec.max_history) == (1, False, True, 0)
     assert spec.query_keys == ["user_id", "history", "recent_items", "attr_group", "attr_region"]
     store = FeatureStore.load(dataset.root, spec)
@@ -454,14 +456,17 @@ def test_torchrun_cli_refit_on_train_and_validation_logs_to_mlflow(dataset, tmp_
     print(f"test HR@10: two tower {r.final_metrics['hr@10']:.4f} vs MostPopular {mp['hr@10']:.4f}")
     assert r.final_metrics["hr@10"] > mp["hr@10"] + 0.1
     assert r.final_metrics["hr@10"] > _last_item_markov_metrics(dataset, "test")["hr@10"]
-    # the default features: user id, history, the recent-items bag (on the shared item table), attributes
-    assert r.config["recent_items"] == 1 and r.config["use_user_id"] and not r.config["recent_slots"]
-    assert r.spec().query_keys == ["user_id", "history", "recent_items", "attr_group", "attr_region"]
-    assert "t_user" in r.lookup_check
+    # the default features: user id, the history read in order (the sequence encoder: no recent-item feature),
+    # attributes; the item table in the EmbeddingCollection, the others in the EmbeddingBagCollection
+    assert r.config["query_encoder"] == "sequence" and r.config["use_user_id"]
+    assert r.spec().query_keys == ["user_id", "history", "attr_group", "attr_region"]
+    assert "t_user" in r.lookup_check and "t_item" in r.lookup_check
 
     assert "table_wise" in r.plan_text  # the planner's own pick without constraints beyond TW/CW
     for table, d in r.lookup_check.items():  # table-wise gather == lookups through the sharded model
-        torch.testing.assert_close(r.state_dict[f"two_tower.ebc.embedding_bags.{table}.weight"][d["ids"]], d["rows"])
+        key = f"two_tower.ebc.embedding_bags.{table}.weight"
+        weights = r.state_dict[key if key in r.state_dict else f"two_tower.ec.embeddings.{table}.weight"]
+        torch.testing.assert_close(weights[d["ids"]], d["rows"])
 
     assert client.get_metric_history(run_id, "test_hr_at_10") == []  # no per-epoch test metric
     assert len(client.get_metric_history(run_id, "train_loss")) == 2

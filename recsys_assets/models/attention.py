@@ -9,6 +9,7 @@ from it (the last column gets position ``max_len - 1`` whatever the padding), so
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,15 +39,41 @@ class CausalSequenceEncoder(nn.Module):
         )
         self.final_norm = nn.LayerNorm(hidden)
 
-    def forward(self, x: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_pad: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """States [B, L, hidden]; with `last_only`, [B, 1, hidden]: the state at the last column alone, the same
+        numbers for a fraction of the cost (the last block attends from that column only)."""
         length = x.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence of {length} positions exceeds max_len={self.max_len}")
         positions = torch.arange(self.max_len - length, self.max_len, device=x.device)
         x = self.embedding_dropout(x + self.position_embedding(positions)) * ~is_pad.unsqueeze(-1)
-        for block in self.blocks:
+        full = self.blocks[:-1] if last_only else self.blocks
+        for block in full:
             x = block(x, src_mask=attention_mask(is_pad, self.heads))
+        if last_only:
+            x = _last_column_block(self.blocks[-1], x, is_pad, self.heads)
         return self.final_norm(x)
+
+
+def _last_column_block(block: nn.TransformerEncoderLayer, x: torch.Tensor, is_pad: torch.Tensor, heads: int):
+    """`block(x)[:, -1:]` (a pre-LN layer) computed for the last column only: its query reads every real key
+    (all are earlier or itself), so the other columns' outputs are never needed. The attention is the layer's
+    own weights through scaled_dot_product_attention (the layer's module would copy its packed key/value
+    projections for a separate query)."""
+    attention = block.self_attn
+    batch, length, hidden = x.shape
+    h = block.norm1(x)
+    w_q, w_kv = attention.in_proj_weight.split([hidden, 2 * hidden])
+    b_q, b_kv = attention.in_proj_bias.split([hidden, 2 * hidden])
+    query = F.linear(h[:, -1:], w_q, b_q).view(batch, 1, heads, -1).transpose(1, 2)
+    key, value = F.linear(h, w_kv, b_kv).view(batch, length, 2, heads, -1).permute(2, 0, 3, 1, 4)
+    visible = ~is_pad
+    visible[:, -1] = True  # a row without history: its padded last column sees itself, as in the full mask
+    dropout = attention.dropout if block.training else 0.0
+    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=visible[:, None, None, :], dropout_p=dropout)
+    attended = attention.out_proj(attended.transpose(1, 2).reshape(batch, 1, hidden))
+    y = x[:, -1:] + block.dropout1(attended)
+    return y + block.dropout2(block.linear2(block.dropout(block.activation(block.linear1(block.norm2(y))))))
 
 
 def attention_mask(is_pad: torch.Tensor, heads: int) -> torch.Tensor:
@@ -67,8 +94,8 @@ def left_padded(values: torch.Tensor, lengths: torch.Tensor, width: int) -> tupl
     batch, dim = lengths.numel(), values.shape[-1]
     lengths = lengths.long()
     starts = torch.cumsum(lengths, 0) - lengths
-    ago = torch.arange(width, device=values.device)  # column k: the item k steps ago
+    ago = torch.arange(width - 1, -1, -1, device=values.device)  # column c holds the item width - 1 - c steps ago
     real = ago[None, :] < lengths[:, None]
-    by_age = values.new_zeros(batch, width, dim)
-    by_age[real] = values[(starts[:, None] + ago[None, :])[real]]
-    return by_age.flip(1), (~real).flip(1)
+    out = values.new_zeros(batch, width, dim)
+    out[real] = values[(starts[:, None] + ago[None, :])[real]]
+    return out, ~real

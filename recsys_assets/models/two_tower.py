@@ -63,7 +63,7 @@ class TwoTowerModelConfig:
     temperature: float = 0.05
     learn_temperature: bool = False
     # the sequence query encoder (FeatureSpec.query_encoder == "sequence"); unused by the bag encoder
-    sequence_blocks: int = 2
+    sequence_blocks: int = 1
     sequence_heads: int = 1
     sequence_dropout: float = 0.2
 
@@ -222,7 +222,7 @@ class TwoTower(nn.Module):
         out = _waited(self.ebc(bags)).to_dict()
         unpooled = _waited(self.ec(sequences))
         out[ITEM_ID] = _single_rows(unpooled[ITEM_ID], kjt.stride())
-        states, is_pad = self.history_states(unpooled[HISTORY_ITEMS])
+        states, is_pad = self.history_states(unpooled[HISTORY_ITEMS], last_only=True)
         out[HISTORY_ITEMS] = states[:, -1] * (~is_pad[:, -1]).unsqueeze(-1)
         return out
 
@@ -238,14 +238,16 @@ class TwoTower(nn.Module):
         bags, sequences = kjt.split([len(kjt.keys()) - n_sequence, n_sequence])
         return bags, sequences
 
-    def history_states(self, history: JaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def history_states(self, history: JaggedTensor, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence encoder over the unpooled history rows (most recent first): (states [B, L, d], is_pad
-        [B, L]), oldest first, the most recent item in the last column; L = the longest row of the batch."""
+        [B, L]), oldest first, the most recent item in the last column; L = the longest row of the batch. With
+        `last_only`, the states of the last column alone ([B, 1, d], the same numbers, cheaper)."""
         lengths = history.lengths()
         width = max(1, int(lengths.max())) if lengths.numel() else 1
         items, is_pad = left_padded(history.values(), lengths, width)
         # the SASRec scaling: the positions are added to item vectors of about unit scale
-        return self.sequence_encoder(items * items.shape[-1] ** 0.5, is_pad), is_pad
+        states = self.sequence_encoder(items * items.shape[-1] ** 0.5, is_pad, last_only=last_only)
+        return states, is_pad[:, -1:] if last_only else is_pad
 
     def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both towers for every row of `kjt` (rows with empty bags give meaningless vectors; callers slice)."""

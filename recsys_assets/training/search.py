@@ -287,8 +287,10 @@ MakeConfig = Callable[..., Any]
 
 
 def two_tower_space(epochs: int, history_length: int) -> dict[str, FloatRange | IntRange | Choice]:
-    """Learning rates, width, temperature, log-Q correction, negatives, history features, weight decay and the
-    most epochs (early stopping picks the count below it); history settings stay within the splits'."""
+    """Learning rates, width, temperature, log-Q correction, negatives, history features, the query encoder (bag
+    or sequence: a table without order keeps the bag available) and its attention settings, weight decay and the
+    most epochs (early stopping picks the count below it); history settings stay within the splits'. The
+    attention settings are drawn in every trial and read only by the sequence encoder."""
     histories = tuple(h for h in (5, 10) if h < history_length)
     return {
         "sparse_lr": FloatRange(0.01, 0.2, log=True),
@@ -300,6 +302,10 @@ def two_tower_space(epochs: int, history_length: int) -> dict[str, FloatRange | 
         "max_history": Choice((None, *histories)),  # None: the whole history
         "recent_items": IntRange(0, min(3, history_length)),
         "use_user_id": Choice((True, False)),
+        "query_encoder": Choice(("bag", "sequence")),
+        "sequence_blocks": IntRange(1, 2),
+        "sequence_heads": Choice((1, 2)),  # both divide every embedding_dim above
+        "sequence_dropout": FloatRange(0.0, 0.5),
         "weight_decay": Choice((0.0, 1e-5, 1e-4)),
         "epochs": IntRange(max(1, epochs // 2), epochs),
     }

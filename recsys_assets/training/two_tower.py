@@ -58,12 +58,15 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
     normalize: bool = True
     temperature: float = setting(0.05, "Softmax temperature over dot products of normalized vectors.")
     learn_temperature: bool = False
+    # The default won on validation on both dev sets (MovieLens, timestamped; Last.fm, in a random order):
+    # NDCG@10 0.0646 vs 0.0619 and 0.1149 vs 0.1119, one block, seed 0. A second block did not help (0.0613) at
+    # twice the cost.
     query_encoder: str = setting(
-        "bag",
+        "sequence",
         "How the query tower reads the history: 'bag' (mean pooled, + the recent-item features) or 'sequence' "
         "(causal self-attention over the last max_history items in order, through a TorchRec EmbeddingCollection).",
     )
-    sequence_blocks: int = setting(2, "Self-attention blocks of the sequence encoder.")
+    sequence_blocks: int = setting(1, "Self-attention blocks of the sequence encoder.")
     sequence_heads: int = setting(1, "Attention heads of the sequence encoder (they divide embedding_dim).")
     sequence_dropout: float = setting(0.2, "Dropout of the sequence encoder (embeddings, attention, blocks).")
     max_history: int | None = setting(
@@ -89,7 +92,8 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
     num_uniform_negatives: int = setting(0, "Extra uniformly sampled negatives per batch (shared by its rows).")
 
     # optimization
-    epochs: int = setting(10, "Most epochs of the validation fit; the refit runs the best epoch count.")
+    # the sequence encoder's best epoch on MovieLens is about 10; early stopping ends the bag's sooner
+    epochs: int = setting(20, "Most epochs of the validation fit; the refit runs the best epoch count.")
     batch_size: int = setting(256, "Per process.")
     early_stopping: bool | None = None  # default: on for eval_phase "validation", off (refused) for the others
     restore_best: bool | None = None  # return the best epoch's weights (default: = early_stopping), else the last
