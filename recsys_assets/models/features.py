@@ -13,6 +13,8 @@ Keys:
   that position, 0..1 per row; none when k = 0), ``attr_<name>`` (1 per row for each user attribute);
 - candidate tower: ``item_id`` (1 per row), ``item_categories`` (0..n per row).
 ``history``, the recency feature(s) and ``item_id`` read ONE item table (see two_tower.embedding_bag_configs).
+With the sequence query encoder (`FeatureSpec.query_encoder`), ``history`` and ``item_id`` are read unpooled by
+an EmbeddingCollection and come last in the KJT (`FeatureSpec.keys`); there are no recency features.
 
 Id 0 is a real id everywhere: values are selected with masks built from lengths / ``>= 0``, never from the
 truthiness of an id. Padding (-1) never reaches a KJT.
