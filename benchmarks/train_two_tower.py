@@ -164,7 +164,8 @@ def main() -> None:
     loader = run_reader("blocks", data_root, data_root / "mds" / "train", args.batch_size, work)["rows_per_s"]
 
     print(
-        f"\n## Two Tower training throughput, synthetic {args.size} ({args.epochs} epochs, global batch {args.batch_size})"
+        f"\n## Two Tower training throughput, synthetic {args.size} ({args.epochs} epochs, global batch {args.batch_size}, "
+        "default query encoder)"
     )
     print("| processes | samples/s (train) | peak RSS per process (MiB) | total s |")
     print("|---|---|---|---|")
