@@ -11,6 +11,7 @@ read unpooled through a TorchRec EmbeddingCollection from the item table the can
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import shutil
 import sys
@@ -198,7 +199,7 @@ def test_the_sequence_encoder_refuses_recent_item_features_and_bad_heads(tmp_pat
         _spec("lstm", 10, 4)
     with pytest.raises(ValueError, match="sequence_heads=3 must divide embedding_dim=32"):
         TwoTowerTrainConfig(data_root=str(tmp_path), query_encoder="sequence", sequence_heads=3)
-    with pytest.raises(ValueError, match="'bag' or 'sequence'"):
+    with pytest.raises(ValueError, match="query_encoder must be one of"):
         TwoTowerTrainConfig(data_root=str(tmp_path), query_encoder="transformer")
 
 
@@ -300,15 +301,9 @@ def test_a_two_process_sequence_checkpoint_resumes_in_one_process(run, dataset, 
     shutil.copytree(config.checkpoint_dir, copy)
     dcp_to_torch_save(str(latest_checkpoint(copy)), str(tmp_path / "merged.pt"))
     saved = torch.load(tmp_path / "merged.pt", weights_only=False)["model"]["two_tower.ec.embeddings.t_item.weight"]
-    resumed = train_two_tower(dataclass_replace(config, checkpoint_dir=str(copy), epochs=4, resume=True))
+    resumed = train_two_tower(dataclasses.replace(config, checkpoint_dir=str(copy), epochs=4, resume=True))
     assert resumed.world_size == 1 and resumed.resumed_from_step == ref.global_steps
     rows = resumed.resume_check["t_item"]
     assert torch.equal(saved[rows["ids"]], rows["rows"])  # the EmbeddingCollection's table, right after loading
     assert resumed.history[:3] == ref.history and len(resumed.history) == 4
     assert math.isfinite(resumed.history[3]["loss"]) and resumed.history[3]["loss"] < resumed.history[0]["loss"]
-
-
-def dataclass_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)

@@ -49,10 +49,6 @@ class SASRecNet(nn.Module):
             self.item_embedding.weight[PAD].zero_()
 
     @property
-    def max_len(self) -> int:
-        return self.encoder.max_len
-
-    @property
     def output_embeddings(self) -> torch.Tensor:
         """[num_items, hidden]: the item embeddings without the padding row (tied output layer)."""
         return self.item_embedding.weight[1:]

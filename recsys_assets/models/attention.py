@@ -48,8 +48,9 @@ class CausalSequenceEncoder(nn.Module):
         positions = torch.arange(self.max_len - length, self.max_len, device=x.device)
         x = self.embedding_dropout(x + self.position_embedding(positions)) * ~is_pad.unsqueeze(-1)
         full = self.blocks[:-1] if last_only else self.blocks
+        mask = attention_mask(is_pad, self.heads) if len(full) else None
         for block in full:
-            x = block(x, src_mask=attention_mask(is_pad, self.heads))
+            x = block(x, src_mask=mask)
         if last_only:
             x = _last_column_block(self.blocks[-1], x, is_pad, self.heads)
         return self.final_norm(x)

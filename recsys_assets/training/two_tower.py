@@ -173,8 +173,8 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
             raise ValueError("num_uniform_negatives must be >= 0")
         if self.recent_items < 0 or (self.max_history is not None and self.max_history < 0):
             raise ValueError("recent_items and max_history must be >= 0")
-        if self.query_encoder not in ("bag", "sequence"):
-            raise ValueError(f"query_encoder must be 'bag' or 'sequence', got {self.query_encoder!r}")
+        if self.query_encoder not in ("bag", "sequence"):  # models.features.QUERY_ENCODERS, without torchrec here
+            raise ValueError(f"query_encoder must be one of ('bag', 'sequence'), got {self.query_encoder!r}")
         if self.sequence_blocks < 1 or self.sequence_heads < 1 or not 0.0 <= self.sequence_dropout < 1.0:
             raise ValueError("sequence_blocks and sequence_heads must be >= 1 and sequence_dropout in [0, 1)")
         if self.query_encoder == "sequence" and self.embedding_dim % self.sequence_heads:
