@@ -93,6 +93,18 @@ class FeatureState:
     window: int  # history items the co-occurrence feature reads
     recent_cutoff: int  # timestamp: the latest `recent_fraction` of fit time starts here
 
+    @property
+    def num_users(self) -> int:
+        return len(self.user_count)
+
+    def with_unknown_user(self) -> FeatureState:
+        """This state with one more user, id `num_users`, who has no fit rows: what the features know of a user
+        the tables do not hold (an online request from a new user)."""
+        grown = {
+            name: np.append(getattr(self, name), 0) for name in ("user_count", "user_last_ts", "user_last_position")
+        }
+        return dataclasses.replace(self, **grown)
+
     def save(self, path: str | Path) -> None:
         arrays = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, np.ndarray)}
         for name in ("transitions", "follows"):
@@ -318,12 +330,18 @@ source_features(
 DENSE_FEATURES = tuple(f.name for f in FEATURES)
 
 
+def feature_matrix(state: FeatureState, batch: PairBatch) -> np.ndarray:
+    """float64 [n, len(FEATURES)]: every feature of every pair, in the registry's order."""
+    columns = [f.compute(batch, state) for f in FEATURES]
+    return np.stack(columns, axis=1) if columns else np.zeros((len(batch.item), 0))
+
+
 def compute_features(state: FeatureState, pairs: pd.DataFrame) -> pd.DataFrame:
     """`pairs` (PAIR_INPUTS columns and any others, whole queries) with one float64 column per feature."""
-    batch = PairBatch.of(pairs)
+    values = feature_matrix(state, PairBatch.of(pairs))
     out = pairs.copy()
-    for f in FEATURES:
-        out[f.name] = f.compute(batch, state)
+    for j, f in enumerate(FEATURES):
+        out[f.name] = values[:, j]
     return out
 
 

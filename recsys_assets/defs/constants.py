@@ -4,6 +4,7 @@ DATA_GROUP = "data"
 RETRIEVAL_GROUP = "retrieval"
 RANKING_GROUP = "ranking"
 EVALUATION_GROUP = "evaluation"
+SERVING_GROUP = "serving"
 
 # At most one training asset runs at a time (the instance's pool limit, see automation.write_dagster_yaml).
 TRAINING_POOL = "training"

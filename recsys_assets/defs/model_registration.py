@@ -32,13 +32,14 @@ def register_model(
     build: Path,
     data: tuple[str, str, Mapping[str, tuple[Path, int]]],
     gate: CheckOutcome,
-    score: Callable[[Path], float],
+    score: Callable[[Path], float] | None,
     metric: str,
 ) -> tuple[str, dict]:
     """Logs the inputs (`data`: input asset, its published folder, {context: (path, rows)}), registers the model
     `model_info` of `run` as a version of serving.registry.REGISTERED_MODELS[model] and promotes it (`gate`: the
     asset's own quality gate; `score(model folder)`: `metric` on the new validation data, for this model (its
-    `build` folder) and the champion (its stored folder: `champion_folder`)). Returns (version, metadata)."""
+    `build` folder) and the champion (its stored folder: `champion_folder`); None: passing the gate is enough,
+    registry.promote). Returns (version, metadata)."""
     from recsys_assets.serving import registry as R
 
     asset, data_path, splits = data
@@ -67,8 +68,10 @@ def register_model(
         client,
         name,
         mv.version,
-        lambda: score(build),
-        lambda champion: score(champion_folder(context.instance, champion, context.resources.state)),
+        None if score is None else lambda: score(build),
+        None
+        if score is None
+        else lambda champion: score(champion_folder(context.instance, champion, context.resources.state)),
         gate.passed,
         gate_reason=gate.description or "",
         metric=metric,
@@ -126,6 +129,24 @@ def register_dlrm(
         gate=two_stage_at_least_two_tower(gate_evidence, k=TOP_K),
         score=lambda folder: dlrm_holdout_score(folder, ranking_root, TOP_K),
         metric=f"holdout_ndcg@{TOP_K}",
+    )
+
+
+def register_two_stage(context, run: MLflowRun, model_info, bundle: Path, gate: CheckOutcome) -> tuple[str, dict]:
+    """`register_model` for the online funnel: gate = `evaluation.gates.two_stage_model_gate`; no champion
+    comparison of its own (its models were compared with theirs when they were registered)."""
+    from recsys_assets.serving.online import QUERIES_FILE
+
+    return register_model(
+        context,
+        run,
+        model_info,
+        model="two_stage",
+        build=bundle,
+        data=("recommendations", str(bundle), {"queries": (bundle / QUERIES_FILE, 0)}),
+        gate=gate,
+        score=None,
+        metric="online_equals_batch",
     )
 
 

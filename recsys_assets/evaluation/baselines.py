@@ -312,7 +312,14 @@ class EASE:
         _require_fitted(self, "B_")
         assert self.B_ is not None
         rows = np.asarray(rows, dtype=np.int64)
-        return _csr_rows(indptr, indices, rows, self._task.num_items, self._like) @ self.B_
+        return _csr_rows(indptr, indices, rows, self.B_.shape[0], self._like) @ self.B_
+
+    @classmethod
+    def from_weights(cls, weights: torch.Tensor, lam: float) -> EASE:
+        """A fitted EASE from its item × item weights (saved `B_`), for `score_rows` (an online scorer)."""
+        model = cls(lam, max_items=weights.shape[0], dtype=weights.dtype)
+        model.B_, model._like = weights, weights[:0, :0]
+        return model
 
 
 def ease_grid(**settings: Any) -> Callable[..., EASE]:

@@ -208,3 +208,32 @@ def queries_see_only_earlier_rows(
         f"{problems}; no evidence for {missing}"
     )
     return CheckOutcome(ok, why, {"queries_checked": checked, "violations": problems, "missing_evidence": missing})
+
+
+def two_stage_model_gate(
+    parity: dict[str, Any], two_tower_gate_passed: bool, gate: dict[str, Any], *, min_served_ndcg: float, k: int
+) -> CheckOutcome:
+    """The online funnel's gate (`serving.online.batch_parity`'s evidence, the Two Tower version's gate, the DLRM
+    run's holdout evidence): its answers equal the batch list for every user compared, the Two Tower it serves
+    passed its gate, and the served order's holdout NDCG@k reaches `min_served_ndcg`."""
+    stage, _ = served_stage(gate, k)
+    served = float(gate["holdout_two_stage" if stage == "dlrm" else "holdout_retrieval"][f"ndcg@{k}"])
+    problems = []
+    if parity["identical"] != parity["users"]:
+        problems.append(
+            f"online top-{k} differs from recommendations.parquet for {parity['users'] - parity['identical']} of "
+            f"{parity['users']} users (e.g. {parity['mismatches'][:3]}; max score difference {parity['max_score_diff']:.3g})"
+        )
+    if not two_tower_gate_passed:
+        problems.append("the Two Tower it serves failed its gate (two_tower_beats_most_popular)")
+    if served < min_served_ndcg:
+        problems.append(f"the served ({stage}) order's holdout NDCG@{k} {served:.4f} < required {min_served_ndcg:g}")
+    return CheckOutcome.of(
+        problems,
+        {
+            "parity_users": int(parity["users"]),
+            "parity_identical": int(parity["identical"]),
+            "parity_max_score_diff": float(parity["max_score_diff"]),
+            f"served_holdout_ndcg@{k}": served,
+        },
+    )

@@ -27,6 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_assets.data.schema import DENSE
+from recsys_assets.models.rows import batch_with_min_rows
 
 TRAIN_TASK_PREFIX = "dlrm."
 
@@ -227,5 +228,10 @@ class DLRMScorer(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        kjt = batch_to_kjt(batch, self.layout)
-        return self.dlrm(dense_tensor(batch, self.config.dense_in_features), kjt).squeeze(-1)
+        """Logits [B], computed on at least `rows.MIN_ROWS` rows (a pair's score does not depend on its batch)."""
+
+        def score(rows: dict) -> torch.Tensor:
+            kjt = batch_to_kjt(rows, self.layout)
+            return self.dlrm(dense_tensor(rows, self.config.dense_in_features), kjt).squeeze(-1)
+
+        return batch_with_min_rows(score, batch)

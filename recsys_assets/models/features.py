@@ -321,8 +321,10 @@ def build_kjt(
     if users is not None:
         users = users.long().reshape(-1).to(device)
         ones = torch.ones_like(users)
+        # -1: a user the tables do not hold (an online request from a new user): no id, attributes 0 (unknown)
+        known = users >= 0
         if spec.use_user_id:
-            add(USER_ID, users, ones)
+            add(USER_ID, users[known], known.long())
         if history is not None:
             history = history.to(device)
             history_len = None if history_len is None else history_len.to(device)
@@ -335,7 +337,7 @@ def build_kjt(
                     add(key, rv, rl)
             elif spec.recent_items > 0:
                 add(RECENT_ITEMS, *history_bags(history, history_len, spec.recent_items))
-        attrs = store.user_attrs[users]
+        attrs = torch.where(known[:, None], store.user_attrs[users.clamp(min=0)], 0)
         for j, key in enumerate(spec.attribute_keys):
             add(key, attrs[:, j], ones)
 

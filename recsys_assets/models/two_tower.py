@@ -43,6 +43,7 @@ from recsys_assets.models.features import (
     FeatureStore,
     build_kjt,
 )
+from recsys_assets.models.rows import with_min_rows
 
 USER_TABLE = "t_user"
 ITEM_TABLE = "t_item"
@@ -380,11 +381,16 @@ class QueryEncoder(nn.Module):
         history: torch.Tensor,
         history_len: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """users int [n]; history int [n, H] padded with -1, most recent first; history_len int [n]."""
-        kjt = build_kjt(
-            self.two_tower.spec, self.store, stride=users.numel(), users=users, history=history, history_len=history_len
-        )
-        return self.two_tower.query(kjt)
+        """users int [n]; history int [n, H] padded with -1, most recent first; history_len int [n]. Computed on
+        at least `rows.MIN_ROWS` rows, so a query's vector does not depend on the batch it is in."""
+
+        def encode(users, history, history_len):
+            kjt = build_kjt(
+                self.two_tower.spec, self.store, users.numel(), users=users, history=history, history_len=history_len
+            )
+            return self.two_tower.query(kjt)
+
+        return with_min_rows(encode, users.reshape(-1), history, history_len)
 
 
 class ItemEncoder(nn.Module):

@@ -310,7 +310,7 @@ def phase_candidates(
         _training_pool_items(states, items, has_target & ~hit, pool, vectors.shape[0]) if cp.ranker_trains_on else []
     )
     sources = {"item_item": item_item, "als": als}
-    frames = _pairs(cp.phase, states, qv, vectors, [(items, None, "retrieved"), *extra], sources, kk)
+    frames = candidate_pairs(cp.phase, states, qv, vectors, [(items, None, "retrieved"), *extra], sources, kk)
     hr = lambda found: float(((found == states.targets[:, None]).any(axis=1) & has_target)[has_target].mean())  # noqa: E731
     stats = {
         "queries": int(states.n),
@@ -364,7 +364,7 @@ def _training_pool_items(states, items: np.ndarray, missed: np.ndarray, pool: Po
     return [(targets, "beyond", "target"), (rnd, "beyond", "random")]
 
 
-def _pairs(phase: str, states, qv, vectors, item_sets: list, sources: dict, k: int) -> list[pd.DataFrame]:
+def candidate_pairs(phase: str, states, qv, vectors, item_sets: list, sources: dict, k: int) -> list[pd.DataFrame]:
     """One frame of (query, item) pairs per (items [Q, m], pool rank (None: the column index; "beyond": k),
     source) of `item_sets`, with the Two Tower's and every collaborative source's score and rank (-1 items
     dropped; a source that is off gives score 0 and rank -1). Each source's lookups of all sets are made in one

@@ -18,7 +18,7 @@ from typing import Any
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-REGISTERED_MODELS = {"two_tower": "recsys_two_tower", "dlrm": "recsys_dlrm"}
+REGISTERED_MODELS = {"two_tower": "recsys_two_tower", "dlrm": "recsys_dlrm", "two_stage": "recsys_two_stage"}
 # model version tags
 ALIAS_TAG = "registry_alias"
 REASON_TAG = "registry_reason"
@@ -90,8 +90,8 @@ def promote(
     client,
     name: str,
     version: str | int,
-    candidate_score: float | Callable[[], float],
-    champion_score_fn: Callable[[Any], float],
+    candidate_score: float | Callable[[], float] | None,
+    champion_score_fn: Callable[[Any], float] | None,
     gates_passed: bool,
     *,
     gate_reason: str = "",
@@ -99,8 +99,10 @@ def promote(
 ) -> Decision:
     """Sets ``champion`` on `version` of `name` when `gates_passed` and `candidate_score` (a number, or a function
     computing it, called only when there is a champion to compare with) >= `champion_score_fn(champion
-    ModelVersion)` (the champion on the new data; may raise ChampionDoesNotFit), else ``challenger``. Records
-    the decision as the version's tags; returns it. Ties go to the new version (it is trained on newer data)."""
+    ModelVersion)` (the champion on the new data; may raise ChampionDoesNotFit), else ``challenger``. Without a
+    `champion_score_fn` (a model made of registered models that were compared themselves: the two-stage funnel),
+    passing the gates is enough. Records the decision as the version's tags; returns it. Ties go to the new
+    version (it is trained on newer data)."""
     version = str(version)
     champion = current_champion(client, name)
     old = None if champion is None else str(champion.version)
@@ -110,6 +112,8 @@ def promote(
         decision = Decision(CHAMPION, "gates passed; no champion yet", None)
     elif old == version:
         decision = Decision(CHAMPION, "already the champion", old)
+    elif champion_score_fn is None:
+        decision = Decision(CHAMPION, f"gates passed; replaces v{old}", old)
     else:
         decision = _compare(old, candidate_score, champion, champion_score_fn, metric)
     client.set_registered_model_alias(name, decision.alias, version)

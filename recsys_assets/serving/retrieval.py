@@ -176,8 +176,15 @@ def query_vectors(two_tower, store, states: QueryStates, batch_size: int = 2048)
     return torch.cat(out) if out else torch.zeros(0, two_tower.output_dim)
 
 
+def catalogue_scores(qv: torch.Tensor, iv: torch.Tensor) -> torch.Tensor:
+    """[Q, n] scores of every item per query; a query's row does not depend on the batch (models.rows)."""
+    from recsys_assets.models.rows import with_min_rows
+
+    return with_min_rows(lambda q: q @ iv.T, qv)
+
+
 def _masked_scores(qv: torch.Tensor, iv: torch.Tensor, indptr: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    return _mask_excluded(qv @ iv.T, indptr, indices)
+    return _mask_excluded(catalogue_scores(qv, iv), indptr, indices)
 
 
 def _mask_excluded(scores: torch.Tensor, indptr: np.ndarray, indices: np.ndarray) -> torch.Tensor:
@@ -240,7 +247,7 @@ def item_ranks(
     batch = batch_size or max(1, RANK_BLOCK_ENTRIES // max(int(iv.shape[0]), 1))
     for s in range(0, q, batch):
         e = min(s + batch, q)
-        sc = qv[s:e] @ iv.T
+        sc = catalogue_scores(qv[s:e], iv)
         it = torch.as_tensor(np.maximum(items[s:e], 0), device=sc.device)
         # the item's own score taken from the same product (a separately computed dot product can differ in the
         # last bit and count the item as beating itself); kept even if the item is excluded, like the evaluator
