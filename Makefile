@@ -93,11 +93,14 @@ ui:
 
 # The champion funnel online: MLflow's scoring server for models:/recsys_two_stage@champion (registered by the
 # two_stage_model asset, e.g. by `make demo`) on 127.0.0.1. README "Online recommendations" shows a request.
+# Two workers of one torch thread each: the fastest on 2 cores in benchmarks/serving.py.
 SERVE_PORT ?= 5001
+SERVE_WORKERS ?= 2
 serve:
 	VENV=$(venv)
+	export PATH=$$VENV/bin:$$PATH OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}  # the scoring server execs uvicorn
 	exec $$VENV/bin/mlflow models serve -m models:/recsys_two_stage@champion --env-manager local \
-		--host 127.0.0.1 --port $(SERVE_PORT)
+		--host 127.0.0.1 --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
 
 benchmarks:
 	VENV=$(venv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -196,6 +197,7 @@ def server(served):
         env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 240
     while True:  # ready when /ping answers; fails as soon as the server exits
@@ -207,7 +209,7 @@ def server(served):
             assert time.monotonic() < deadline, "the model server did not answer /ping in 240 s"
             time.sleep(0.5)
     yield port
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the uvicorn workers it started
     proc.wait(timeout=60)
     log.close()
 

@@ -245,7 +245,15 @@ def generate_candidates(
     }
     (out_dir / "info.json").write_text(
         json.dumps(
-            {"k": k, "index": index, "phases": stats, "two_tower_run_id": two_tower_run_id, **item_item_info}, indent=2
+            {
+                "k": k,
+                "index": index,
+                "phases": stats,
+                "two_tower_run_id": two_tower_run_id,
+                "als_rank": als_rank,
+                **item_item_info,
+            },
+            indent=2,
         )
     )
     kk = min(k, meta.num_items)

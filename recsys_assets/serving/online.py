@@ -147,9 +147,7 @@ def build_bundle(
     from recsys_assets.data.splits import load_query_splits
     from recsys_assets.models.features import FeatureStore
     from recsys_assets.serving.candidates import HNSW_FILE, ITEM_VECTORS
-    from recsys_assets.serving.retrieval import query_states
     from recsys_assets.serving.source_ids import id_maps
-    from recsys_assets.training.model_files import DLRM_FILE, TWO_TOWER_FILES, load_trained_two_tower
 
     out_dir = Path(out_dir)
     retrieval = json.loads((Path(candidates_root) / "info.json").read_text())
@@ -158,43 +156,21 @@ def build_bundle(
     ranking = json.loads((Path(ranking_root) / "meta.json").read_text())
     meta = S.DatasetMeta.load(S.DatasetPaths(Path(dataset_root)).meta)
     splits = load_query_splits(dataset_root)
-    for folder, source, name in (
-        (TWO_TOWER_FOLDER, two_tower_root, TWO_TOWER_FILES["test"]),
-        (DLRM_FOLDER, dlrm_root, DLRM_FILE),
-    ):
-        (out_dir / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(getattr(source, "path", source)) / name, out_dir / folder / name)
-    _, spec = load_trained_two_tower(out_dir / TWO_TOWER_FOLDER)
+    spec = _copy_models(out_dir, two_tower_root, dlrm_root)
     store = FeatureStore.load(dataset_root, spec)
     np.savez(
         out_dir / ITEM_FEATURES_FILE,
         **{k: getattr(store, k).numpy() for k in ("user_attrs", "cat_indptr", "cat_indices")},
     )
-    states = query_states(
-        splits,
-        "test",
-        num_users=meta.num_users,
-        num_items=meta.num_items,
-        history_length=spec.history_length,
-        all_users=True,
-    )
-    if len(np.unique(states.users)) != states.n:
-        raise ValueError("two_stage_model: a user has several served queries (test rows); the bundle holds one each")
-    np.savez(
-        out_dir / QUERIES_FILE,
-        **{f.name: getattr(states, f.name) for f in dataclasses.fields(states) if f.name != "phase"},
-    )
+    _save_query_states(out_dir, splits, meta, spec.history_length)
     shutil.copy2(Path(index_root) / ITEM_VECTORS, out_dir / ITEM_VECTORS)
     if retrieval["index"] == "hnsw":
         shutil.copy2(Path(index_root) / HNSW_FILE, out_dir / HNSW_FILE)
-    lam = retrieval.get("item_item_lambda")
-    if lam is not None:
-        np.save(out_dir / EASE_FILE, _served_ease_weights(splits, lam, meta))
+    if retrieval.get("item_item_lambda") is not None:
+        np.save(out_dir / EASE_FILE, _served_ease_weights(splits, retrieval["item_item_lambda"], meta))
     shutil.copy2(Path(ranking_root) / FEATURES_FOLDER / "test.npz", out_dir / FEATURE_STATE_FILE)
-    np.save(
-        out_dir / USER_ATTRIBUTES_FILE,
-        _dlrm_user_attributes(dataset_root, ranking["attribute_columns"], meta.num_users),
-    )
+    attributes = _dlrm_user_attributes(dataset_root, ranking["attribute_columns"], meta.num_users)
+    np.save(out_dir / USER_ATTRIBUTES_FILE, attributes)
     user_ids, item_info = id_maps(dataset_root)
     pd.DataFrame({S.USER: user_ids.index, S.USER_ID: user_ids.to_numpy()}).to_parquet(out_dir / USERS_FILE, index=False)
     item_info[[S.ITEM_ID, S.TITLE]].rename_axis(S.ITEM).reset_index().to_parquet(out_dir / ITEMS_FILE, index=False)
@@ -202,14 +178,11 @@ def build_bundle(
     info = {
         "k": int(min(retrieval["k"], meta.num_items)),
         "index": retrieval["index"],
-        "item_item_lambda": lam,
+        "item_item_lambda": retrieval.get("item_item_lambda"),
         "item_item_share": retrieval.get("item_item_share") or 0.0,
         "served_stage": served_stage,
-        "history_length": int(ranking["history_length"]),
-        "max_categories": int(ranking["max_categories"]),
-        "attribute_columns": list(ranking["attribute_columns"]),
-        "feature_stats": ranking["feature_stats"],
-        "dense_features": ranking["dense_features"],
+        **{key: ranking[key] for key in ("history_length", "max_categories", "attribute_columns")},
+        **{key: ranking[key] for key in ("feature_stats", "dense_features")},
         "user_id_type": meta.user_id_type,
         "item_id_type": meta.item_id_type,
         "default_timestamp": int(splits[S.TIMESTAMP].max()) + 1 if len(splits) else 0,
@@ -217,6 +190,29 @@ def build_bundle(
     }
     (out_dir / BUNDLE_FILE).write_text(json.dumps(info, indent=2))
     return info
+
+
+def _copy_models(out_dir: Path, two_tower_root, dlrm_root):
+    """The served Two Tower (its test-phase fit) and the DLRM into their bundle folders; the Two Tower's spec."""
+    from recsys_assets.training.model_files import DLRM_FILE, TWO_TOWER_FILES, load_trained_two_tower
+
+    copies = ((TWO_TOWER_FOLDER, two_tower_root, TWO_TOWER_FILES["test"]), (DLRM_FOLDER, dlrm_root, DLRM_FILE))
+    for folder, source, name in copies:
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(getattr(source, "path", source)) / name, out_dir / folder / name)
+    return load_trained_two_tower(out_dir / TWO_TOWER_FOLDER)[1]
+
+
+def _save_query_states(out_dir: Path, splits: pd.DataFrame, meta, history_length: int) -> None:
+    """The served cutoff's query of every user (serving.retrieval.query_states, as retrieval_candidates makes it)."""
+    from recsys_assets.serving.retrieval import query_states
+
+    sizes = dict(num_users=meta.num_users, num_items=meta.num_items)
+    states = query_states(splits, "test", history_length=history_length, all_users=True, **sizes)
+    if len(np.unique(states.users)) != states.n:
+        raise ValueError("two_stage_model: a user has several served queries (test rows); the bundle holds one each")
+    arrays = {f.name: getattr(states, f.name) for f in dataclasses.fields(states) if f.name != "phase"}
+    np.savez(out_dir / QUERIES_FILE, **arrays)
 
 
 def _served_ease_weights(splits: pd.DataFrame, lam: float, meta) -> np.ndarray:
@@ -310,7 +306,8 @@ class TwoStageScorer:
         users, items = pd.read_parquet(root / USERS_FILE), pd.read_parquet(root / ITEMS_FILE)
         self.user_of_id = dict(zip(users[S.USER_ID].tolist(), users[S.USER].tolist()))
         self.item_of_id = dict(zip(items[S.ITEM_ID].tolist(), items[S.ITEM].tolist()))
-        self.items = items.set_index(S.ITEM).sort_index()
+        items = items.set_index(S.ITEM).sort_index()
+        self.item_ids, self.titles = items[S.ITEM_ID].to_numpy(), items[S.TITLE].to_numpy()
         self.popular = pd.read_parquet(root / POPULAR_FILE)
         mean_std = np.array([info["feature_stats"][f] for f in info["dense_features"]], dtype=np.float64)
         self.feature_mean, self.feature_std = mean_std[:, 0], mean_std[:, 1]
@@ -326,11 +323,20 @@ class TwoStageScorer:
     def recommend(self, requests: Sequence[Request]) -> pd.DataFrame:
         """ANSWER_COLUMNS, each user's rows by rank (0 first). A user the tables do not hold and with no known
         recent item gets the popular items (fallback, stage "popular"); all others are scored as one batch."""
-        queries = [self._resolve(r) for r in requests]
+        return self.recommend_groups([requests])[0]
+
+    def recommend_groups(self, groups: Sequence[Sequence[Request]]) -> list[pd.DataFrame]:
+        """`recommend` of each group, every request of every group scored in one batch (a query's answer does
+        not depend on the batch it is in: models.rows)."""
+        queries = [self._resolve(r) for group in groups for r in group]
         live = [i for i, q in enumerate(queries) if q.user >= 0 or q.history_len > 0]
         scored = dict(zip(live, self._answers([queries[i] for i in live]))) if live else {}
-        parts = [scored[i] if i in scored else self._popular(q) for i, q in enumerate(queries)]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=ANSWER_COLUMNS)
+        answers = [scored[i] if i in scored else self._popular(q) for i, q in enumerate(queries)]
+        frames, lo = [], 0
+        for group in groups:
+            frames.append(self._frame(queries[lo : lo + len(group)], answers[lo : lo + len(group)]))
+            lo += len(group)
+        return frames
 
     def _resolve(self, request: Request) -> _Query:
         width = self.queries["history"].shape[1]
@@ -357,50 +363,57 @@ class TwoStageScorer:
         excluded = seen if request.exclude_seen else np.zeros(0, np.int64)
         return _Query(request, int(user), padded, len(history), timestamp, seen, excluded, unknown)
 
-    def _popular(self, q: _Query) -> pd.DataFrame:
+    def _popular(self, q: _Query) -> tuple[np.ndarray, np.ndarray, str]:
         from recsys_assets.serving.source_ids import POPULARITY
 
         top = self.popular.head(q.request.k)
-        return self._frame(q, top[S.ITEM].to_numpy(np.int64), top[POPULARITY].to_numpy(np.float64), POPULAR_STAGE)
+        return top[S.ITEM].to_numpy(np.int64), top[POPULARITY].to_numpy(np.float64), POPULAR_STAGE
 
-    def _frame(self, q: _Query, items: np.ndarray, scores: np.ndarray, stage: str) -> pd.DataFrame:
-        info = self.items.loc[items]
+    def _frame(self, queries: list[_Query], answers: list[tuple[np.ndarray, np.ndarray, str]]) -> pd.DataFrame:
+        """One table of every query's (items, scores, stage), in request order."""
+        sizes = [len(items) for items, _, _ in answers]
+        at = np.repeat(np.arange(len(queries)), sizes)
+        items = np.concatenate([a[0] for a in answers]) if answers else np.zeros(0, np.int64)
+        stages = np.repeat(np.array([a[2] for a in answers], dtype=object), sizes)
         return pd.DataFrame(
             {
-                S.USER_ID: [q.request.user_id] * len(items),
-                "rank": np.arange(len(items), dtype=np.int32),
-                S.ITEM_ID: info[S.ITEM_ID].to_numpy(),
-                S.TITLE: info[S.TITLE].to_numpy(),
-                "score": scores.astype(np.float64),
-                "stage": stage,
-                "fallback": stage == POPULAR_STAGE,
-                "unknown_recent_items": [list(q.unknown_recent)] * len(items),
-            }
-        )[ANSWER_COLUMNS]
+                S.USER_ID: np.array([q.request.user_id for q in queries], dtype=object)[at],
+                "rank": np.concatenate([np.arange(n, dtype=np.int32) for n in sizes])
+                if sizes
+                else np.zeros(0, np.int32),
+                S.ITEM_ID: self.item_ids[items],
+                S.TITLE: self.titles[items],
+                "score": np.concatenate([a[1] for a in answers]).astype(np.float64) if answers else np.zeros(0),
+                "stage": stages,
+                "fallback": stages == POPULAR_STAGE,
+                "unknown_recent_items": [list(queries[i].unknown_recent) for i in at],
+            },
+            columns=ANSWER_COLUMNS,
+        )
 
     @torch.no_grad()
-    def _answers(self, queries: list[_Query]) -> list[pd.DataFrame]:
-        """The funnel over the queries in one batch: each query's top k, in the served order."""
+    def _answers(self, queries: list[_Query]) -> list[tuple[np.ndarray, np.ndarray, str]]:
+        """The funnel over the queries in one batch: each query's top k (items, DLRM scores, stage) in the served
+        order: the DLRM's (ties: the pool rank), or the pool's where retrieval is served or the DLRM cannot score a
+        new user."""
         pairs = self._pool(queries)
-        pairs["dlrm_score"] = self._dlrm_scores(queries, pairs)
-        served_dlrm = self.info["served_stage"] == "dlrm"
-        order = (["dlrm_score", "pool_rank"], [False, True]) if served_dlrm else (["pool_rank"], [True])
-        pairs = pairs.sort_values([S.QUERY_ID, *order[0]], ascending=[True, *order[1]], kind="stable")
+        dlrm = self._dlrm_scores(queries, pairs)
+        qid, pool_rank = pairs[S.QUERY_ID].to_numpy(), pairs["pool_rank"].to_numpy()
+        stage = self.info["served_stage"]
+        by_dlrm = np.array([stage == "dlrm" and (q.user >= 0 or not self.dlrm_reads_user) for q in queries])
+        order = np.lexsort((pool_rank, np.where(by_dlrm[qid], -dlrm, 0.0), qid))
+        starts = np.searchsorted(qid[order], np.arange(len(queries) + 1))
+        items = pairs[S.ITEM].to_numpy(np.int64)
         answers = []
-        for i, mine in pairs.groupby(S.QUERY_ID, sort=True):
-            q = queries[int(i)]
-            stage = (
-                self.info["served_stage"] if served_dlrm and (q.user >= 0 or not self.dlrm_reads_user) else "retrieval"
-            )
-            if stage != self.info["served_stage"]:
-                mine = mine.sort_values("pool_rank", kind="stable")
-            top = mine.head(q.request.k)
-            answers.append(self._frame(q, top[S.ITEM].to_numpy(np.int64), top["dlrm_score"].to_numpy(), stage))
+        for i, q in enumerate(queries):
+            top = order[starts[i] : starts[i + 1]][: q.request.k]
+            answers.append((items[top], dlrm[top], stage if by_dlrm[i] or stage != "dlrm" else "retrieval"))
         return answers
 
     def _pool(self, queries: list[_Query]) -> pd.DataFrame:
         """The retrieval stage (serving.candidates' calls): the Two Tower's top k (exact or HNSW), merged with
         EASE's top k, every pair with both sources' scores and ranks; + the features' query columns."""
+        from recsys_assets.data.ranker_features import BEST_SCORE_COLUMNS, QUERY_TIMESTAMP
         from recsys_assets.serving.candidates import candidate_pairs
         from recsys_assets.serving.item_item import merge_pools
         from recsys_assets.serving.retrieval import exact_top_k
@@ -424,10 +437,18 @@ class TwoStageScorer:
             sources["item_item"] = _SeenItemItemScores(self.ease, states, seen=_csr([q.seen for q in queries]))
             items = merge_pools(items, sources["item_item"].top(k), k, self.info["item_item_share"])
         [pairs] = candidate_pairs(ONLINE_PHASE, states, qv, self.vectors, [(items, None, "retrieved")], sources, k)
+        pairs = pairs.reset_index(drop=True)
         at = pairs[S.QUERY_ID].to_numpy()
-        pairs["query_timestamp"] = np.array([q.timestamp for q in queries], dtype=np.int64)[at]
+        pairs[QUERY_TIMESTAMP] = np.array([q.timestamp for q in queries], dtype=np.int64)[at]
         pairs[S.HISTORY] = list(history[at])
-        return pairs.reset_index(drop=True)
+        # every pair is retrieved: each query's best score under a source is the max over its pairs (NaN: none),
+        # as data.ranking computes it in Spark; given here, PairBatch skips its group-by
+        starts = np.flatnonzero(np.r_[True, at[1:] != at[:-1]]) if len(at) else np.zeros(0, np.int64)
+        counts = np.diff(np.r_[starts, len(at)])
+        for column, best in BEST_SCORE_COLUMNS.items():
+            values = pairs[column].to_numpy(np.float32)
+            pairs[best] = np.repeat(np.fmax.reduceat(values, starts), counts) if len(at) else values
+        return pairs
 
     def _dlrm_scores(self, queries: list[_Query], pairs: pd.DataFrame) -> np.ndarray:
         """The DLRM's logits of the pairs: the registry's features (standardized as the ranking dataset did) and
@@ -472,9 +493,14 @@ class _SeenItemItemScores(QueryScores):
     excluded ones (the same, unless the request asks to keep seen items)."""
 
     seen: tuple = (np.zeros(1, np.int64), np.zeros(0, np.int64))
+    _computed: dict = dataclasses.field(default_factory=dict)
 
     def _scores(self, rows: np.ndarray) -> torch.Tensor:
-        return self.model.score_rows(self.seen[0], self.seen[1], rows)
+        """Computed once per block: `top` and `lookup` both read them (the masking they apply is idempotent)."""
+        key = (int(rows[0]), len(rows))
+        if key not in self._computed:
+            self._computed[key] = self.model.score_rows(self.seen[0], self.seen[1], rows).float()
+        return self._computed[key]
 
 
 # --------------------------------------------------------------------------------------------------- parity
@@ -518,3 +544,44 @@ def bundle_with_parity(out_dir: Path, *, parity_users: int, seed: int = 0, **bun
     if 0 < parity_users < len(users):
         users = users.sample(parity_users, random_state=seed)
     return info, batch_parity(TwoStageScorer(out_dir), recs, users=users.tolist())
+
+
+class MicroBatcher:
+    """Scores concurrent calls together (a scoring server answers each request in its own thread). A call queues
+    its requests; if no call is scoring, it becomes the scorer and scores everything queued, batch after batch,
+    until the queue is empty; the others wait for their answer. While one batch is scored the next one gathers;
+    a lone call is scored at once (no timer)."""
+
+    def __init__(self, scorer: TwoStageScorer) -> None:
+        import threading
+
+        self.scorer = scorer
+        self._queue: list[tuple[Sequence[Request], Any]] = []
+        self._lock = threading.Lock()
+        self._scoring = False
+
+    def recommend(self, requests: Sequence[Request]) -> pd.DataFrame:
+        from concurrent.futures import Future
+
+        answer: Future = Future()
+        with self._lock:
+            self._queue.append((requests, answer))
+            scorer, self._scoring = not self._scoring, True
+        while scorer:
+            with self._lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._scoring = scorer = False
+                    break
+            self._score(batch)
+        return answer.result()
+
+    def _score(self, batch: list[tuple[Sequence[Request], Any]]) -> None:
+        try:
+            frames = self.scorer.recommend_groups([requests for requests, _ in batch])
+        except Exception as exc:  # every caller of the batch gets the error
+            for _, waiting in batch:
+                waiting.set_exception(exc)
+        else:
+            for (_, waiting), frame in zip(batch, frames):
+                waiting.set_result(frame)

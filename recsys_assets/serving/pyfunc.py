@@ -35,9 +35,10 @@ class TwoStageModel(mlflow.pyfunc.PythonModel):
     """pyfunc: a request table → one row per (user, rank) (serving.online.ANSWER_COLUMNS)."""
 
     def load_context(self, context) -> None:
-        from recsys_assets.serving.online import TwoStageScorer
+        from recsys_assets.serving.online import MicroBatcher, TwoStageScorer
 
         self.scorer = TwoStageScorer(context.artifacts[BUNDLE_ARTIFACT])
+        self.batcher = MicroBatcher(self.scorer)  # the server's concurrent requests, scored together
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         from mlflow.exceptions import MlflowException
@@ -49,7 +50,7 @@ class TwoStageModel(mlflow.pyfunc.PythonModel):
             requests = self.scorer.parse(model_input)
         except RequestError as exc:  # a 400 that names the field, not a 500 with a stack trace
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        return self.scorer.recommend(requests)
+        return self.batcher.recommend(requests)
 
 
 def log_two_stage_model(tracking_uri: str, run_id: str, bundle: Path):
