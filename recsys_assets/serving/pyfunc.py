@@ -32,7 +32,8 @@ def serving_requirements() -> list[str]:
 
 
 class TwoStageModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: a request table → one row per (user, rank) (serving.online.ANSWER_COLUMNS)."""
+    """pyfunc: a request table → one row per (user, rank) (serving.online.ANSWER_COLUMNS). `predict` has no type
+    hints on purpose: with them MLflow would parse requests into typed objects instead of a table (it warns)."""
 
     def load_context(self, context) -> None:
         from recsys_assets.serving.online import MicroBatcher, TwoStageScorer
