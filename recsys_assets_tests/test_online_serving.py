@@ -165,6 +165,24 @@ def test_unknown_users_get_the_popular_fallback_or_real_recommendations_from_rec
     assert all(u == [987654321] for u in fresh["unknown_recent_items"])  # named, not fatal
 
 
+def test_exclude_seen_false_lets_seen_items_back_into_the_answer(served, model):
+    result, _, _, recs = served
+    from recsys_assets.data.schema import DatasetPaths
+    from recsys_assets.serving.source_ids import id_maps
+
+    dataset = _md(result, "mds_splits")["path"]
+    splits = pd.read_parquet(DatasetPaths(Path(dataset)).splits, columns=["user", "item", "split"])
+    splits = splits[splits["split"] != "test"]  # the served cutoff's history: train + validation
+    seen = splits.groupby("user")["item"].agg(set)
+    users = recs.drop_duplicates("user").head(30)
+    kept = model.predict(pd.DataFrame({"user_id": users["user_id"], "exclude_seen": False}))
+    internal = dict(zip(users["user_id"], users["user"]))
+    _, items = id_maps(dataset)
+    item_of = dict(zip(items["item_id"], items.index))
+    with_seen = [any(item_of.get(i) in seen[internal[u]] for i in g["item_id"]) for u, g in kept.groupby("user_id")]
+    assert len(with_seen) == 30 and sum(with_seen) >= 10  # popular seen items come back when not excluded
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -273,7 +273,7 @@ class TwoStageScorer:
     """The online funnel over a bundle folder (`build_bundle`): `recommend(requests)` → one row per (user, rank)."""
 
     def __init__(self, root: str | Path) -> None:
-        from recsys_assets.data.ranker_features import FeatureState
+        from recsys_assets.data.ranker_features import DENSE_FEATURES, FeatureState
         from recsys_assets.models.dlrm import DLRMScorer
         from recsys_assets.models.features import FeatureStore
         from recsys_assets.models.two_tower import QueryEncoder
@@ -309,6 +309,10 @@ class TwoStageScorer:
         items = items.set_index(S.ITEM).sort_index()
         self.item_ids, self.titles = items[S.ITEM_ID].to_numpy(), items[S.TITLE].to_numpy()
         self.popular = pd.read_parquet(root / POPULAR_FILE)
+        if list(info["dense_features"]) != list(DENSE_FEATURES):
+            raise ValueError(
+                f"bundle {root}: its DLRM reads {info['dense_features']}, the registry has {DENSE_FEATURES}"
+            )
         mean_std = np.array([info["feature_stats"][f] for f in info["dense_features"]], dtype=np.float64)
         self.feature_mean, self.feature_std = mean_std[:, 0], mean_std[:, 1]
 
