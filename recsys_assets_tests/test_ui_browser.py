@@ -28,7 +28,7 @@ import pytest
 pytestmark = pytest.mark.multiprocess  # a dagster-webserver and a headless browser
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = {"data", "retrieval", "ranking", "evaluation"}
+GROUPS = {"data", "retrieval", "ranking", "evaluation", "serving"}
 PROBE_ASSET = "ui_probe_training_curves"
 SERVER_START_TIMEOUT_S = 60
 PAGE_TIMEOUT_MS = 30_000
