@@ -273,6 +273,8 @@ def _waited(out):
 def _single_rows(feature: JaggedTensor, stride: int) -> torch.Tensor:
     """[stride, d] of a feature with 0 or 1 id per row (zeros where a row has none)."""
     values = feature.values()
+    if values.shape[0] == stride:  # every row has its id (training batches): no scatter needed
+        return values
     out = values.new_zeros(stride, values.shape[-1])
     out[feature.lengths().bool()] = values
     return out

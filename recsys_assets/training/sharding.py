@@ -134,7 +134,7 @@ def make_optimizer(dmp: nn.Module, dense_lr: float, weight_decay: float = 0.0):
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dense = {k: p for k, p in dense.items() if p.requires_grad}
     dense_opt = KeyedOptimizerWrapper(
-        dense, lambda params: torch.optim.Adam(params, lr=dense_lr, weight_decay=weight_decay)
+        dense, lambda params: torch.optim.Adam(params, lr=dense_lr, weight_decay=weight_decay, fused=True)
     )
     return CombinedOptimizer([dmp.fused_optimizer, dense_opt])
 
