@@ -318,10 +318,14 @@ def test_two_process_training_learns_and_beats_most_popular(run, dataset):
     print(f"validation HR@10 / NDCG@10: LastItemMarkov {lim['hr@10']:.4f} / {lim['ndcg@10']:.4f}")
     assert best["hr@10"] > lim["hr@10"] and best["ndcg@10"] > lim["ndcg@10"], (best, lim)
 
-    # early stopping on ndcg@10 ran out of patience; the best epoch's weights (and metrics) were kept
+    # early stopping on ndcg@10 (its mean over the last `early_stopping_window` epochs) ran out of patience; the
+    # best epoch's weights (and metrics) were kept
     assert r0.stopped_early and r0.best_epoch < len(r0.history) - 1
     ndcgs = [h["metrics"]["ndcg@10"] for h in r0.history]
-    assert r0.best_epoch == int(np.argmax(ndcgs))
+    window = config.early_stopping_window
+    assert window == 3  # the default
+    trailing = [np.mean(ndcgs[max(0, e - window + 1) : e + 1]) for e in range(len(ndcgs))]
+    assert r0.best_epoch == int(np.argmax(trailing))
     assert r0.final_metrics == r0.history[r0.best_epoch]["metrics"]
 
     # the plan is the constrained one: every table column-wise, with shards on both ranks
@@ -526,3 +530,60 @@ def test_phases_in_one_launch_train_what_separate_launches_train(tmp_path):
         for name, tensor in single.state_dict.items():
             torch.testing.assert_close(joint.state_dict[name], tensor, msg=name)
     assert train_two_tower_phases([]) == []
+
+
+def test_selected_phases_train_the_epochs_validation_chose(tmp_path):
+    """`train_two_tower_selected` (every phase of an asset without a search, in one launch): the later phases
+    train for the validation phase's best epoch count, whatever their own `epochs`, and equal a separate call
+    with that count."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig, train_two_tower, train_two_tower_selected
+
+    ds = write_synthetic_dataset(tmp_path / "ds", num_users=60, num_items=50, ranker_window=3)
+    common = dict(data_root=str(ds.root), batch_size=64, embedding_dim=8, num_threads=1)
+    validation = TwoTowerTrainConfig(eval_phase="validation", epochs=4, **common)
+    later = [TwoTowerTrainConfig(eval_phase=phase, epochs=9, **common) for phase in ("test", "ranker")]
+    selection, *rest = train_two_tower_selected([validation, *later])
+    assert not dist.is_initialized()
+    chosen = selection.best_epoch + 1
+    assert chosen <= 4  # not the later configs' own 9
+    for config, joint in zip(later, rest):
+        assert len(joint.history) == chosen
+        single = train_two_tower(dataclasses.replace(config, epochs=chosen))
+        assert [h["loss"] for h in joint.history] == [h["loss"] for h in single.history]
+        for name, tensor in single.state_dict.items():
+            torch.testing.assert_close(joint.state_dict[name], tensor, msg=name)
+
+
+def test_an_asset_fit_without_a_search_is_one_launch(tmp_path):
+    """`fit_two_tower` launches every phase at once when no search trained the validation config, and only the
+    later phases, at the reused result's epoch count, when one did."""
+    from recsys_assets.training.runs import fit_two_tower
+    from recsys_assets.training.two_tower import TwoTowerTrainConfig
+
+    launches = []
+
+    def launch(fn, config, progress_file=None):  # in-process: what TorchDistributor would run on each rank
+        launches.append(fn.__name__)
+        return fn(config)
+
+    ds = write_synthetic_dataset(tmp_path / "ds", num_users=60, num_items=50, ranker_window=3)
+    common = dict(data_root=str(ds.root), epochs=3, batch_size=64, embedding_dim=8, num_threads=1)
+
+    def make_config(**phase):
+        return TwoTowerTrainConfig(**{**common, **phase})
+
+    runs = []
+    for name, trained in (("alone", lambda config: None), ("after_search", lambda config: runs[0].selection)):
+        (tmp_path / name).mkdir()
+        fit = fit_two_tower(
+            launch, make_config, tmp_path / name, tmp_path / name / "ck", refit=True, ranker_phase=True, trained=trained
+        )
+        runs.append(fit)
+        assert len(fit.final.history) == len(fit.ranker.history) == fit.selection.best_epoch + 1
+        assert (tmp_path / name / "model_ranker.pt").exists()
+    assert launches == ["train_two_tower_selected", "train_two_tower_phases"]
+    assert runs[1].selection is runs[0].selection

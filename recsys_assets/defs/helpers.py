@@ -76,14 +76,21 @@ class TrainedOnce:
 
         def run(fn, config, **kwargs):
             # a launch of several configs (training.two_tower.train_two_tower_phases) is never a search trial
-            result = self.results.get(self._key(config)) if dataclasses.is_dataclass(config) else None
+            result = self.lookup(config) if dataclasses.is_dataclass(config) else None
             if result is None:
                 return launch(fn, config, **kwargs)
             phase = getattr(config, "eval_phase", None) or getattr(config, "selection_set", None) or "fit"
             self.log(f"{phase} phase: the search trial with these settings is reused, not retrained")
-            return self.complete(result, config) if self.complete else result
+            return result
 
         return run
+
+    def lookup(self, config):
+        """The result `record` kept for what `config` trains (completed by `complete`), else None."""
+        result = self.results.get(self._key(config))
+        if result is None or self.complete is None:
+            return result
+        return self.complete(result, config)
 
     def _key(self, config) -> str:
         ignored = (*REPORTING_FIELDS, *self.unscored)

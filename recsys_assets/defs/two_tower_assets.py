@@ -110,12 +110,13 @@ class TwoTowerRecipe:
         from recsys_assets.training.runs import fit_two_tower
 
         return fit_two_tower(
-            self.trained.reuse(launcher(self.context, self.torch_distributor, "two_tower")),
+            launcher(self.context, self.torch_distributor, "two_tower"),
             lambda **phase: self._train_config(self.config, run, mlflow_run_id=run.id, **phase),
             build,
             checkpoints,
             refit=self.config.refit_on_validation,
             ranker_phase=self.meta.ranker_queries > 0,
+            trained=self.trained.lookup,
             log=self.context.log.info,
         )
 

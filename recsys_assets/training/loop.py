@@ -63,6 +63,13 @@ class Selection:
     min_delta: float = 0.0
     early_stopping: bool = True  # stop after `patience` epochs without a gain of more than min_delta
     restore_best: bool = True  # return the best epoch's weights (else the last epoch's)
+    # the signal is the metric's mean over the last `window` epochs: on a few hundred held-out rows one epoch's
+    # value is noisy enough to stop a still-improving run or pick an epoch for its noise
+    window: int = 1
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.patience < 1:
+            raise ValueError(f"window and patience must be >= 1, got {self.window} and {self.patience}")
 
     def score(self, value: float) -> float:
         return -value if self.lower_is_better else value
@@ -282,7 +289,7 @@ class TrainingLoop:
         sel, st = self.settings.selection, self.state
         if sel is None:
             return False
-        score = sel.score(flat[sel.metric])
+        score = sel.score(self._signal(flat))
         if st.best_epoch >= 0 and not score > st.best_value + sel.min_delta:
             st.bad_epochs += 1
             return False
@@ -291,6 +298,12 @@ class TrainingLoop:
             self._snapshot = sharding.snapshot_local_state(self.model)
             st.best_checkpoint = checkpoint.checkpoint_name(self.global_step) if self.manager is not None else None
         return True
+
+    def _signal(self, flat: Mapping[str, float]) -> float:
+        """The selection metric of this epoch (the last of `history`), averaged over the last `window` epochs."""
+        sel = self.settings.selection
+        earlier = [self.hooks.flat_metrics(h["metrics"])[sel.metric] for h in self.state.history[-sel.window : -1]]
+        return sum([*earlier, flat[sel.metric]]) / (len(earlier) + 1)
 
     def _report(self, record: Mapping[str, Any], flat: Mapping[str, float], improved: bool) -> None:
         train_s, eval_s, loss = record["train_seconds"], record["eval_seconds"], record["loss"]

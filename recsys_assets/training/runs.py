@@ -50,16 +50,17 @@ def fit_two_tower(
     *,
     refit: bool,
     ranker_phase: bool = False,
+    trained: Callable[[Any], Any] = lambda config: None,
     log: Callable[[str], None] = print,
 ) -> TwoTowerFit:
     """The validation phase (early-stopped on validation), then for the chosen epoch count and without looking
     at held-out rows in between: with `refit`, the same settings on train + validation (the served model; test
     is ranked once at the end), and with `ranker_phase`, on the train rows before the ranker window (the
-    ranker's training candidates: data/phases.py). Writes model.pt (served), model_validation.pt, model_ranker.pt
-    (training.model_files), plan.txt, result.json and the training curves into `out_dir`; checkpoints per phase
-    under `checkpoints`."""
+    ranker's training candidates: data/phases.py). `trained(config)`: a result a settings search already
+    launched for that validation config, else None; without one, every phase runs in a single launch.
+    Writes model.pt (served), model_validation.pt, model_ranker.pt (training.model_files), plan.txt,
+    result.json and the training curves into `out_dir`; checkpoints per phase under `checkpoints`."""
     from recsys_assets.training.model_files import save_two_tower
-    from recsys_assets.training.two_tower import train_two_tower, train_two_tower_phases
 
     progress = out_dir / PROGRESS_FILE
     t0 = time.time()
@@ -69,17 +70,13 @@ def fit_two_tower(
             eval_phase=phase, progress_file=str(progress), checkpoint_dir=str(checkpoints / phase), **settings
         )
 
-    selection = launch(train_two_tower, config_of("validation"), progress_file=progress)
-    if selection.resumed_from_step is not None:
-        log(f"validation phase resumed from step {selection.resumed_from_step} ({selection.resumed_from})")
-    log(f"validation phase: best epoch {selection.best_epoch}, {selection.final_metrics}")
-    epochs = selection.best_epoch + 1  # the fixed-epoch fits below: same settings, no selection
     later = {"test": "refit_"} if refit else {}
     if ranker_phase:
         later["ranker"] = "ranker_"
-    # both fixed-epoch fits in one launch: one process start instead of two
-    configs = [config_of(phase, mlflow_prefix=prefix, epochs=epochs) for phase, prefix in later.items()]
-    fitted = dict(zip(later, launch(train_two_tower_phases, configs, progress_file=progress))) if configs else {}
+    selection, fitted = _launch_phases(launch, config_of, later, trained, progress, log)
+    if selection.resumed_from_step is not None:
+        log(f"validation phase resumed from step {selection.resumed_from_step} ({selection.resumed_from})")
+    log(f"validation phase: best epoch {selection.best_epoch}, {selection.final_metrics}")
     final, ranker = fitted.get("test", selection), fitted.get("ranker")
     fit = TwoTowerFit(selection, final, time.time() - t0, {}, ranker)
     save_two_tower(out_dir, final, "test")
@@ -92,6 +89,26 @@ def fit_two_tower(
     if fit.refit:
         fit.curves["refit"] = training_curves(final.history, out_dir / "training_curves_refit.png", "refit")
     return fit
+
+
+def _launch_phases(launch: Launch, config_of, later: dict[str, str], trained, progress: Path, log):
+    """(validation result, {later phase: result}): one launch for every phase, or, when a search already
+    trained the validation config, one launch for the later phases at its epoch count."""
+    from recsys_assets.training.two_tower import train_two_tower_phases, train_two_tower_selected
+
+    validation = config_of("validation")
+    selection = trained(validation)
+    if selection is None:
+        # the later phases' epochs are set in the launch, from the validation phase's best epoch
+        configs = [validation, *(config_of(phase, mlflow_prefix=prefix) for phase, prefix in later.items())]
+        selection, *rest = launch(train_two_tower_selected, configs, progress_file=progress)
+        return selection, dict(zip(later, rest))
+    log("validation phase: the search trial with these settings is reused, not retrained")
+    epochs = selection.best_epoch + 1  # the fixed-epoch fits below: same settings, no selection
+    configs = [config_of(phase, mlflow_prefix=prefix, epochs=epochs) for phase, prefix in later.items()]
+    return selection, dict(
+        zip(later, launch(train_two_tower_phases, configs, progress_file=progress))
+    ) if configs else {}
 
 
 def _write_two_tower_result(out_dir: Path, fit: TwoTowerFit) -> None:

@@ -97,9 +97,17 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
     batch_size: int = setting(256, "Per process.")
     early_stopping: bool | None = None  # default: on for eval_phase "validation", off (refused) for the others
     restore_best: bool | None = None  # return the best epoch's weights (default: = early_stopping), else the last
-    patience: int = setting(3, "Epochs without a gain on the early-stopping metric before stopping.")
+    # Window 3 and patience 5 won a split-half test on MovieLens's validation users (epochs chosen on one half,
+    # NDCG@10 read on the other, 5 seeds x 200 splits): 0.0566 against 0.0525 for one epoch and patience 3, which
+    # stopped still-rising runs at epoch 6 on average.
+    patience: int = setting(5, "Epochs without a gain on the early-stopping signal before stopping.")
     min_delta: float = 0.0
     early_stopping_metric: str = "ndcg@10"
+    early_stopping_window: int = setting(
+        3,
+        "Epochs whose mean early-stopping metric is the signal (patience, best epoch, refit epochs): one epoch's "
+        "validation NDCG@10 over a few hundred users moves by about 0.005 from epoch to epoch.",
+    )
     sparse_optimizer: str = "row_wise_adagrad"  # fused into backward: row_wise_adagrad | adagrad | sgd
     sparse_lr: float = setting(0.05, "RowWiseAdagrad on the tables, fused into backward.")
     dense_lr: float = setting(1e-3, "Adam on the MLPs.")
@@ -161,8 +169,8 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
             raise ValueError(f"early stopping selects on {SELECTION_PHASE!r} only, not on {self.eval_phase!r}")
         if self.restore_best is None:
             self.restore_best = bool(self.early_stopping)
-        if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
-            raise ValueError("batch_size, epochs and patience must be positive")
+        if self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0 or self.early_stopping_window <= 0:
+            raise ValueError("batch_size, epochs, patience and early_stopping_window must be positive")
         if self.embedding_dim < 2 or not self.layer_sizes or min(self.layer_sizes) < 1:
             raise ValueError(
                 f"embedding_dim must be >= 2 and layer_sizes positive, got {self.embedding_dim}, {self.layer_sizes}"
@@ -546,12 +554,28 @@ def train_two_tower_phases(configs: Sequence[TwoTowerTrainConfig | Mapping[str, 
     """`train_two_tower` of each config in turn, in one launch: fits that follow each other (the refit and the
     ranker phase) share one process start, one import of torch / TorchRec / Streaming and one process group
     instead of paying them per phase (about 10 s a launch on 2 cores). Returns the results in `configs`' order."""
+    return _in_one_process_group(configs, chain_epochs=False)
+
+
+def train_two_tower_selected(configs: Sequence[TwoTowerTrainConfig | Mapping[str, Any]]) -> list[TwoTowerTrainResult]:
+    """The validation phase (`configs[0]`, early-stopped), then each later phase (`configs[1:]`: the refit, the
+    ranker phase) for the epoch count it selected (best_epoch + 1; their own `epochs` is ignored), all in one
+    launch. Without a settings search before it, a Two Tower asset needs no second process start."""
+    return _in_one_process_group(configs, chain_epochs=True)
+
+
+def _in_one_process_group(configs, *, chain_epochs: bool) -> list[TwoTowerTrainResult]:
     configs = [c if isinstance(c, TwoTowerTrainConfig) else TwoTowerTrainConfig.from_dict(c) for c in configs]
     if not configs:
         return []
     env = distributed.init_distributed(configs[0].use_gpu, single_node=configs[0].single_node)
     try:  # each fit joins this process group, so none destroys it before the next
-        return [train_two_tower(config) for config in configs]
+        results = [train_two_tower(configs[0])]
+        for config in configs[1:]:
+            if chain_epochs:
+                config = dataclasses.replace(config, epochs=results[0].best_epoch + 1)
+            results.append(train_two_tower(config))
+        return results
     finally:
         distributed.shutdown_distributed(env)
 
@@ -679,6 +703,7 @@ def _train(
             min_delta=config.min_delta,
             early_stopping=bool(config.early_stopping),
             restore_best=bool(config.restore_best),
+            window=config.early_stopping_window,
         )
     settings = loop.LoopSettings.from_config(
         config,
