@@ -17,7 +17,6 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -56,23 +55,9 @@ def epoch_ranks(data_root: str, seed: int, epochs: int) -> np.ndarray:
     return np.stack(seen[:epochs])
 
 
-def chosen_epoch(values: list[float], window: int, patience: int) -> tuple[int, int]:
-    """(best epoch, epochs run) of training.loop's selection step over one metric series."""
-    from recsys_assets.training.loop import LoopState, Selection, TrainingLoop
-
-    loop = object.__new__(TrainingLoop)  # the selection step reads only these three attributes
-    loop.settings = SimpleNamespace(selection=Selection("m", patience=patience, window=window, restore_best=False))
-    loop.state = LoopState()
-    loop.hooks = SimpleNamespace(flat_metrics=lambda metrics: {"m": metrics["m"]})
-    for epoch, value in enumerate(values):
-        loop.state.history.append({"epoch": epoch, "metrics": {"m": value}})
-        loop._select(epoch, {"m": value})
-        if loop._patience_exhausted():
-            break
-    return loop.state.best_epoch, epoch + 1
-
-
 def split_half_table(ranks_per_seed: list[np.ndarray], splits: int, seed: int = 0) -> list[tuple]:
+    from recsys_assets.training.loop import Selection, replay_selection
+
     rng = np.random.default_rng(seed)
     out = {rule: ([], [], []) for rule in RULES}
     best_possible = []
@@ -84,7 +69,9 @@ def split_half_table(ranks_per_seed: list[np.ndarray], splits: int, seed: int = 
             a, b = gain[:, order[: users // 2]].mean(1), gain[:, order[users // 2 :]].mean(1)
             best_possible.append(b.max())
             for rule in RULES:
-                epoch, ran = chosen_epoch(a.tolist(), *rule)
+                epoch, ran = replay_selection(
+                    a.tolist(), Selection("ndcg@10", window=rule[0], patience=rule[1], restore_best=False)
+                )
                 for column, value in zip(out[rule], (b[epoch], epoch + 1, ran)):
                     column.append(value)
     rows = [(*rule, *(float(np.mean(c)) for c in cols), float(np.std(cols[1]))) for rule, cols in out.items()]

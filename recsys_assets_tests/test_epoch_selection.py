@@ -1,11 +1,9 @@
 """Best-epoch selection of the training loop (training.loop.Selection): the early-stopping signal, its window
 and patience, on planted metric series (no training: the loop's selection step alone)."""
 
-from types import SimpleNamespace
-
 import pytest
 
-from recsys_assets.training.loop import LoopState, Selection, TrainingLoop
+from recsys_assets.training.loop import Selection, replay_selection
 
 METRIC = "validation_ndcg@10"
 # a one-epoch spike at epoch 1, then a real rise that peaks at epochs 3-5, then a fall
@@ -14,16 +12,8 @@ SPIKY = [0.10, 0.30, 0.12, 0.22, 0.24, 0.23, 0.10, 0.10, 0.10, 0.10]
 
 def select(values, *, window: int, patience: int = 3) -> tuple[int, int]:
     """(best epoch, last epoch run) of the loop's selection over `values`, one per epoch."""
-    loop = object.__new__(TrainingLoop)  # the selection step needs only these three attributes
-    loop.settings = SimpleNamespace(selection=Selection(METRIC, patience=patience, window=window, restore_best=False))
-    loop.state = LoopState()
-    loop.hooks = SimpleNamespace(flat_metrics=lambda metrics: {METRIC: metrics["ndcg@10"]})
-    for epoch, value in enumerate(values):
-        loop.state.history.append({"epoch": epoch, "metrics": {"ndcg@10": value}})
-        loop._select(epoch, {METRIC: value})
-        if loop._patience_exhausted():
-            return loop.state.best_epoch, epoch
-    return loop.state.best_epoch, len(values) - 1
+    best, run = replay_selection(values, Selection(METRIC, patience=patience, window=window, restore_best=False))
+    return best, run - 1
 
 
 def test_one_epoch_signal_takes_the_spike_and_stops_early():
@@ -47,3 +37,8 @@ def test_window_and_patience_must_be_positive():
         Selection(METRIC, window=0)
     with pytest.raises(ValueError, match="window and patience must be >= 1"):
         Selection(METRIC, patience=0)
+
+
+def test_replaying_needs_no_weights():
+    with pytest.raises(ValueError, match="restore_best=False"):
+        replay_selection([0.1], Selection(METRIC))

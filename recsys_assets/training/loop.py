@@ -75,6 +75,31 @@ class Selection:
         return -value if self.lower_is_better else value
 
 
+def replay_selection(values: Sequence[float], selection: Selection) -> tuple[int, int]:
+    """(best epoch, epochs run) that `selection` gives a series of one metric, one value per epoch, through the
+    loop's own selection step (no model: `restore_best` must be off). For tests and benchmarks of the rule."""
+    if selection.restore_best:
+        raise ValueError("replaying a selection keeps no weights: pass restore_best=False")
+    loop = object.__new__(TrainingLoop)  # the selection step reads only these three attributes
+    loop.settings = LoopSettings(name="replay", epochs=len(values), phase="replay", selection=selection)
+    loop.state = LoopState()
+    loop.hooks = _ReplayHooks(selection.metric)
+    for epoch, value in enumerate(values):
+        loop.state.history.append({"epoch": epoch, "metrics": {selection.metric: value}})
+        loop._select(epoch, {selection.metric: value})
+        if loop._patience_exhausted():
+            return loop.state.best_epoch, epoch + 1
+    return loop.state.best_epoch, len(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReplayHooks:
+    metric: str
+
+    def flat_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {self.metric: metrics[self.metric]}
+
+
 @dataclasses.dataclass
 class LoopSettings:
     name: str  # prefix of the printed lines

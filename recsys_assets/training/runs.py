@@ -104,11 +104,11 @@ def _launch_phases(launch: Launch, config_of, later: dict[str, str], trained, pr
         selection, *rest = launch(train_two_tower_selected, configs, progress_file=progress)
         return selection, dict(zip(later, rest))
     log("validation phase: the search trial with these settings is reused, not retrained")
+    if not later:
+        return selection, {}
     epochs = selection.best_epoch + 1  # the fixed-epoch fits below: same settings, no selection
     configs = [config_of(phase, mlflow_prefix=prefix, epochs=epochs) for phase, prefix in later.items()]
-    return selection, dict(
-        zip(later, launch(train_two_tower_phases, configs, progress_file=progress))
-    ) if configs else {}
+    return selection, dict(zip(later, launch(train_two_tower_phases, configs, progress_file=progress)))
 
 
 def _write_two_tower_result(out_dir: Path, fit: TwoTowerFit) -> None:
