@@ -15,9 +15,10 @@ block as YAML/JSON: a table path and its column mapping).
 
 What it does: materializes the whole Dagster graph (real Spark, TorchDistributor with its default process count, MLflow on
 SQLite under --work) for seed 0; for each further seed it materializes the model stages again (two_tower_model
-→ … → evaluation) on the same data assets with every model seed changed. Baselines are deterministic: their
-settings are chosen on validation in the first run and pinned afterwards (same numbers, less time); SASRec,
-seeded by itself, runs once and its row is reused. It prints
+→ … → evaluation) on the same data assets with every model seed changed. The baselines'
+rows (EASE, Spark ALS with its own fixed seed, SASRec seeded by itself) do not depend on the models' seed, so
+they are computed in the first run only and their rows reused for the later seeds (a --stages run pins their
+settings to those the earlier run chose on validation). It prints
 the mean ± std over seeds of each row of the `evaluation` asset's table (HR@10, NDCG@10, retrieval HR@100), the
 served stage of each seed, and the targets: the served list against the best classical baseline (MostPopular,
 LastItemMarkov, EASE, ALS) and SASRec, and the retrieval pool's HR@K against the best baseline HR@100.
@@ -50,6 +51,8 @@ MODEL_STAGES = (
 # (benchmarks/serving.py serves it).
 ONLINE_STAGES = ("two_stage_model",)
 CLASSICAL = ("mostpopular", "lastitemmarkov", "ease", "spark_als")
+# metric prefixes of the baselines computed in the first run only (none depends on the models' seed)
+SEED_FREE_BASELINES = ("ease_", "spark_als_", "sasrec_")
 
 
 def lastfm_source(root: Path) -> dict:
@@ -337,15 +340,14 @@ def main() -> int:
         peaks.append(peak_step_rss(out["metadata"]))
         print(f"seed {seed}: {out['seconds']:.0f} s, served {ev['served_stage']}\n{ev['metrics']}", flush=True)
         metrics = {k: v for k, v in ev.items() if isinstance(v, float)}
-        if seed > 0 and args.sasrec:  # deterministic (seeded by itself): computed once, in run 1
-            metrics.update({k: v for k, v in runs[0].items() if k.startswith("sasrec_")})
+        if seed > 0:  # the baselines do not depend on the models' seed: computed once, in run 1, on the same data
+            metrics.update({k: v for k, v in runs[0].items() if k.startswith(SEED_FREE_BASELINES)})
         runs.append(metrics)
         validation.append(validation_lists(out["metadata"], seed))
         served.append(ev["served_stage"])
         seconds.append(out["seconds"])
-        if seed == 0:  # the baselines' settings of this run, and SASRec's row, serve the later seeds
-            pins = {} if stages else pinned_baselines(Path(ev["path"]))
-            ops = _merge(ops, {"evaluation": {"config": {**pins, "sasrec": False}}})
+        if seed == 0:  # the baselines' rows of this run serve the later seeds
+            ops = _merge(ops, {"evaluation": {"config": {"ease": False, "als": False, "sasrec": False}}})
     text = report(name, runs, served, seconds) + "\n" + validation_report(validation)
     # each step restarts the process's peak-RSS count (its metadata), so /usr/bin/time sees the last step's only
     text += "\npeak RSS of the graph's process, its largest step, per seed: " + ", ".join(

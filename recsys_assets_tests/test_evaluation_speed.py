@@ -195,6 +195,7 @@ def test_the_funnel_report_gives_each_stage_seconds_and_bounds_the_als_grid(spar
         recs,
         top_k=10,
         session=spark,
+        ease=True,
         ease_lambdas=[5.0, 50.0],
         ease_max_items=100,
         als=True,
@@ -218,3 +219,26 @@ def test_the_funnel_report_gives_each_stage_seconds_and_bounds_the_als_grid(spar
     write_report(report, tmp_path)
     written = json.loads((tmp_path / "evaluation.json").read_text())
     assert written["grids"]["Spark ALS"]["skipped"] == als["skipped"] and "EASE grid" in written["seconds"]
+
+
+def test_switched_off_baselines_are_neither_fitted_nor_reported(tmp_path: Path) -> None:
+    # what benchmarks/quality.py asks of its later seeds: their EASE / ALS / SASRec rows come from the first run
+    from recsys_assets.evaluation.report import evaluate_funnel
+
+    splits = _random_splits(40, 30, 8, seed=6)
+    data, cands, recs = _write_funnel_inputs(tmp_path, splits, 40, 30)
+
+    def popularity_scorer(frame: pd.DataFrame):
+        return MostPopular().fit(EvalTask.from_splits(frame[["user", "item", "timestamp", "split"]], "test")).score
+
+    switches = dict(ease_lambdas=[5.0], ease_max_items=100, als_ranks=[4], als_reg_params=[0.1], als_alphas=[1.0])
+    off = evaluate_funnel(
+        data, popularity_scorer, cands, recs, top_k=10, session=None, ease=False, als=False, als_max_iter=2, **switches
+    )
+    assert not any(name.startswith(("EASE", "Spark ALS", "SASRec")) for name in off.rows), list(off.rows)
+    assert not any(stage.startswith("EASE") for stage in off.seconds), list(off.seconds)
+    assert {"Two Tower", "MostPopular", "LastItemMarkov"} <= set(off.rows)
+    on = evaluate_funnel(
+        data, popularity_scorer, cands, recs, top_k=10, session=None, ease=True, als=False, als_max_iter=2, **switches
+    )
+    assert [name for name in on.rows if name.startswith("EASE")] == ["EASE (λ=5)"]

@@ -18,6 +18,7 @@ from recsys_assets.evaluation.plots import image_markdown
 
 
 class EvaluationConfig(dg.Config):
+    ease: bool = Field(True, description="EASE (closed form), λ tuned on validation.")
     ease_lambdas: list[float] = Field([50.0, 200.0, 500.0, 1000.0], description="EASE λ grid (chosen on validation).")
     ease_max_items: int | None = Field(
         None,

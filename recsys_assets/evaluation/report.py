@@ -63,6 +63,7 @@ def evaluate_funnel(
     *,
     top_k: int,
     session,
+    ease: bool,
     ease_lambdas: Sequence[float],
     ease_max_items: int | None,
     als: bool,
@@ -76,7 +77,7 @@ def evaluate_funnel(
     log: Callable[[str], None] = print,
 ) -> EvaluationReport:
     """Test phase, full ranking with train and validation items excluded. `session`: a SparkSession for ALS
-        (unused when `als` is off). EASE steps aside above `ease_max_items` items (None: what the memory available
+        (unused when `als` is off). `ease`, `als` and `sasrec` switch those baselines. EASE steps aside above `ease_max_items` items (None: what the memory available
     now holds, evaluation.memory), with the reason logged, before allocating. The ALS grid runs in order and
         skips its remaining points past `als_budget_seconds`. SASRec (off by default: minutes of training) has its
         epochs chosen from `sasrec_epochs` on validation. `log` gets a line per stage and per grid point."""
@@ -107,11 +108,11 @@ def evaluate_funnel(
     rows["MostPopular"] = timed("MostPopular", lambda: evaluate(MostPopular().fit(task).score, task).as_dict())
     rows["LastItemMarkov"] = timed("LastItemMarkov", lambda: evaluate(LastItemMarkov().fit(task).score, task).as_dict())
     tune_on = {"splits": frame, "num_users": n_users, "num_items": n_items}
-    refusal = dense_item_refusal(n_items, ease_max_items, "EASE baseline")
-    if refusal is None:
+    refusal = dense_item_refusal(n_items, ease_max_items, "EASE baseline") if ease else None
+    if ease and refusal is None:
         tuned = stages.tuned("EASE", ease_grid(max_items=ease_max_items), {"lam": list(ease_lambdas)}, **tune_on)
         rows[f"EASE (λ={tuned.params['lam']:g})"] = tuned.test.as_dict()
-    else:
+    elif refusal is not None:
         log(refusal)
     if als:
         grid = {"rank": list(als_ranks), "reg_param": list(als_reg_params), "alpha": list(als_alphas)}
