@@ -77,10 +77,11 @@ def evaluate_funnel(
     log: Callable[[str], None] = print,
 ) -> EvaluationReport:
     """Test phase, full ranking with train and validation items excluded. `session`: a SparkSession for ALS
-        (unused when `als` is off). `ease`, `als` and `sasrec` switch those baselines. EASE steps aside above `ease_max_items` items (None: what the memory available
-    now holds, evaluation.memory), with the reason logged, before allocating. The ALS grid runs in order and
-        skips its remaining points past `als_budget_seconds`. SASRec (off by default: minutes of training) has its
-        epochs chosen from `sasrec_epochs` on validation. `log` gets a line per stage and per grid point."""
+    (unused when `als` is off). `ease`, `als` and `sasrec` switch those baselines on or off. EASE steps aside above
+    `ease_max_items` items (None: what the memory available now holds, evaluation.memory), with the reason logged,
+    before allocating. The ALS grid runs in order and skips its remaining points past `als_budget_seconds`. SASRec
+    (off by default: minutes of training) has its epochs chosen from `sasrec_epochs` on validation. `log` gets a
+    line per stage and per grid point."""
     from recsys_assets.data.splits import load_query_splits
     from recsys_assets.evaluation.baselines import LastItemMarkov, MostPopular, SparkALS, ease_grid
     from recsys_assets.evaluation.memory import dense_item_refusal
