@@ -98,36 +98,24 @@ fi
 # uv links files from its cache without compiling them. Where PYTHONDONTWRITEBYTECODE is set, every process
 # would then recompile torch, torchrec and dagster on import (~35 s): compile what the project imports, once per
 # lock. The compiled files are kept beside uv's cache and linked into the next clone's .venv: its sources are
-# links to the same cached files (same size and mtime), so the bytecode is valid there too.
+# links to the same cached files (same size and mtime), so the bytecode is valid there too. Where they are not
+# (uv's cache rebuilt or moved), the seed is stale for these sources: it is compiled again from them.
 lock_hash="$(sha256sum "$here/uv.lock" | cut -c1-12)"
 marker="$here/.venv/.bytecode-$lock_hash"
 if [ ! -f "$marker" ]; then
   seed="$root/bytecode-$variant-$lock_hash"
-  link_bytecode() {  # every __pycache__/*.pyc under site-packages of $1, hard-linked (else copied) into $2
-    "$here/.venv/bin/python" - "$1" "$2" <<'PY'
-import os, shutil, sys
-src, dst = sys.argv[1:]
-for folder, _, files in os.walk(src):
-    if os.path.basename(folder) != "__pycache__":
-        continue
-    target = os.path.join(dst, os.path.relpath(folder, src))
-    os.makedirs(target, exist_ok=True)
-    for name in files:
-        if name.endswith(".pyc") and not os.path.exists(os.path.join(target, name)):
-            try:
-                os.link(os.path.join(folder, name), os.path.join(target, name))
-            except OSError:
-                shutil.copy2(os.path.join(folder, name), os.path.join(target, name))
-PY
-  }
   site="$("$here/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  link_bytecode() { "$here/.venv/bin/python" "$here/scripts/link_bytecode.py" "$@"; }
+  stale=1
   if [ -f "$seed/.complete" ]; then
-    link_bytecode "$seed" "$site"
-  else
+    # only the files compiled from these very sources: a seed of another uv cache's copies is stale here
+    stale="$(link_bytecode "$seed" "$site" --match-sources)"
+  fi
+  if [ "$stale" != 0 ]; then
     warm() { env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/python" -c "import $1" >/dev/null 2>&1; }
     warm torch & warm "dagster, dagster_pyspark, mlflow, pyspark, optuna, pandas, pyarrow" & wait
     warm "torchrec, fbgemm_gpu" & warm "streaming, faiss" & wait
-    rm -rf "$seed" && link_bytecode "$site" "$seed" && touch "$seed/.complete"
+    rm -rf "$seed" && link_bytecode "$site" "$seed" >/dev/null && touch "$seed/.complete"
   fi
   env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/python" -m compileall -q "$here/recsys_assets" >/dev/null || true
   rm -f "$here"/.venv/.bytecode-* && touch "$marker"
