@@ -3,6 +3,7 @@ each clone has its own environment, so two clones used at once each run their ow
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -85,3 +86,29 @@ def test_two_clones_at_once_each_run_their_own_code_in_the_training_ranks(tmp_pa
         assert Path(rank["package"]) == clones[name] / "recsys_assets"
         assert Path(rank["python"]).parent.parent == clones[name] / ".venv"
         assert (Path(rank["package"]) / "_planted_marker").exists() == (name == "b")
+
+
+def test_bytecode_of_other_sources_is_not_linked_into_an_environment(tmp_path: Path):
+    # a seed compiled against another copy of the sources (uv's cache rebuilt) would be stale on every import
+    import importlib.util
+    import py_compile
+
+    spec = importlib.util.spec_from_file_location("link_bytecode", REPO / "scripts" / "link_bytecode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seed, site = tmp_path / "seed", tmp_path / "site"
+    for name in ("same", "other"):
+        source = seed / "pkg" / f"{name}.py"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(f"X = {name!r}\n")
+        py_compile.compile(str(source), cfile=str(seed / "pkg" / "__pycache__" / f"{name}.cpython-311.pyc"))
+        (site / "pkg").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, site / "pkg" / f"{name}.py")  # same mtime and size
+    stamp = (site / "pkg" / "other.py").stat().st_mtime + 100
+    os.utime(site / "pkg" / "other.py", (stamp, stamp))  # another copy of the source
+
+    assert module.link_bytecode(str(seed), str(site), match_sources=True) == 1
+    linked = sorted(p.name for p in (site / "pkg" / "__pycache__").iterdir())
+    assert linked == ["same.cpython-311.pyc"]
+    assert module.link_bytecode(str(seed), str(tmp_path / "copy"), match_sources=False) == 0  # seed refresh
+    assert len(list((tmp_path / "copy" / "pkg" / "__pycache__").iterdir())) == 2
