@@ -106,9 +106,13 @@ def test_bytecode_of_other_sources_is_not_linked_into_an_environment(tmp_path: P
         shutil.copy2(source, site / "pkg" / f"{name}.py")  # same mtime and size
     stamp = (site / "pkg" / "other.py").stat().st_mtime + 100
     os.utime(site / "pkg" / "other.py", (stamp, stamp))  # another copy of the source
+    # a module this environment lacks: neither linked nor counted stale (that would force a recompile per clone)
+    shutil.copy2(
+        seed / "pkg" / "__pycache__" / "same.cpython-311.pyc", seed / "pkg" / "__pycache__" / "gone.cpython-311.pyc"
+    )
 
     assert module.link_bytecode(str(seed), str(site), match_sources=True) == 1
     linked = sorted(p.name for p in (site / "pkg" / "__pycache__").iterdir())
     assert linked == ["same.cpython-311.pyc"]
     assert module.link_bytecode(str(seed), str(tmp_path / "copy"), match_sources=False) == 0  # seed refresh
-    assert len(list((tmp_path / "copy" / "pkg" / "__pycache__").iterdir())) == 2
+    assert len(list((tmp_path / "copy" / "pkg" / "__pycache__").iterdir())) == 3

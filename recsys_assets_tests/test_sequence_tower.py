@@ -26,6 +26,7 @@ from recsys_assets.evaluation.protocol import metrics_from_ranks, ranks_from_sco
 from recsys_assets.models.features import FeatureSpec, FeatureStore, batch_to_kjt, build_kjt
 from recsys_assets.models.two_tower import (
     QueryEncoder,
+    TwoTower,
     TwoTowerModelConfig,
     TwoTowerTrainTask,
     build_two_tower,
@@ -132,12 +133,15 @@ def test_the_sequence_tower_learns_a_planted_order_the_bag_cannot_see():
 
 
 # ------------------------------------------------------------------------------------------ causality
-@torch.no_grad()
-def test_a_later_item_never_changes_the_state_at_an_earlier_position():
+def _small_sequence_tower() -> tuple[FeatureSpec, TwoTower, FeatureStore]:
     torch.manual_seed(0)
     spec = _spec("sequence", 30, 8)
-    model = build_two_tower(spec, TwoTowerModelConfig(embedding_dim=16, layer_sizes=(16,))).eval()
-    store = _store(spec)
+    return spec, build_two_tower(spec, TwoTowerModelConfig(embedding_dim=16, layer_sizes=(16,))).eval(), _store(spec)
+
+
+@torch.no_grad()
+def test_a_later_item_never_changes_the_state_at_an_earlier_position():
+    spec, model, store = _small_sequence_tower()
     history = torch.tensor([[5, 4, 3, 2, 1, 0, -1, -1], [9, 8, 7, 6, 5, 4, 3, 2]])  # most recent first
     users = torch.zeros(2, dtype=torch.long)
 
@@ -153,6 +157,27 @@ def test_a_later_item_never_changes_the_state_at_an_earlier_position():
         column = base.shape[1] - 1 - ago
         torch.testing.assert_close(new[:, :column], base[:, :column], rtol=0, atol=0)
         assert not torch.allclose(new[1, column:], base[1, column:])
+
+
+@torch.no_grad()
+def test_candidate_only_rows_are_not_attended_and_the_queries_are_unchanged():
+    # uniform negatives add history-less candidate rows to a training batch: encoding them made it 2x slower
+    spec, model, store = _small_sequence_tower()
+    batch = {
+        "user": torch.zeros(3, dtype=torch.long),
+        "item": torch.tensor([1, 2, 3]),
+        "history": torch.tensor([[5, 4, 3, -1, -1, -1, -1, -1], [-1] * 8, [9, 8, 7, 6, 5, 4, 3, 2]]),
+    }
+    kjt = batch_to_kjt(batch, spec, store, extra_items=torch.arange(10, 30))
+    encoded_rows = []
+    hook = model.sequence_encoder.register_forward_hook(lambda m, args, out: encoded_rows.append(args[0].shape[0]))
+    query, candidate = model(kjt, query_rows=3)
+    assert encoded_rows == [3]  # the 20 negatives' rows are never attended over
+    all_query, all_candidate = model(kjt)
+    hook.remove()
+    assert encoded_rows == [3, 23]
+    torch.testing.assert_close(query[:3], all_query[:3])  # the same numbers, up to the batch size's rounding
+    torch.testing.assert_close(candidate, all_candidate, rtol=0, atol=0)
 
 
 @torch.no_grad()

@@ -44,6 +44,8 @@ def link_bytecode(src: str, dst: str, match_sources: bool) -> int:
             if not name.endswith(".pyc") or os.path.exists(out):
                 continue
             source = os.path.join(os.path.dirname(target), name.split(".")[0] + ".py")
+            if match_sources and not os.path.exists(source):
+                continue  # no source here (a module this environment lacks): nothing to link, nothing stale
             if match_sources and not matches_source(os.path.join(folder, name), source):
                 stale += 1
                 continue

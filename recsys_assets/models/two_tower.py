@@ -214,18 +214,30 @@ class TwoTower(nn.Module):
         out = proj(torch.cat([pooled[f] for f in features], dim=1))
         return F.normalize(out, dim=1) if self.config.normalize else out
 
-    def pooled(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+    def pooled(self, kjt: KeyedJaggedTensor, query_rows: int | None = None) -> dict[str, torch.Tensor]:
         """{feature: [stride, dim]}: the pooled embeddings; with the sequence encoder also the candidate item's
-        row and the history's state at its most recent item (zeros for an empty history)."""
+        row and the history's state at its most recent item (zeros for an empty history, and for the rows after
+        the first `query_rows`, which are candidates only)."""
         if self.ec is None:
             return _waited(self.ebc(kjt)).to_dict()
         bags, sequences = self._split(kjt)
         out = _waited(self.ebc(bags)).to_dict()
         unpooled = _waited(self.ec(sequences))
         out[ITEM_ID] = _single_rows(unpooled[ITEM_ID], kjt.stride())
-        states, is_pad = self.history_states(unpooled[HISTORY_ITEMS], last_only=True)
-        out[HISTORY_ITEMS] = states[:, -1] * (~is_pad[:, -1]).unsqueeze(-1)
+        out[HISTORY_ITEMS] = self._latest_states(unpooled[HISTORY_ITEMS], query_rows)
         return out
+
+    def _latest_states(self, history: JaggedTensor, query_rows: int | None) -> torch.Tensor:
+        """[stride, d]: the state at each row's most recent item (zeros for an empty history), for the first
+        `query_rows` rows (None: all). The rest are zeros: a training batch's candidate-only rows (uniform
+        negatives) have no history, and encoding them multiplied the encoder's cost by the pool's size."""
+        lengths = history.lengths()
+        stride = lengths.shape[0]
+        rows = stride if query_rows is None else min(query_rows, stride)
+        queries = JaggedTensor(values=history.values()[: int(lengths[:rows].sum())], lengths=lengths[:rows])
+        states, is_pad = self.history_states(queries, last_only=True)
+        latest = states[:, -1] * (~is_pad[:, -1]).unsqueeze(-1)
+        return F.pad(latest, (0, 0, 0, stride - rows)) if rows < stride else latest
 
     def sequence_states(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence encoder's state at every history position of `kjt`'s rows (see `history_states`)."""
@@ -250,9 +262,10 @@ class TwoTower(nn.Module):
         states = self.sequence_encoder(items * items.shape[-1] ** 0.5, is_pad, last_only=last_only)
         return states, is_pad[:, -1:] if last_only else is_pad
 
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both towers for every row of `kjt` (rows with empty bags give meaningless vectors; callers slice)."""
-        pooled = self.pooled(kjt)
+    def forward(self, kjt: KeyedJaggedTensor, query_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers for every row of `kjt` (rows with empty bags give meaningless vectors; callers slice the
+        first `query_rows` queries, the rows whose history is read)."""
+        pooled = self.pooled(kjt, query_rows)
         return (
             self._project(pooled, self._query_features, self.query_proj),
             self._project(pooled, self._candidate_features, self.candidate_proj),
@@ -345,7 +358,7 @@ class TwoTowerTrainTask(nn.Module):
         candidate_log_q: torch.Tensor | None,
         num_queries: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, c = self.two_tower(kjt)
+        q, c = self.two_tower(kjt, num_queries)
         loss, logits = sampled_softmax_loss(
             q[:num_queries], c, candidate_items, self.two_tower.scale(), candidate_log_q
         )
