@@ -141,6 +141,9 @@ def test_choose_lambda_is_unchanged_and_says_each_lambda() -> None:
     assert lam == max(results, key=results.get)
     assert len(lines) == len(LAMBDAS)
     assert all(re.search(r"EASE λ=\S+ validation NDCG@10 \d\.\d{4} \(\d+\.\ds\)$", line) for line in lines)
+    # one λ is not a choice: no validation fit (a benchmark's later seeds pin the first seed's λ)
+    assert choose_lambda(splits, num_users=60, num_items=40, lambdas=[7.0], log=lines.append) == (7.0, {})
+    assert lines[-1].endswith("λ=7 given (one value: nothing to choose, no validation fit)")
 
 
 # ------------------------------------------------------------------------------------ the funnel report

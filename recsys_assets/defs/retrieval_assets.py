@@ -29,7 +29,8 @@ class RetrievalConfig(dg.Config):
     item_item_lambdas: list[float] = Field(
         [50.0, 200.0, 500.0, 1000.0],
         description="The collaborative candidate source: EASE's top-k merged with the Two Tower's (interleaved by "
-        "rank), with EASE scores and ranks as ranker features; λ chosen on validation from this grid. [] = off.",
+        "rank), with EASE scores and ranks as ranker features; λ chosen on validation from this grid (one value: "
+        "taken as given, without a validation fit). [] = off.",
     )
     item_item_max_items: int | None = Field(
         None,

@@ -114,10 +114,15 @@ def _phase_fit(frame: pd.DataFrame, phase: str, num_users: int, num_items: int):
 def choose_lambda(
     frame: pd.DataFrame, *, num_users: int, num_items: int, lambdas: Sequence[float], log: Callable[[str], None]
 ) -> tuple[float, dict[float, float]]:
-    """The λ with the best validation NDCG@10 (EASE fitted on train; XᵀX built once for all λ); {λ: NDCG@10}."""
+    """The λ with the best validation NDCG@10 (EASE fitted on train; XᵀX built once for all λ); {λ: NDCG@10}.
+    One λ is taken as given, without a fit ({}): there is nothing to choose (a benchmark's later seeds pin the
+    first seed's choice, as it depends on the data only)."""
     from recsys_assets.evaluation.baselines import ease_grid
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
 
+    if len(lambdas) == 1:
+        log(f"item-item source: EASE λ={float(lambdas[0]):g} given (one value: nothing to choose, no validation fit)")
+        return float(lambdas[0]), {}
     task = EvalTask.from_splits(frame, "validation", num_users=num_users, num_items=num_items)
     ease = ease_grid(max_items=num_items, dtype=torch.float32)
     results = {}
