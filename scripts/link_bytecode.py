@@ -18,11 +18,9 @@ import sys
 
 
 def matches_source(pyc: str, source: str) -> bool:
-    """Whether the .pyc's header records `source`'s mtime and size (hash-based .pyc files are kept)."""
-    try:
-        stat = os.stat(source)
-    except FileNotFoundError:
-        return False
+    """Whether the .pyc's header records `source`'s (an existing file's) mtime and size (hash-based .pyc files
+    are kept)."""
+    stat = os.stat(source)
     with open(pyc, "rb") as f:
         header = f.read(16)
     if len(header) < 16:
@@ -44,11 +42,12 @@ def link_bytecode(src: str, dst: str, match_sources: bool) -> int:
             if not name.endswith(".pyc") or os.path.exists(out):
                 continue
             source = os.path.join(os.path.dirname(target), name.split(".")[0] + ".py")
-            if match_sources and not os.path.exists(source):
-                continue  # no source here (a module this environment lacks): nothing to link, nothing stale
-            if match_sources and not matches_source(os.path.join(folder, name), source):
-                stale += 1
-                continue
+            if match_sources:
+                if not os.path.exists(source):
+                    continue  # a module this environment lacks: nothing to link, nothing stale
+                if not matches_source(os.path.join(folder, name), source):
+                    stale += 1
+                    continue
             os.makedirs(target, exist_ok=True)
             try:
                 os.link(os.path.join(folder, name), out)

@@ -115,8 +115,7 @@ def choose_lambda(
     frame: pd.DataFrame, *, num_users: int, num_items: int, lambdas: Sequence[float], log: Callable[[str], None]
 ) -> tuple[float, dict[float, float]]:
     """The λ with the best validation NDCG@10 (EASE fitted on train; XᵀX built once for all λ); {λ: NDCG@10}.
-    One λ is taken as given, without a fit ({}): there is nothing to choose (a benchmark's later seeds pin the
-    first seed's choice, as it depends on the data only)."""
+    One λ is taken as given, without a fit ({}): there is nothing to choose."""
     from recsys_assets.evaluation.baselines import ease_grid
     from recsys_assets.evaluation.protocol import EvalTask, evaluate
 
