@@ -53,8 +53,11 @@ class TwoTowerTrainConfig(trainer_config.JsonConfig):
     eval_phase: str = "validation"
 
     # model
-    embedding_dim: int = setting(32, "Embedding width of every table.")
-    layer_sizes: tuple[int, ...] = setting((64, 32), "Tower MLP sizes; the last is the vector size.")
+    # Width 64 with (128, 64) towers won on MovieLens's validation phase, seeds 0 / 1 / 2, sequence encoder: the
+    # mean of the best three epochs' NDCG@10 0.0674 against 0.0617 for 32 with (64, 32); on Last.fm 0.1090 against
+    # 0.1100, within the seeds' spread. An epoch costs about 1.5x.
+    embedding_dim: int = setting(64, "Embedding width of every table.")
+    layer_sizes: tuple[int, ...] = setting((128, 64), "Tower MLP sizes; the last is the vector size.")
     normalize: bool = True
     temperature: float = setting(0.05, "Softmax temperature over dot products of normalized vectors.")
     learn_temperature: bool = False
