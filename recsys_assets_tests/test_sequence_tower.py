@@ -223,7 +223,7 @@ def test_the_sequence_encoder_refuses_recent_item_features_and_bad_heads(tmp_pat
     with pytest.raises(ValueError, match="query_encoder"):
         _spec("lstm", 10, 4)
     with pytest.raises(ValueError, match="sequence_heads=3 must divide embedding_dim=32"):
-        TwoTowerTrainConfig(data_root=str(tmp_path), query_encoder="sequence", sequence_heads=3)
+        TwoTowerTrainConfig(data_root=str(tmp_path), query_encoder="sequence", sequence_heads=3, embedding_dim=32)
     with pytest.raises(ValueError, match="query_encoder must be one of"):
         TwoTowerTrainConfig(data_root=str(tmp_path), query_encoder="transformer")
 
